@@ -1,0 +1,172 @@
+"""Caption generation and the files every evaluation writes (predictions, per-image scores, caption grids)."""
+
+import json
+import logging
+import math
+import os
+
+import torch
+
+from .metrics import MetricsError, score_captions
+from .model import unwrap_blip
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def generate_caption_ids(
+    model,
+    pixel_values: torch.Tensor,
+    prefix_ids: torch.Tensor,
+    num_beams: int = 3,
+    max_length: int = 30,
+    min_length: int = 5,
+) -> torch.Tensor:
+    """New tokens after `prefix_ids` ([DEC] + prompt). The vision encoder runs once per image, before beams fan out.
+
+    Lengths count the prefix, as LAVIS and BlipForConditionalGeneration.generate count them.
+    """
+    blip = unwrap_blip(model)
+    dtype = next(blip.vision_model.parameters()).dtype
+    image_embeds = blip.vision_model(pixel_values=pixel_values.to(dtype)).last_hidden_state
+    text_config = blip.config.text_config
+    # No encoder_attention_mask: every image token is real, and without a mask SDPA can use its fastest kernel.
+    output = blip.text_decoder.generate(
+        input_ids=prefix_ids,
+        encoder_hidden_states=image_embeds,
+        eos_token_id=text_config.sep_token_id,
+        pad_token_id=text_config.pad_token_id,
+        bos_token_id=text_config.bos_token_id,
+        num_beams=num_beams,
+        max_length=max_length,
+        min_length=min_length,
+        do_sample=False,
+        use_cache=True,
+    )
+    return output[:, prefix_ids.shape[1] :]
+
+
+def decode_captions(tokenizer, token_ids) -> list[str]:
+    return [" ".join(text.split()) for text in tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
+
+
+def write_jsonl(path: str, rows) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(temporary, path)
+
+
+def read_predictions(path: str) -> tuple[list[str], list[str], list[list[str]]]:
+    """A predictions JSONL -> (image ids, predictions, references); names the line of any malformed row."""
+    ids, predictions, references = [], [], []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                prediction, refs = row["prediction"], row["references"]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(
+                    f"{path}:{number}: expected a JSON object with prediction and references ({error})"
+                ) from None
+            if isinstance(refs, str):
+                refs = [refs]
+            if not isinstance(prediction, str) or not refs or not all(isinstance(ref, str) for ref in refs):
+                raise ValueError(f"{path}:{number}: prediction must be text and references a non-empty list of text")
+            ids.append(str(row.get("image_id", number)))
+            predictions.append(prediction)
+            references.append(list(refs))
+    if not predictions:
+        raise ValueError(f"{path}: no predictions")
+    return ids, predictions, references
+
+
+def score_and_write(
+    output_dir: str,
+    image_ids: list[str],
+    predictions: list[str],
+    references: list[list[str]],
+    metrics,
+    load_image=None,
+    grid_size: int = 6,
+    title: str = "",
+) -> tuple[dict, dict]:
+    """Score, then write metrics.json, predictions.jsonl (with per-image scores) and caption grid PNGs.
+
+    Returns (metrics, written paths). A METEOR failure is reported as meteor=NaN with the error logged; the
+    other metrics and files are still produced.
+    """
+    try:
+        corpus, per_image = score_captions(predictions, references, metrics)
+    except MetricsError as error:
+        if "meteor" not in metrics:
+            raise
+        logger.error("METEOR failed, reporting meteor=NaN and scoring the other metrics: %s", error)
+        corpus, per_image = score_captions(predictions, references, [m for m in metrics if m != "meteor"])
+        corpus["meteor"] = float("nan")
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {"predictions": os.path.join(output_dir, "predictions.jsonl")}
+    write_jsonl(
+        paths["predictions"],
+        (
+            {"image_id": i, "prediction": p, "references": r, "scores": s}
+            for i, p, r, s in zip(image_ids, predictions, references, per_image)
+        ),
+    )
+    paths["metrics"] = os.path.join(output_dir, "metrics.json")
+    with open(paths["metrics"], "w", encoding="utf-8") as handle:
+        json.dump(corpus, handle, indent=2)
+    if load_image is not None and grid_size > 0:
+        sample = evenly_spaced(len(predictions), grid_size)
+        order = "cider" if "cider" in corpus else next(iter(corpus))
+        worst = sorted(range(len(predictions)), key=lambda index: per_image[index].get(order, 0.0))[:grid_size]
+        for name, indices in (("caption_grid", sample), ("worst_captions", worst)):
+            paths[name] = os.path.join(output_dir, f"{name}.png")
+            render_caption_grid(
+                paths[name],
+                [load_image(index) for index in indices],
+                [predictions[index] for index in indices],
+                [references[index][0] for index in indices],
+                [per_image[index].get(order) for index in indices],
+                score_name=order,
+                title=f"{title} ({name.replace('_', ' ')})".strip(),
+            )
+    return corpus, paths
+
+
+def evenly_spaced(count: int, wanted: int) -> list[int]:
+    wanted = min(count, wanted)
+    return sorted({int(i * count / wanted) for i in range(wanted)}) if wanted else []
+
+
+def render_caption_grid(path, images, predictions, first_references, scores, score_name="cider", title=""):
+    """The notebook's 2x3 matplotlib figure, done properly: prediction, a reference and the per-image score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    columns = min(3, len(images))
+    rows = math.ceil(len(images) / columns)
+    figure = plt.figure(figsize=(5 * columns, 5.2 * rows))
+    for position, (image, prediction, reference, score) in enumerate(
+        zip(images, predictions, first_references, scores), start=1
+    ):
+        axis = figure.add_subplot(rows, columns, position)
+        axis.imshow(image)
+        axis.axis("off")
+        score_text = f"{score_name}: {score:.3f}" if score is not None else ""
+        text = f"pred: {prediction or '(empty)'}\nref: {reference}\n{score_text}"
+        axis.set_title("\n".join(textwrap.fill(line, 48) for line in text.split("\n")), fontsize=9, loc="left")
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return path

@@ -1,0 +1,191 @@
+"""Fine-tune BLIP for image captioning from a YAML recipe.
+
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m blip_recipes.train \\
+        recipes/football/lora.yaml --learning_rate 1e-4 --num_train_epochs 20
+
+`blip-recipes train RECIPE.yaml [--key value ...]` is the same entry point. One run, end to end:
+recipe (config.py) -> data (data.py) -> model + training_mode (model.py) -> CaptionTrainer (trainer.py) -> save,
+evaluate (evaluation.py, metrics.py) -> push (hub.py).
+"""
+
+import logging
+import os
+import shutil
+import sys
+import warnings
+
+import datasets
+import transformers
+import yaml
+from transformers import set_seed
+
+from .checkpoints import PREEMPTED_EXIT_CODE, PreemptionCallback, previous_run_files, resolve_resume
+from .collator import CaptionCollator
+from .config import RecipeError, parse_recipe, wants_evaluation
+from .data import CaptionEvalDataset, CaptionTrainDataset, DataError, load_caption_splits
+from .metrics import MetricsError, check_metric_requirements
+from .model import apply_training_mode, load_model, load_processor, merge_lora, parameter_counts
+from .trainer import CaptionTrainer
+from .transforms import ImageTransform
+
+logger = logging.getLogger("blip_recipes")
+
+
+def setup_logging(training_args) -> None:
+    level = training_args.get_process_log_level()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stdout)
+    for library in (transformers.utils.logging, datasets.utils.logging):
+        library.set_verbosity(level)
+    # Our own progress lines (parameter counts, data sizes, metrics) on the main process even at "passive" level.
+    ours = logging.INFO if training_args.should_log and training_args.log_level == "passive" else level
+    logging.getLogger("blip_recipes").setLevel(ours)
+    warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator is found.*")
+
+
+def write_resolved_recipe(recipe, path: str) -> None:
+    """The full resolved configuration (token fields redacted by TrainingArguments.to_dict)."""
+    from dataclasses import asdict
+
+    resolved = {**asdict(recipe.model), **asdict(recipe.data), **recipe.training.to_dict()}
+    resolved = {key: value for key, value in resolved.items() if key in _recipe_keys()}
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(resolved, handle, sort_keys=True)
+
+
+def _recipe_keys() -> set:
+    from .config import _field_types
+
+    return set(_field_types())
+
+
+def build_trainer(recipe, callbacks=()) -> CaptionTrainer:
+    """Data, model (with its training_mode), collator and trainer for a parsed recipe."""
+    model_args, data_args, training_args = recipe.model, recipe.data, recipe.training
+    processor = load_processor(model_args.model_name_or_path, model_args.model_revision)
+    with training_args.main_process_first(desc="loading and checking the dataset"):
+        train_split, eval_split = load_caption_splits(data_args, training_args.seed, wants_evaluation(training_args))
+    image_processor = processor.image_processor
+    size = (image_processor.size["height"], image_processor.size["width"], image_processor.resample)
+    train_dataset = CaptionTrainDataset(
+        train_split, ImageTransform(*size, augmentation=data_args.image_augmentation), data_args.caption_preprocessing
+    )
+    eval_dataset = CaptionEvalDataset(eval_split, ImageTransform(*size)) if eval_split else None
+    logger.info(
+        "data: %d training captions over %d images; %s evaluation images",
+        len(train_dataset),
+        len(train_split.records),
+        len(eval_dataset) if eval_dataset else "no",
+    )
+
+    model = load_model(
+        model_args.model_name_or_path,
+        model_args.model_revision,
+        model_args.torch_dtype,
+        model_args.attn_implementation,
+        lora_trainable=model_args.training_mode == "lora",
+    )
+    model = apply_training_mode(
+        model,
+        model_args.training_mode,
+        model_args.lora_r,
+        model_args.lora_alpha,
+        model_args.lora_dropout,
+        model_args.lora_target_modules,
+    )
+    # Saved with the model, so `generate` elsewhere decodes as this recipe evaluates.
+    generation_config = model.generation_config
+    generation_config.num_beams = training_args.generation_num_beams or 1
+    generation_config.max_length = training_args.generation_max_length
+    generation_config.min_length = training_args.generation_min_length
+    trainable, total = parameter_counts(model)
+    logger.info(
+        "training_mode=%s: %s of %s parameters train (%.2f%%)",
+        model_args.training_mode,
+        f"{trainable:,}",
+        f"{total:,}",
+        100.0 * trainable / total,
+    )
+
+    collator = CaptionCollator(
+        processor.tokenizer,
+        bos_token_id=model.config.text_config.bos_token_id,
+        image_mean=image_processor.image_mean,
+        image_std=image_processor.image_std,
+        prompt=data_args.prompt,
+        max_length=data_args.max_caption_length,
+    )
+    return CaptionTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        caption_collator=collator,
+        callbacks=list(callbacks),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        recipe = parse_recipe(sys.argv[1:] if argv is None else argv)
+    except RecipeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    model_args, training_args = recipe.model, recipe.training
+    setup_logging(training_args)
+    preemption = PreemptionCallback()
+    try:
+        if wants_evaluation(training_args):
+            check_metric_requirements(training_args.eval_metrics)
+        resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+        existing = previous_run_files(training_args.output_dir)
+        if existing and resume is None and not training_args.overwrite_output_dir:
+            raise RecipeError(
+                f"output_dir {training_args.output_dir} already holds a run ({', '.join(existing[:4])}); "
+                "continue it with --resume_from_checkpoint true, or replace it with --overwrite_output_dir true"
+            )
+        set_seed(training_args.seed)
+        trainer = build_trainer(recipe, callbacks=[preemption])
+    except (RecipeError, DataError, MetricsError, ValueError) as error:
+        preemption.restore_signal_handler()
+        logger.error("%s", error)
+        return 2
+    if trainer.is_world_process_zero():
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        write_resolved_recipe(recipe, os.path.join(training_args.output_dir, "recipe.yaml"))
+
+    try:
+        train_result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        preemption.restore_signal_handler()
+    if preemption.received:
+        logger.warning(
+            "pre-empted: checkpoint saved at step %s in %s; continue with --resume_from_checkpoint true",
+            preemption.stopped_at_step,
+            training_args.output_dir,
+        )
+        return PREEMPTED_EXIT_CODE
+    trainer.save_model()
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()
+    if model_args.merge_lora and trainer.is_world_process_zero():
+        merged_dir = os.path.join(training_args.output_dir, "merged")
+        merge_lora(trainer.model).save_pretrained(merged_dir)
+        trainer.processing_class.save_pretrained(merged_dir)
+        logger.info("merged LoRA model written to %s", merged_dir)
+
+    if trainer.eval_dataset is not None:
+        metrics = trainer.evaluate(metric_key_prefix="eval")
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        if trainer.is_world_process_zero():
+            shutil.copyfile(
+                os.path.join(trainer.evaluation_dir("eval"), "predictions.jsonl"),
+                os.path.join(training_args.output_dir, "eval_predictions.jsonl"),
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""The one Trainer every recipe uses: Seq2SeqTrainer + a token-level caption loss + caption-generating evaluation."""
+
+import functools
+import hashlib
+import logging
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import broadcast_object_list
+from transformers import Seq2SeqTrainer, TrainerCallback
+from transformers.trainer_utils import speed_metrics
+from transformers.training_args import ParallelMode
+
+from .evaluation import decode_captions, generate_caption_ids, score_and_write
+from .model import unwrap_blip
+
+logger = logging.getLogger(__name__)
+
+
+def caption_loss(outputs, labels, num_items_in_batch=None, label_smoothing: float = 0.0):
+    """Next-token cross-entropy summed over caption tokens and divided by the caption tokens of the whole step.
+
+    BLIP's own loss is a per-micro-batch mean while it declares that it takes `num_items_in_batch`, so the stock
+    Trainer neither rescales it for gradient accumulation nor for token averaging across processes: gradients come
+    out `gradient_accumulation_steps` (and world size) times too large. Normalising by the step's token count here
+    makes the loss the same whether a batch is split across micro-batches, processes, or neither.
+    """
+    logits = outputs["logits"][:, :-1, :]
+    targets = labels[:, 1:].to(logits.device)
+    loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+        label_smoothing=label_smoothing,
+    )
+    count = num_items_in_batch if num_items_in_batch is not None else targets.ne(-100).sum()
+    return loss / count
+
+
+class CaptionTrainer(Seq2SeqTrainer):
+    """Evaluation generates one caption per image (sharded over processes), gathers them, scores them once on
+    the main process against all references, writes predictions / per-image scores / caption grids, and gives
+    every process the same metrics."""
+
+    def __init__(self, *args, caption_collator, **kwargs):
+        training_args = kwargs["args"]
+        kwargs.setdefault(
+            "compute_loss_func", functools.partial(caption_loss, label_smoothing=training_args.label_smoothing_factor)
+        )
+        super().__init__(*args, data_collator=caption_collator, **kwargs)
+        self.caption_collator = caption_collator
+        self.add_callback(ReplicaCheckCallback())
+        logger.info(
+            "processes: world_size=%d (%s, device %s)",
+            self.args.world_size,
+            self.args.parallel_mode.value,
+            self.args.device,
+        )
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Weights and processor as the Trainer writes them (safetensors), arguments as JSON instead of a pickle.
+
+        The Trainer also pickles TrainingArguments into training_args.bin, a file only `torch.load(...,
+        weights_only=False)` can read, i.e. one that can run code. recipe.yaml and training_args.json hold the same
+        information as data.
+        """
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            pickled = os.path.join(output_dir, "training_args.bin")
+            if os.path.exists(pickled):
+                os.remove(pickled)
+            with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as handle:
+                handle.write(self.args.to_json_string())
+
+    def evaluation_dir(self, metric_key_prefix: str) -> str:
+        return os.path.join(self.args.output_dir, "evaluations", f"{metric_key_prefix}-step-{self.state.global_step}")
+
+    @torch.no_grad()
+    def generate_for_dataset(self, dataset) -> dict[int, list[int]]:
+        """{dataset index: generated token ids} for every item, each exactly once, on every process."""
+        dataloader = self.get_eval_dataloader(dataset)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        args = self.args
+        pad_id = self.caption_collator.tokenizer.pad_token_id
+        generated: dict[int, list[int]] = {}
+        progress = self.is_local_process_zero() and not args.disable_tqdm
+        from tqdm.auto import tqdm
+
+        for batch in tqdm(dataloader, desc="generating captions", disable=not progress, leave=False):
+            pixel_values = batch["pixel_values"].to(args.device)
+            prefix = self.caption_collator.prompt_ids(len(pixel_values), device=args.device)
+            with self.accelerator.autocast():
+                token_ids = generate_caption_ids(
+                    model,
+                    pixel_values,
+                    prefix,
+                    num_beams=args.generation_num_beams or 1,
+                    max_length=args.generation_max_length or 30,
+                    min_length=args.generation_min_length,
+                )
+            token_ids = self.accelerator.pad_across_processes(token_ids.contiguous(), dim=1, pad_index=pad_id)
+            indices, token_ids = self.accelerator.gather_for_metrics((batch["index"].to(args.device), token_ids))
+            for index, ids in zip(indices.tolist(), token_ids.cpu().tolist()):
+                generated.setdefault(index, ids)  # the distributed sampler repeats items to even out shards
+        if was_training:
+            model.train()
+        missing = len(dataset) - len(generated)
+        if missing:
+            raise RuntimeError(f"evaluation generated {len(generated)} captions for {len(dataset)} images")
+        return generated
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        self._memory_tracker.start()
+        start_time = time.time()
+        generated = self.generate_for_dataset(dataset)
+        generation_seconds = time.time() - start_time
+        metrics: dict = {}
+        if self.is_world_process_zero():
+            order = sorted(generated)
+            predictions = decode_captions(self.caption_collator.tokenizer, [generated[i] for i in order])
+            records = [dataset.record(i) for i in order]
+            output_dir = self.evaluation_dir(metric_key_prefix)
+            scores, paths = score_and_write(
+                output_dir,
+                [record.image_id for record in records],
+                predictions,
+                [record.captions for record in records],
+                self.args.eval_metrics,
+                load_image=lambda position: dataset.load_image(order[position]),
+                grid_size=self.args.caption_grid_size,
+                title=f"step {self.state.global_step}",
+            )
+            self._log_caption_grids(paths)
+            metrics = {f"{metric_key_prefix}_{name}": value for name, value in scores.items()}
+            metrics[f"{metric_key_prefix}_generation_runtime"] = round(generation_seconds, 4)
+            logger.info(
+                "scored %d captions on process %d at step %d: %s (files in %s)",
+                len(predictions),
+                self.args.process_index,
+                self.state.global_step,
+                _brief(scores),
+                output_dir,
+            )
+        if self.args.world_size > 1:
+            metrics = broadcast_object_list([metrics])[0]
+        metrics.update(speed_metrics(metric_key_prefix, start_time, num_samples=len(dataset)))
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        self._memory_tracker.stop_and_update_metrics(metrics)
+        return metrics
+
+    def _log_caption_grids(self, paths: dict) -> None:
+        from transformers.integrations import TensorBoardCallback
+
+        for callback in self.callback_handler.callbacks:
+            writer = getattr(callback, "tb_writer", None) if isinstance(callback, TensorBoardCallback) else None
+            if writer is None:
+                continue
+            import numpy as np
+            from PIL import Image
+
+            for name in ("caption_grid", "worst_captions"):
+                if name in paths:
+                    image = np.asarray(Image.open(paths[name]).convert("RGB"))
+                    writer.add_image(f"eval/{name}", image, self.state.global_step, dataformats="HWC")
+            writer.flush()
+
+
+class ReplicaCheckCallback(TrainerCallback):
+    """At the end of data-parallel training, prove every process holds bit-identical weights (by hashing them).
+
+    Replicas that drift apart (a rank training alone, a non-deterministic all-reduce, a parameter outside DDP) are
+    otherwise invisible: only process 0 saves. Sharded setups (FSDP, ZeRO-3) hold different shards by design.
+    """
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if args.world_size <= 1 or args.parallel_mode != ParallelMode.DISTRIBUTED or args.fsdp or args.deepspeed:
+            return
+        digest = hashlib.sha256()
+        for name, parameter in sorted(unwrap_blip(model).named_parameters()):
+            digest.update(name.encode())
+            digest.update(parameter.detach().float().cpu().numpy().tobytes())
+        digests = [None] * args.world_size
+        torch.distributed.all_gather_object(digests, digest.hexdigest())
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"model replicas differ after training: {digests}")
+        logger.info("weights identical on all %d processes (sha256 %s)", args.world_size, digests[0][:16])
+
+
+def _brief(scores: dict) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in scores.items() if isinstance(v, float) and not math.isnan(v))

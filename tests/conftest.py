@@ -1,0 +1,76 @@
+"""Shared fixtures. Everything is offline: the builtin tiny BLIP and shapes data are generated into a temp cache."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Before anything imports huggingface_hub/datasets: the tests never touch the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def builtin_cache(tmp_path_factory):
+    """A private cache for builtin:* so tests neither depend on nor disturb ~/.cache."""
+    path = str(tmp_path_factory.mktemp("blip_recipes_cache"))
+    os.environ["BLIP_RECIPES_CACHE"] = path
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(builtin_cache):
+    from blip_recipes.builtin import resolve_builtin
+
+    return resolve_builtin("builtin:tiny-blip")
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(builtin_cache):
+    from blip_recipes.builtin import resolve_builtin
+
+    return resolve_builtin("builtin:shapes")
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_model_dir):
+    from blip_recipes.model import load_processor
+
+    return load_processor(tiny_model_dir)
+
+
+def run_cli(args, cwd=REPO, timeout=600, env=None, launcher=None):
+    """Run `python -m blip_recipes.cli ...` (or an accelerate launch line) and return the CompletedProcess."""
+    command = launcher or [sys.executable, "-m", "blip_recipes.cli"]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [*command, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+# Short, fast training settings shared by the tests that run the shapes recipes.
+QUICK = [
+    "--per_device_train_batch_size", "16",
+    "--logging_steps", "1",
+    "--eval_on_start", "false",
+    "--eval_strategy", "no",
+    "--save_strategy", "no",
+    "--dataloader_num_workers", "0",
+    "--report_to", "none",
+    "--disable_tqdm", "true",
+]  # fmt: skip

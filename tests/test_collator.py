@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from blip_recipes.collator import CaptionCollator
+from blip_recipes.transforms import ImageTransform
+
+
+@pytest.fixture()
+def collator(tiny_processor):
+    return lambda prompt="", max_length=40: CaptionCollator(
+        tiny_processor.tokenizer,
+        bos_token_id=tiny_processor.tokenizer.bos_token_id,
+        image_mean=tiny_processor.image_processor.image_mean,
+        image_std=tiny_processor.image_processor.image_std,
+        prompt=prompt,
+        max_length=max_length,
+    )
+
+
+def features(captions, size=64):
+    return [
+        {"pixel_values": torch.randint(0, 256, (3, size, size), dtype=torch.uint8), "caption": c} for c in captions
+    ]
+
+
+def test_first_token_is_decoder_bos_not_cls(collator, tiny_processor):
+    tokenizer = tiny_processor.tokenizer
+    batch = collator()(features(["a red circle on the left", "a blue square"]))
+    assert (batch["input_ids"][:, 0] == tokenizer.bos_token_id).all()
+    assert tokenizer.bos_token == "[DEC]"
+    assert not (batch["input_ids"] == tokenizer.cls_token_id).any()
+
+
+def test_padding_is_dynamic_and_masked(collator, tiny_processor):
+    tokenizer = tiny_processor.tokenizer
+    batch = collator()(features(["a red circle on the left of the image", "a square"]))
+    short = tokenizer("a square").input_ids  # [CLS] a square [SEP]
+    long = tokenizer("a red circle on the left of the image").input_ids
+    assert batch["input_ids"].shape[1] == len(long) < 512  # the longest caption, not the tokenizer maximum
+    pads = batch["attention_mask"] == 0
+    assert pads[1].sum() == len(long) - len(short)
+    assert (batch["labels"][pads] == -100).all()
+    assert (batch["input_ids"][pads] == tokenizer.pad_token_id).all()
+    # Real tokens (after the bos) are learned, including the closing [SEP] that teaches the model to stop.
+    assert batch["labels"][1, 1 : len(short)].tolist() == short[1:]
+    assert batch["labels"][1, len(short) - 1] == tokenizer.sep_token_id
+    assert batch["labels"][:, 0].tolist() == [-100, -100]
+
+
+def test_prompt_tokens_are_masked(collator, tiny_processor):
+    tokenizer = tiny_processor.tokenizer
+    prompt = "a picture of "
+    prompt_tokens = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+    assert prompt_tokens == 3
+    batch = collator(prompt=prompt)(features(["a red circle"]))
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    assert tokenizer.decode(ids[1 : 1 + prompt_tokens]) == "a picture of"
+    assert (labels[: 1 + prompt_tokens] == -100).all()
+    assert tokenizer.decode(labels[1 + prompt_tokens : -1]) == "a red circle"
+    generation_prefix = collator(prompt=prompt).prompt_ids(2)
+    assert generation_prefix.tolist() == [ids[: 1 + prompt_tokens].tolist()] * 2
+
+
+def test_long_captions_are_truncated_and_still_end_with_sep(collator, tiny_processor):
+    batch = collator(max_length=8)(features(["a red circle on the left of the image and a blue one too"]))
+    assert batch["input_ids"].shape[1] == 8
+    assert batch["input_ids"][0, -1] == tiny_processor.tokenizer.sep_token_id
+
+
+def test_eval_batches_carry_indices_and_no_text(collator):
+    batch = collator()([{"pixel_values": torch.zeros(3, 64, 64, dtype=torch.uint8), "index": 5}])
+    assert set(batch) == {"pixel_values", "index"} and batch["index"].tolist() == [5]
+
+
+def test_pixels_match_the_blip_image_processor(collator, tiny_processor):
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (97, 131, 3), dtype=np.uint8))
+    size = tiny_processor.image_processor.size
+    transform = ImageTransform(size["height"], size["width"], tiny_processor.image_processor.resample)
+    ours = collator().pixels([{"pixel_values": transform(image)}])
+    reference = tiny_processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
+    assert ours.shape == reference.shape == (1, 3, size["height"], size["width"])
+    torch.testing.assert_close(ours, reference.float(), atol=1e-5, rtol=1e-5)

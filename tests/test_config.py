@@ -1,0 +1,109 @@
+import glob
+import os
+
+import pytest
+
+from blip_recipes.config import RecipeError, parse_recipe
+from tests.conftest import REPO
+
+RECIPES = sorted(glob.glob(os.path.join(REPO, "recipes", "**", "*.yaml"), recursive=True))
+
+
+def test_there_are_recipes_for_every_mode():
+    names = {os.path.relpath(path, os.path.join(REPO, "recipes")) for path in RECIPES}
+    for family in ("shapes", "football"):
+        for mode in ("full", "frozen_vision", "lora"):
+            assert f"{family}/{mode}.yaml" in names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: os.path.relpath(p, REPO))
+def test_every_recipe_parses_with_an_override(path, tmp_path):
+    recipe = parse_recipe([path, "--learning_rate", "3e-4", "--output_dir", str(tmp_path)])
+    assert recipe.training.learning_rate == pytest.approx(3e-4)
+    assert recipe.training.output_dir == str(tmp_path)
+    assert recipe.model.training_mode in ("full", "frozen_vision", "lora")
+    assert recipe.training.predict_with_generate and not recipe.training.remove_unused_columns
+
+
+def write(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_unknown_yaml_key_names_key_and_closest(tmp_path):
+    path = write(tmp_path, "learnig_rate: 1.0e-4\n")
+    with pytest.raises(
+        RecipeError, match=r"recipe.yaml: unknown key 'learnig_rate' \(did you mean 'learning_rate'\?\)"
+    ):
+        parse_recipe([path])
+
+
+def test_unknown_cli_key_names_key_and_closest(tmp_path):
+    path = write(tmp_path, "training_mode: full\n")
+    with pytest.raises(
+        RecipeError, match=r"command line: unknown key '--trainig_mode' \(did you mean '--training_mode'\?\)"
+    ):
+        parse_recipe([path, "--trainig_mode", "lora"])
+
+
+def test_values_are_typed_from_yaml_and_cli(tmp_path):
+    path = write(
+        tmp_path,
+        "learning_rate: 1e-4\n"  # PyYAML reads this as a string
+        "num_train_epochs: 2\n"
+        "eval_strategy: no\n"  # YAML 1.1 reads this as false
+        "lora_target_modules: [query, value]\n"
+        "training_mode: lora\n"
+        "prompt: 'a picture of '\n",
+    )
+    recipe = parse_recipe(
+        [path, "--max_steps", "7", "--bf16", "--lora_target_modules", "query,key,qkv", "--eval_metrics=bleu,cider"]
+    )
+    training = recipe.training
+    assert training.learning_rate == pytest.approx(1e-4) and isinstance(training.learning_rate, float)
+    assert training.num_train_epochs == 2.0 and training.max_steps == 7
+    assert training.eval_strategy == "no" and training.bf16 is True
+    assert recipe.model.lora_target_modules == ["query", "key", "qkv"]
+    assert training.eval_metrics == ["bleu", "cider"]
+    assert recipe.data.prompt == "a picture of "
+    assert "max_steps" in recipe.explicit_keys and "learning_rate" in recipe.explicit_keys
+
+
+def test_cli_overrides_yaml(tmp_path):
+    path = write(tmp_path, "learning_rate: 1.0e-4\nper_device_train_batch_size: 4\n")
+    recipe = parse_recipe([path, "--per_device_train_batch_size=8"])
+    assert recipe.training.per_device_train_batch_size == 8
+    assert recipe.training.learning_rate == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("learning_rate: fast\n", r"key 'learning_rate': expected float"),
+        ("num_train_epochs: [1]\n", r"key 'num_train_epochs': expected float"),
+        ("max_steps: 1.5\n", r"key 'max_steps': expected int"),
+        ("bf16: maybe\n", r"key 'bf16': expected bool"),
+        ("training_mode: qlora\n", r"training_mode must be one of"),
+        ("lora_r: 8\n", r"lora_r only apply to training_mode: lora \(training_mode is 'full'\)"),
+        ("push_to_hub: true\n", r"push_to_hub: true needs hub_model_id"),
+        ("eval_metrics: [bleu, cidr]\n", r"eval_metrics: unknown \['cidr'\]"),
+        ("metric_for_best_model: spice\n", r"metric_for_best_model 'spice' is not computed"),
+        ("- a\n- list\n", r"a recipe is a mapping"),
+        ("a: [unclosed\n", r"not valid YAML"),
+        ("output_dir: !!python/object/apply:os.system [echo hacked]\n", r"rejected YAML tag"),
+    ],
+)
+def test_bad_recipes_fail_with_a_clear_message(tmp_path, text, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe([write(tmp_path, text)])
+
+
+def test_missing_recipe_file_is_named(tmp_path):
+    with pytest.raises(RecipeError, match="nope.yaml: recipe file not found"):
+        parse_recipe([str(tmp_path / "nope.yaml")])
+
+
+def test_cli_value_missing(tmp_path):
+    with pytest.raises(RecipeError, match="--learning_rate needs a value"):
+        parse_recipe([write(tmp_path, ""), "--learning_rate"])

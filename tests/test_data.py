@@ -1,0 +1,120 @@
+"""Every supported data source loads; bad input fails before training with the file, row and reason."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from blip_recipes.config import DataArguments
+from blip_recipes.data import DataError, load_caption_splits
+from tests.conftest import QUICK, run_cli
+
+
+def make_jsonl_dataset(tmp_path, shapes_dir, rows=12, one_row_per_caption=False):
+    """A JSONL file of relative image paths, built from the shapes images."""
+    metadata = [json.loads(line) for line in open(os.path.join(shapes_dir, "train", "metadata.jsonl"))][:rows]
+    os.makedirs(tmp_path / "images", exist_ok=True)
+    with open(tmp_path / "data.jsonl", "w") as handle:
+        for record in metadata:
+            shutil.copy(os.path.join(shapes_dir, "train", record["file_name"]), tmp_path / "images")
+            image = f"images/{record['file_name']}"
+            if one_row_per_caption:
+                for caption in record["text"]:
+                    handle.write(json.dumps({"image": image, "caption": caption}) + "\n")
+            else:
+                handle.write(json.dumps({"image": image, "caption": record["text"]}) + "\n")
+    return str(tmp_path / "data.jsonl")
+
+
+def test_imagefolder_with_validation_split(shapes_dir):
+    train, evaluation = load_caption_splits(DataArguments(dataset_name=shapes_dir), seed=0, need_eval=True)
+    assert (train.name, len(train.records)) == ("train", 480)
+    assert (evaluation.name, len(evaluation.records)) == ("validation", 60)
+    assert len(train.records[0].captions) == 3
+    assert train.table.load(train.records[0].row).mode == "RGB"
+
+
+def test_jsonl_paths_grouped_by_image_and_held_out_by_image(tmp_path, shapes_dir):
+    path = make_jsonl_dataset(tmp_path, shapes_dir, rows=20, one_row_per_caption=True)
+    args = DataArguments(dataset_name=path, caption_column="caption", validation_split_percentage=25)
+    train, evaluation = load_caption_splits(args, seed=0, need_eval=True)
+    assert len(train.records) + len(evaluation.records) == 20  # 60 rows, 20 images
+    assert len(evaluation.records) == 5
+    assert all(len(record.captions) == 3 for record in train.records + evaluation.records)
+    assert not {r.image_id for r in train.records} & {r.image_id for r in evaluation.records}
+
+
+def test_save_to_disk_and_csv(tmp_path, shapes_dir):
+    import datasets
+
+    path = make_jsonl_dataset(tmp_path, shapes_dir, rows=6)
+    loaded = datasets.load_dataset("json", data_files=path)["train"]
+    loaded = loaded.map(lambda row: {"image": str(tmp_path / row["image"]), "caption": row["caption"][0]})
+    loaded = loaded.cast_column("image", datasets.Image())
+    loaded.save_to_disk(str(tmp_path / "saved"))
+    train, _ = load_caption_splits(
+        DataArguments(dataset_name=str(tmp_path / "saved"), caption_column="caption"), 0, False
+    )
+    assert len(train.records) == 6 and train.table.load(0).size == (128, 128)
+
+    with open(tmp_path / "train.csv", "w") as handle:
+        handle.write("file,text\nimages/00000.png,a thing\nimages/00001.png,another thing\n")
+    os.makedirs(tmp_path / "csvset", exist_ok=True)
+    shutil.move(str(tmp_path / "train.csv"), tmp_path / "csvset" / "train.csv")
+    shutil.copytree(tmp_path / "images", tmp_path / "csvset" / "images")
+    train, _ = load_caption_splits(DataArguments(dataset_name=str(tmp_path / "csvset"), image_column="file"), 0, False)
+    assert [r.captions for r in train.records] == [["a thing"], ["another thing"]]
+
+
+def test_missing_column_is_named(tmp_path, shapes_dir):
+    path = make_jsonl_dataset(tmp_path, shapes_dir, rows=3)
+    with pytest.raises(DataError, match=r"data.jsonl: split 'train' has no column 'text' \(columns: image, caption\)"):
+        load_caption_splits(DataArguments(dataset_name=path), 0, False)
+    with pytest.raises(DataError, match=r"has no column 'picture'"):
+        load_caption_splits(
+            DataArguments(dataset_name=path, caption_column="caption", image_column="picture"), 0, False
+        )
+
+
+def test_missing_split_and_eval_without_a_split(tmp_path, shapes_dir):
+    path = make_jsonl_dataset(tmp_path, shapes_dir, rows=3)
+    args = DataArguments(dataset_name=path, caption_column="caption", eval_split="test")
+    with pytest.raises(DataError, match=r"no split 'test' \(splits: train\)"):
+        load_caption_splits(args, 0, True)
+    args = DataArguments(dataset_name=path, caption_column="caption", validation_split_percentage=0)
+    with pytest.raises(DataError, match="evaluation is requested but the dataset has no 'validation' split"):
+        load_caption_splits(args, 0, True)
+
+
+def test_empty_dataset(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(Exception, match="empty.jsonl"):
+        load_caption_splits(DataArguments(dataset_name=str(tmp_path / "empty.jsonl")), 0, False)
+
+
+def test_cli_fails_before_training_on_an_unreadable_image(tmp_path, shapes_dir):
+    path = make_jsonl_dataset(tmp_path, shapes_dir, rows=8)
+    lines = open(path).read().splitlines()
+    lines[3] = json.dumps({"image": "images/missing.png", "caption": "a lost image"})
+    open(path, "w").write("\n".join(lines) + "\n")
+    output_dir = tmp_path / "out"
+    result = run_cli(
+        ["train", "recipes/shapes/full.yaml", "--dataset_name", path, "--caption_column", "caption",
+         "--output_dir", str(output_dir), "--max_steps", "2", *QUICK]
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 2, log[-2000:]
+    assert "1 bad row(s) found before training" in log
+    assert "split 'train' row 3 (images/missing.png): file not found" in log
+    assert "skip_bad_samples: true" in log
+    assert not os.path.exists(output_dir / "trainer_state.json") and not os.path.exists(output_dir / "recipe.yaml")
+
+
+def test_cli_names_a_missing_caption_column(tmp_path, shapes_dir):
+    path = make_jsonl_dataset(tmp_path, shapes_dir, rows=4)
+    result = run_cli(
+        ["train", "recipes/shapes/full.yaml", "--dataset_name", path, "--output_dir", str(tmp_path / "o"), *QUICK]
+    )
+    assert result.returncode == 2
+    assert "split 'train' has no column 'text' (columns: image, caption)" in result.stdout + result.stderr

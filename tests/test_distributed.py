@@ -1,0 +1,34 @@
+"""Two real processes on the CPU (gloo): one data-parallel job, not two independent ones."""
+
+import os
+import re
+import sys
+
+from tests.conftest import QUICK, read_json, read_jsonl, run_cli
+
+
+def test_two_process_training_and_evaluation(tmp_path, shapes_dir):
+    output_dir = tmp_path / "ddp"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--main_process_port", "29517", "-m", "blip_recipes.cli"]  # fmt: skip
+    result = run_cli(
+        ["train", "recipes/shapes/full.yaml", "--output_dir", str(output_dir), "--max_steps", "12",
+         *QUICK, "--per_device_train_batch_size", "8", "--eval_on_start", "true",
+         "--per_device_eval_batch_size", "7",  # 60 images over 2 x 7 per step: the sampler pads the last batch
+         "--log_level", "info", "--log_level_replica", "info"],
+        launcher=launcher,
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert len(re.findall(r"processes: world_size=2 \(distributed", log)) == 2  # both ranks, one job
+    assert "weights identical on all 2 processes" in log
+    # Two evaluations (step 0 and final), each scored exactly once although both ranks generate and log at info.
+    assert len(re.findall(r"scored 60 captions on process 0", log)) == 2
+    assert "on process 1" not in log
+    rows = read_jsonl(output_dir / "eval_predictions.jsonl")
+    assert len(rows) == 60 and len({row["image_id"] for row in rows}) == 60
+    state = read_json(output_dir / "trainer_state.json")
+    assert state["global_step"] == 12
+    # 12 steps x 2 processes x 8 = 192 captions seen: the global batch is 16, not 8.
+    assert state["train_batch_size"] == 8 and read_json(output_dir / "train_results.json")["epoch"] == 192 / 1440
+    assert os.path.isfile(output_dir / "model.safetensors")
