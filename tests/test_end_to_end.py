@@ -50,9 +50,21 @@ def test_cider_rises_above_threshold(full_run, shapes_dir):
 def test_run_writes_the_promised_files(full_run):
     output_dir, result = full_run
     files = set(os.listdir(output_dir))
-    for name in ("model.safetensors", "config.json", "generation_config.json", "processor_config.json",
-                 "tokenizer.json", "eval_results.json", "eval_predictions.jsonl", "recipe.yaml", "trainer_state.json"):  # fmt: skip
-        assert name in files, name
+    expected = [
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "processor_config.json",
+        "tokenizer.json",
+    ]
+    expected += [
+        "eval_results.json",
+        "eval_predictions.jsonl",
+        "recipe.yaml",
+        "trainer_state.json",
+        "training_args.json",
+    ]
+    assert set(expected) <= files, set(expected) - files
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
     rows = read_jsonl(output_dir / "eval_predictions.jsonl")
     assert len(rows) == 60 and len({row["image_id"] for row in rows}) == 60
