@@ -73,6 +73,10 @@ class DataArguments:
             "help": "Split to evaluate on; default: 'validation' when the dataset has it, else a held-out part."
         },
     )
+    test_split: str | None = field(
+        default=None,
+        metadata={"help": "Split scored once after training (e.g. Karpathy 'test'), as test_results.json."},
+    )
     validation_split_percentage: float = field(
         default=5.0,
         metadata={"help": "Percent of training images held out for evaluation when there is no eval split."},

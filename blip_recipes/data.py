@@ -246,22 +246,37 @@ def _apply_bad_row_policy(bad: list[BadRow], records: list[ImageRecord], skip: b
     return [record for record in records if record.row not in bad_rows]
 
 
-def load_caption_splits(data_args, seed: int, need_eval: bool) -> tuple[CaptionSplit, CaptionSplit | None]:
+@dataclass
+class CaptionData:
+    train: CaptionSplit | None
+    evaluation: CaptionSplit | None
+    test: CaptionSplit | None
+
+
+def load_caption_splits(data_args, seed: int, need_eval: bool, need_train: bool = True) -> CaptionData:
     """Load, group, validate and (when needed) hold out an evaluation part. Raises DataError before training."""
     raw, default_root = load_raw_splits(data_args)
     source = data_args.dataset_name
-    if data_args.train_split not in raw:
-        raise DataError(f"{source}: no split {data_args.train_split!r} (splits: {', '.join(raw)}); set train_split")
-    eval_name = data_args.eval_split
-    if eval_name is not None and eval_name not in raw:
-        raise DataError(f"{source}: no split {eval_name!r} (splits: {', '.join(raw)}); set eval_split")
-    if eval_name is None and "validation" in raw:
-        eval_name = "validation"
 
-    train = _load_split(raw, data_args.train_split, data_args, default_root, source)
-    evaluation = None
+    def require(name: str, key: str) -> str:
+        if name not in raw:
+            raise DataError(f"{source}: no split {name!r} (splits: {', '.join(raw)}); set {key}")
+        return name
+
+    eval_name = data_args.eval_split
+    if eval_name is not None:
+        require(eval_name, "eval_split")
+    elif "validation" in raw:
+        eval_name = "validation"
+    elif not need_train and "test" in raw:
+        eval_name = "test"
+    train = evaluation = test = None
+    if need_train:
+        train = _load_split(raw, require(data_args.train_split, "train_split"), data_args, default_root, source)
     if need_eval and eval_name is not None:
         evaluation = _load_split(raw, eval_name, data_args, default_root, source)
+    elif need_eval and train is None:
+        raise DataError(f"{source}: no split to evaluate (splits: {', '.join(raw)}); name one with --split/eval_split")
     elif need_eval:
         if data_args.validation_split_percentage <= 0:
             raise DataError(
@@ -269,22 +284,25 @@ def load_caption_splits(data_args, seed: int, need_eval: bool) -> tuple[CaptionS
                 "validation_split_percentage is 0; set eval_split or validation_split_percentage"
             )
         train, evaluation = _hold_out(train, data_args.validation_split_percentage, seed, source)
+    if data_args.test_split is not None:
+        test = _load_split(raw, require(data_args.test_split, "test_split"), data_args, default_root, source)
 
-    if data_args.max_train_samples is not None:
+    if train is not None and data_args.max_train_samples is not None:
         train.records = train.records[: data_args.max_train_samples]
-    if evaluation is not None and data_args.max_eval_samples is not None:
-        evaluation.records = evaluation.records[: data_args.max_eval_samples]
-    for split in (train, evaluation):
-        if split is not None and not split.records:
+    for split in (evaluation, test):
+        if split is not None and data_args.max_eval_samples is not None:
+            split.records = split.records[: data_args.max_eval_samples]
+    splits = [split for split in (train, evaluation, test) if split is not None]
+    for split in splits:
+        if not split.records:
             raise DataError(f"{source}: split {split.name!r} has no usable rows")
     if data_args.validate_images:
-        for split in (train, evaluation):
-            if split is not None:
-                bad = find_bad_images(split.table, split.records, split.name, data_args.preprocessing_num_workers)
-                split.records = _apply_bad_row_policy(bad, split.records, data_args.skip_bad_samples, source)
-                if not split.records:
-                    raise DataError(f"{source}: split {split.name!r} has no usable rows after skipping bad samples")
-    return train, evaluation
+        for split in splits:
+            bad = find_bad_images(split.table, split.records, split.name, data_args.preprocessing_num_workers)
+            split.records = _apply_bad_row_policy(bad, split.records, data_args.skip_bad_samples, source)
+            if not split.records:
+                raise DataError(f"{source}: split {split.name!r} has no usable rows after skipping bad samples")
+    return CaptionData(train, evaluation, test)
 
 
 def _load_split(raw: dict, name: str, data_args, default_root, source: str) -> CaptionSplit:

@@ -58,23 +58,31 @@ def _recipe_keys() -> set:
     return set(_field_types())
 
 
-def build_trainer(recipe, callbacks=()) -> CaptionTrainer:
-    """Data, model (with its training_mode), collator and trainer for a parsed recipe."""
+def build_trainer(recipe, callbacks=(), for_training: bool = True) -> CaptionTrainer:
+    """Data, model (with its training_mode), collator and trainer for a parsed recipe.
+
+    `for_training=False` builds the same trainer for scoring a finished model: no train split, nothing trainable.
+    """
     model_args, data_args, training_args = recipe.model, recipe.data, recipe.training
     processor = load_processor(model_args.model_name_or_path, model_args.model_revision)
     with training_args.main_process_first(desc="loading and checking the dataset"):
-        train_split, eval_split = load_caption_splits(data_args, training_args.seed, wants_evaluation(training_args))
+        data = load_caption_splits(
+            data_args, training_args.seed, need_eval=wants_evaluation(training_args) or not for_training,
+            need_train=for_training,
+        )  # fmt: skip
     image_processor = processor.image_processor
     size = (image_processor.size["height"], image_processor.size["width"], image_processor.resample)
-    train_dataset = CaptionTrainDataset(
-        train_split, ImageTransform(*size, augmentation=data_args.image_augmentation), data_args.caption_preprocessing
-    )
-    eval_dataset = CaptionEvalDataset(eval_split, ImageTransform(*size)) if eval_split else None
+    train_dataset = None
+    if data.train is not None:
+        augmentation = ImageTransform(*size, augmentation=data_args.image_augmentation)
+        train_dataset = CaptionTrainDataset(data.train, augmentation, data_args.caption_preprocessing)
+    eval_dataset = CaptionEvalDataset(data.evaluation, ImageTransform(*size)) if data.evaluation else None
+    test_dataset = CaptionEvalDataset(data.test, ImageTransform(*size)) if data.test else None
     logger.info(
-        "data: %d training captions over %d images; %s evaluation images",
-        len(train_dataset),
-        len(train_split.records),
+        "data: %s training captions, %s evaluation images, %s test images",
+        len(train_dataset) if train_dataset else "no",
         len(eval_dataset) if eval_dataset else "no",
+        len(test_dataset) if test_dataset else "no",
     )
 
     model = load_model(
@@ -82,29 +90,30 @@ def build_trainer(recipe, callbacks=()) -> CaptionTrainer:
         model_args.model_revision,
         model_args.torch_dtype,
         model_args.attn_implementation,
-        lora_trainable=model_args.training_mode == "lora",
+        lora_trainable=for_training and model_args.training_mode == "lora",
     )
-    model = apply_training_mode(
-        model,
-        model_args.training_mode,
-        model_args.lora_r,
-        model_args.lora_alpha,
-        model_args.lora_dropout,
-        model_args.lora_target_modules,
-    )
+    if for_training:
+        model = apply_training_mode(
+            model,
+            model_args.training_mode,
+            model_args.lora_r,
+            model_args.lora_alpha,
+            model_args.lora_dropout,
+            model_args.lora_target_modules,
+        )
+        trainable, total = parameter_counts(model)
+        logger.info(
+            "training_mode=%s: %s of %s parameters train (%.2f%%)",
+            model_args.training_mode,
+            f"{trainable:,}",
+            f"{total:,}",
+            100.0 * trainable / total,
+        )
     # Saved with the model, so `generate` elsewhere decodes as this recipe evaluates.
     generation_config = model.generation_config
     generation_config.num_beams = training_args.generation_num_beams or 1
     generation_config.max_length = training_args.generation_max_length
     generation_config.min_length = training_args.generation_min_length
-    trainable, total = parameter_counts(model)
-    logger.info(
-        "training_mode=%s: %s of %s parameters train (%.2f%%)",
-        model_args.training_mode,
-        f"{trainable:,}",
-        f"{total:,}",
-        100.0 * trainable / total,
-    )
 
     collator = CaptionCollator(
         processor.tokenizer,
@@ -114,7 +123,7 @@ def build_trainer(recipe, callbacks=()) -> CaptionTrainer:
         prompt=data_args.prompt,
         max_length=data_args.max_caption_length,
     )
-    return CaptionTrainer(
+    trainer = CaptionTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -123,6 +132,8 @@ def build_trainer(recipe, callbacks=()) -> CaptionTrainer:
         caption_collator=collator,
         callbacks=list(callbacks),
     )
+    trainer.test_dataset = test_dataset
+    return trainer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,14 +186,16 @@ def main(argv: list[str] | None = None) -> int:
         trainer.processing_class.save_pretrained(merged_dir)
         logger.info("merged LoRA model written to %s", merged_dir)
 
-    if trainer.eval_dataset is not None:
-        metrics = trainer.evaluate(metric_key_prefix="eval")
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+    for prefix, dataset in (("eval", trainer.eval_dataset), ("test", trainer.test_dataset)):
+        if dataset is None:
+            continue
+        metrics = trainer.evaluate(dataset, metric_key_prefix=prefix)
+        trainer.log_metrics(prefix, metrics)
+        trainer.save_metrics(prefix, metrics)
         if trainer.is_world_process_zero():
             shutil.copyfile(
-                os.path.join(trainer.evaluation_dir("eval"), "predictions.jsonl"),
-                os.path.join(training_args.output_dir, "eval_predictions.jsonl"),
+                os.path.join(trainer.evaluation_dir(prefix), "predictions.jsonl"),
+                os.path.join(training_args.output_dir, f"{prefix}_predictions.jsonl"),
             )
     return 0
 

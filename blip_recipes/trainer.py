@@ -53,6 +53,9 @@ class CaptionTrainer(Seq2SeqTrainer):
         )
         super().__init__(*args, data_collator=caption_collator, **kwargs)
         self.caption_collator = caption_collator
+        self.test_dataset = None
+        # Standalone evaluation writes straight into output_dir; training keeps one folder per evaluation.
+        self.flat_evaluation_dir = False
         self.add_callback(ReplicaCheckCallback())
         logger.info(
             "processes: world_size=%d (%s, device %s)",
@@ -78,6 +81,8 @@ class CaptionTrainer(Seq2SeqTrainer):
                 handle.write(self.args.to_json_string())
 
     def evaluation_dir(self, metric_key_prefix: str) -> str:
+        if self.flat_evaluation_dir:
+            return self.args.output_dir
         return os.path.join(self.args.output_dir, "evaluations", f"{metric_key_prefix}-step-{self.state.global_step}")
 
     @torch.no_grad()

@@ -28,7 +28,8 @@ def make_jsonl_dataset(tmp_path, shapes_dir, rows=12, one_row_per_caption=False)
 
 
 def test_imagefolder_with_validation_split(shapes_dir):
-    train, evaluation = load_caption_splits(DataArguments(dataset_name=shapes_dir), seed=0, need_eval=True)
+    data = load_caption_splits(DataArguments(dataset_name=shapes_dir), seed=0, need_eval=True)
+    train, evaluation = data.train, data.evaluation
     assert (train.name, len(train.records)) == ("train", 480)
     assert (evaluation.name, len(evaluation.records)) == ("validation", 60)
     assert len(train.records[0].captions) == 3
@@ -38,7 +39,8 @@ def test_imagefolder_with_validation_split(shapes_dir):
 def test_jsonl_paths_grouped_by_image_and_held_out_by_image(tmp_path, shapes_dir):
     path = make_jsonl_dataset(tmp_path, shapes_dir, rows=20, one_row_per_caption=True)
     args = DataArguments(dataset_name=path, caption_column="caption", validation_split_percentage=25)
-    train, evaluation = load_caption_splits(args, seed=0, need_eval=True)
+    data = load_caption_splits(args, seed=0, need_eval=True)
+    train, evaluation = data.train, data.evaluation
     assert len(train.records) + len(evaluation.records) == 20  # 60 rows, 20 images
     assert len(evaluation.records) == 5
     assert all(len(record.captions) == 3 for record in train.records + evaluation.records)
@@ -53,9 +55,9 @@ def test_save_to_disk_and_csv(tmp_path, shapes_dir):
     loaded = loaded.map(lambda row: {"image": str(tmp_path / row["image"]), "caption": row["caption"][0]})
     loaded = loaded.cast_column("image", datasets.Image())
     loaded.save_to_disk(str(tmp_path / "saved"))
-    train, _ = load_caption_splits(
+    train = load_caption_splits(
         DataArguments(dataset_name=str(tmp_path / "saved"), caption_column="caption"), 0, False
-    )
+    ).train
     assert len(train.records) == 6 and train.table.load(0).size == (128, 128)
 
     with open(tmp_path / "train.csv", "w") as handle:
@@ -63,7 +65,9 @@ def test_save_to_disk_and_csv(tmp_path, shapes_dir):
     os.makedirs(tmp_path / "csvset", exist_ok=True)
     shutil.move(str(tmp_path / "train.csv"), tmp_path / "csvset" / "train.csv")
     shutil.copytree(tmp_path / "images", tmp_path / "csvset" / "images")
-    train, _ = load_caption_splits(DataArguments(dataset_name=str(tmp_path / "csvset"), image_column="file"), 0, False)
+    train = load_caption_splits(
+        DataArguments(dataset_name=str(tmp_path / "csvset"), image_column="file"), 0, False
+    ).train
     assert [r.captions for r in train.records] == [["a thing"], ["another thing"]]
 
 
