@@ -96,6 +96,9 @@ class DataArguments:
         default=40, metadata={"help": "Max decoder tokens per training caption, [DEC] + prompt + caption + [SEP]."}
     )
     prompt: str = field(default="", metadata={"help": "Text every caption starts with, e.g. 'a picture of '."})
+    pad_to_multiple_of: int | None = field(
+        default=None, metadata={"help": "Pad caption batches to a multiple of N tokens (8 suits tensor cores)."}
+    )
     caption_preprocessing: str = field(
         default="none", metadata={"help": "none | blip (LAVIS blip_caption: lowercase, strip punctuation, 50 words)."}
     )

@@ -14,7 +14,6 @@ import shutil
 import sys
 import warnings
 
-import datasets
 import transformers
 import yaml
 from transformers import set_seed
@@ -34,8 +33,13 @@ logger = logging.getLogger("blip_recipes")
 def setup_logging(training_args) -> None:
     level = training_args.get_process_log_level()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stdout)
-    for library in (transformers.utils.logging, datasets.utils.logging):
-        library.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+    try:
+        import datasets
+
+        datasets.utils.logging.set_verbosity(level)
+    except ImportError:  # only loading a dataset needs it; callers that pass their own splits may lack it
+        pass
     # Our own progress lines (parameter counts, data sizes, metrics) on the main process even at "passive" level.
     ours = logging.INFO if training_args.should_log and training_args.log_level == "passive" else level
     logging.getLogger("blip_recipes").setLevel(ours)
@@ -58,18 +62,20 @@ def _recipe_keys() -> set:
     return set(_field_types())
 
 
-def build_trainer(recipe, callbacks=(), for_training: bool = True) -> CaptionTrainer:
+def build_trainer(recipe, callbacks=(), for_training: bool = True, data=None) -> CaptionTrainer:
     """Data, model (with its training_mode), collator and trainer for a parsed recipe.
 
     `for_training=False` builds the same trainer for scoring a finished model: no train split, nothing trainable.
+    `data` (a CaptionData) replaces loading `dataset_name`, for callers that assemble splits themselves.
     """
     model_args, data_args, training_args = recipe.model, recipe.data, recipe.training
     processor = load_processor(model_args.model_name_or_path, model_args.model_revision)
-    with training_args.main_process_first(desc="loading and checking the dataset"):
-        data = load_caption_splits(
-            data_args, training_args.seed, need_eval=wants_evaluation(training_args) or not for_training,
-            need_train=for_training,
-        )  # fmt: skip
+    if data is None:
+        with training_args.main_process_first(desc="loading and checking the dataset"):
+            data = load_caption_splits(
+                data_args, training_args.seed, need_eval=wants_evaluation(training_args) or not for_training,
+                need_train=for_training,
+            )  # fmt: skip
     image_processor = processor.image_processor
     size = (image_processor.size["height"], image_processor.size["width"], image_processor.resample)
     train_dataset = None
@@ -122,6 +128,7 @@ def build_trainer(recipe, callbacks=(), for_training: bool = True) -> CaptionTra
         image_std=image_processor.image_std,
         prompt=data_args.prompt,
         max_length=data_args.max_caption_length,
+        pad_to_multiple_of=data_args.pad_to_multiple_of,
     )
     trainer = CaptionTrainer(
         model=model,

@@ -1,0 +1,438 @@
+"""Training throughput: the seeds' notebook loop vs the stock HF Trainer vs this project's recipe path.
+
+    python benchmarks/throughput.py --quick      # anyone, ~2 min on a 2-core CPU (BLIP-base widths, 1+1 layers)
+    python benchmarks/throughput.py              # one GPU: BLIP-base (12+12 layers), 384 px, real JPEG files
+
+Everything runs in one process on the same random BLIP, the same JPEG files (640x480, written here) and the same
+captions (~24 tokens). Each loop runs `--warmup` steps untimed, then `--steps` timed steps; images/s counts
+training images per second of wall time, data loading included. Prints a table, then the two speedup lines.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from blip_recipes.builtin import build_tiny_tokenizer  # noqa: E402
+from blip_recipes.data import CaptionData, CaptionSplit, ImageRecord, ImageTable  # noqa: E402
+
+WORDS = (
+    "a red blue green man woman dog cat on the left right top of image with and in at there is that picture".split()
+)
+
+
+def write_jpegs(directory: str, count: int, seed: int = 0) -> list[dict]:
+    """Photo-like 640x480 JPEGs (smooth gradients, shapes, mild noise) and ~24-token captions."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    chunks = [(directory, start, min(count, start + 256), seed + start) for start in range(0, count, 256)]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        return [row for rows in pool.map(_write_jpeg_chunk, chunks) for row in rows]
+
+
+def _write_jpeg_chunk(arguments) -> list[dict]:
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFilter
+
+    directory, first, last, seed = arguments
+    rng = random.Random(seed)
+    noise = np.random.default_rng(seed)
+    rows = []
+    for index in range(first, last):
+        x = np.linspace(0, 1, 640)[None, :, None]
+        y = np.linspace(0, 1, 480)[:, None, None]
+        base = np.array([rng.random(), rng.random(), rng.random()])[None, None, :]
+        pixels = 255 * (0.5 * base + 0.3 * x * base[..., ::-1] + 0.2 * y)
+        pixels = np.clip(pixels + noise.normal(0, 6, (480, 640, 3)), 0, 255).astype("uint8")
+        image = Image.fromarray(pixels)
+        draw = ImageDraw.Draw(image)
+        for _ in range(4):
+            x0, y0 = rng.randrange(0, 560), rng.randrange(0, 400)
+            color = tuple(rng.randrange(256) for _ in range(3))
+            draw.ellipse((x0, y0, x0 + rng.randrange(30, 200), y0 + rng.randrange(30, 200)), fill=color)
+        path = os.path.join(directory, f"{index:06d}.jpg")
+        image.filter(ImageFilter.SMOOTH).save(path, quality=90)
+        caption = " ".join(rng.choice(WORDS) for _ in range(rng.randint(19, 25)))
+        rows.append({"image": path, "text": caption})
+    return rows
+
+
+def write_model(directory: str, vision_layers: int, text_layers: int) -> None:
+    """A random BLIP-base (768 wide, 12 heads, 384 px, vocab 30524) with `*_layers` layers, saved offline."""
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.model_max_length = 512  # BLIP's tokenizer pads to 512 under padding="max_length", as in the notebook
+    text = {
+        "vocab_size": 30524,
+        "hidden_size": 768,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+        "num_hidden_layers": text_layers,
+        "max_position_embeddings": 512,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.sep_token_id,
+        "sep_token_id": tokenizer.sep_token_id,
+        "pad_token_id": 0,
+    }
+    vision = {"hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072, "image_size": 384,
+              "patch_size": 16, "num_hidden_layers": vision_layers, "initializer_range": 0.02}  # fmt: skip
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision))
+    model.save_pretrained(directory)
+    processor = BlipProcessor(BlipImageProcessorPil(size={"height": 384, "width": 384}), tokenizer)
+    processor.save_pretrained(directory)
+
+
+def training_flops_per_image(vision_layers, text_layers, tokens, mode, image_tokens=577, width=768, vocab=30524):
+    """Matmul FLOPs of one training image (forward x3 where gradients flow, x1 for a frozen encoder)."""
+    mlp = 2 * width * 4 * width
+    vision_layer = image_tokens * (4 * width * width + mlp) + 2 * image_tokens * image_tokens * width
+    text_layer = tokens * (4 * width * width + mlp)  # self-attention projections + MLP
+    text_layer += 2 * tokens * tokens * width  # self-attention scores and values
+    text_layer += tokens * 2 * width * width + image_tokens * 2 * width * width  # cross q/o, k/v over the image
+    text_layer += 2 * tokens * image_tokens * width  # cross-attention scores and values
+    head = tokens * (width * width + width * vocab)
+    vision = 2 * vision_layers * vision_layer
+    text = 2 * (text_layers * text_layer + head)
+    vision_factor = 1 if mode == "frozen_vision" else 3
+    return vision_factor * vision + 3 * text
+
+
+class Stopwatch:
+    """Times steps warmup+1 .. warmup+steps of any loop (a Trainer callback or called by hand)."""
+
+    def __init__(self, warmup: int, device: torch.device):
+        self.warmup, self.device, self.steps, self.start, self.elapsed = warmup, device, 0, None, None
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step_done(self):
+        self.steps += 1
+        if self.steps == self.warmup:
+            self._sync()
+            self.start = time.perf_counter()
+
+    def finish(self):
+        self._sync()
+        self.elapsed = time.perf_counter() - self.start
+        return self.elapsed
+
+
+def trainer_stopwatch(warmup, device):
+    from transformers import TrainerCallback
+
+    class StopwatchCallback(TrainerCallback):
+        def __init__(self):
+            self.watch = Stopwatch(warmup, device)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.watch.step_done()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.watch.finish()
+
+    return StopwatchCallback()
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device):
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+
+
+def run_notebook(model_dir, rows, device, steps, warmup):
+    """The seeds' notebook, as written: processor padding="max_length", labels=input_ids, batch 2, fp32."""
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+    from transformers import AutoProcessor, BlipForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = BlipForConditionalGeneration.from_pretrained(model_dir).to(device)
+
+    class ImageCaptioningDataset(Dataset):
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, idx):
+            item = rows[idx]
+            encoding = processor(
+                images=Image.open(item["image"]), text=item["text"], padding="max_length", return_tensors="pt"
+            )
+            return {k: v.squeeze() for k, v in encoding.items()}
+
+    loader = DataLoader(ImageCaptioningDataset(), shuffle=True, batch_size=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
+    model.train()
+    watch = Stopwatch(warmup, device)
+    reset_peak(device)
+    while watch.steps < warmup + steps:
+        for batch in loader:
+            input_ids = batch.pop("input_ids").to(device)
+            pixel_values = batch.pop("pixel_values").to(device)
+            loss = model(input_ids=input_ids, pixel_values=pixel_values, labels=input_ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            watch.step_done()
+            if watch.steps >= warmup + steps:
+                break
+    return steps * 2 / watch.finish(), 2, peak_gib(device)
+
+
+def run_stock_trainer(model_dir, rows, device, steps, warmup, batch_size, workers, output_dir):
+    """What a user writes with the stock Trainer: eager BLIP, bf16 on GPU, processor with dynamic padding."""
+    from PIL import Image
+    from torch.utils.data import Dataset
+    from transformers import AutoProcessor, BlipForConditionalGeneration, Trainer, TrainingArguments
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = BlipForConditionalGeneration.from_pretrained(model_dir)
+
+    class Pairs(Dataset):
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, idx):
+            return {"image": Image.open(rows[idx]["image"]).convert("RGB"), "text": rows[idx]["text"]}
+
+    def collate(items):
+        batch = processor(images=[i["image"] for i in items], text=[i["text"] for i in items], padding=True,
+                          return_tensors="pt")  # fmt: skip
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        return dict(batch)
+
+    callback = trainer_stopwatch(warmup, device)
+    args = TrainingArguments(
+        output_dir=output_dir, per_device_train_batch_size=batch_size, max_steps=warmup + steps, learning_rate=5e-5,
+        bf16=device.type == "cuda", use_cpu=device.type == "cpu", dataloader_num_workers=workers,
+        remove_unused_columns=False, save_strategy="no", report_to="none", logging_steps=10_000, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=Pairs(), data_collator=collate, callbacks=[callback])
+    reset_peak(device)
+    trainer.train()
+    return steps * batch_size / callback.watch.elapsed, batch_size, peak_gib(device)
+
+
+def run_recipe(model_dir, rows, device, steps, warmup, batch_size, workers, mode, output_dir, compile_model):
+    """This project's path: the shared recipe trainer with its defaults for the device (what recipes set)."""
+    from blip_recipes.config import parse_recipe
+    from blip_recipes.train import build_trainer
+
+    cuda = device.type == "cuda"
+    argv = ["--model_name_or_path", model_dir, "--training_mode", mode, "--output_dir", output_dir,
+            "--per_device_train_batch_size", str(batch_size), "--max_steps", str(warmup + steps),
+            "--learning_rate", "5e-5", "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none",
+            "--logging_steps", "10000", "--disable_tqdm", "true", "--dataloader_num_workers", str(workers),
+            "--bf16", str(cuda).lower(), "--torch_compile", str(compile_model).lower(),
+            "--dataloader_persistent_workers", str(workers > 0).lower(), "--pad_to_multiple_of", "8"]  # fmt: skip
+    if mode == "lora":
+        argv += ["--lora_target_modules", "query,key,value,qkv"]
+    if workers > 0:
+        argv += ["--dataloader_prefetch_factor", "4"]
+    table = ImageTable(rows, "image", None)
+    records = [ImageRecord(row=i, image_id=str(i), captions=[row["text"]]) for i, row in enumerate(rows)]
+    data = CaptionData(train=CaptionSplit("train", table, records), evaluation=None, test=None)
+    callback = trainer_stopwatch(warmup, device)
+    trainer = build_trainer(parse_recipe(argv), callbacks=[callback], data=data)
+    reset_peak(device)
+    trainer.train()
+    return steps * batch_size / callback.watch.elapsed, batch_size, peak_gib(device)
+
+
+def run_data_pipeline(model_dir, rows, batch_size, workers, batches):
+    """The recipe path's input pipeline alone (decode, resize, collate, pin): its images/s ceiling."""
+    from torch.utils.data import DataLoader
+
+    from blip_recipes.collator import CaptionCollator
+    from blip_recipes.data import CaptionTrainDataset
+    from blip_recipes.model import load_processor
+    from blip_recipes.transforms import ImageTransform
+
+    processor = load_processor(model_dir)
+    records = [ImageRecord(row=i, image_id=str(i), captions=[row["text"]]) for i, row in enumerate(rows)]
+    dataset = CaptionTrainDataset(CaptionSplit("train", ImageTable(rows, "image", None), records),
+                                  ImageTransform(384, 384, processor.image_processor.resample))  # fmt: skip
+    collator = CaptionCollator(processor.tokenizer, processor.tokenizer.bos_token_id,
+                               processor.image_processor.image_mean, processor.image_processor.image_std)  # fmt: skip
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collator,
+                        pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
+                        persistent_workers=workers > 0, drop_last=True)  # fmt: skip
+    iterator = iter(loader)
+    next(iterator)
+    start = time.perf_counter()
+    done = 0
+    for _ in range(batches):
+        try:
+            next(iterator)
+        except StopIteration:
+            iterator = iter(loader)
+            next(iterator)
+        done += batch_size
+    return done / (time.perf_counter() - start)
+
+
+def run_generation(model_dir, device, images, batch_size, beams, new_tokens, attention, steps_warmup=2):
+    """Caption `images` synthetic pixel batches with beam search, forced to `new_tokens` tokens (none end early)."""
+    from blip_recipes.evaluation import generate_caption_ids
+    from blip_recipes.model import load_model
+
+    model = load_model(model_dir, attn_implementation=attention).to(device).eval()
+    prefix = torch.full((batch_size, 1), model.config.text_config.bos_token_id, dtype=torch.long, device=device)
+    pixels = torch.randn(batch_size, 3, 384, 384, device=device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    length = 1 + new_tokens
+    batches = math.ceil(images / batch_size)
+    with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+        for _ in range(steps_warmup):
+            generate_caption_ids(model, pixels, prefix, num_beams=beams, max_length=length, min_length=length)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(batches):
+            generate_caption_ids(model, pixels, prefix, num_beams=beams, max_length=length, min_length=length)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return time.perf_counter() - start, batches * batch_size
+
+
+def measure_peak_tflops(device):
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CPU-sized: 1+1 layers, few steps (~2 min, 2 cores)")
+    parser.add_argument("--images", type=int, default=None, help="JPEG files to write and train on")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per loop")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per loop (compilation, caches)")
+    parser.add_argument("--batch-size", type=int, default=None, help="project recipe path batch size")
+    parser.add_argument("--stock-batch-size", type=int, default=None, help="stock Trainer batch size")
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
+    parser.add_argument("--layers", type=int, default=None, help="vision and text layers each (BLIP-base: 12)")
+    parser.add_argument("--modes", default="full,frozen_vision,lora")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile")
+    parser.add_argument("--skip-notebook", action="store_true")
+    parser.add_argument("--generation-images", type=int, default=0, help="also time beam-search captioning")
+    parser.add_argument("--json", default=None, help="write all numbers here")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    quick = args.quick
+    layers = args.layers or (1 if quick else 12)
+    steps = args.steps or (3 if quick else 30)
+    warmup = args.warmup or (1 if quick else 10)
+    batch = args.batch_size or (8 if quick else 128)
+    stock_batch = args.stock_batch_size or (8 if quick else 64)
+    workers = args.workers if args.workers is not None else (0 if quick or not cuda else min(14, os.cpu_count() - 1))
+    compile_model = args.compile if args.compile is not None else (cuda and not quick)
+    modes = [mode for mode in args.modes.split(",") if mode]
+    needed = max(batch, stock_batch) * (warmup + steps + 1)
+    count = args.images or min(needed, 4096)
+    torch.set_float32_matmul_precision("high")
+
+    work = tempfile.mkdtemp(prefix="blip-throughput-")
+    started = time.time()
+    print(f"device={device} layers={layers}+{layers} images={count} steps={steps} warmup={warmup} workers={workers} "
+          f"compile={compile_model}", flush=True)  # fmt: skip
+    os.makedirs(os.path.join(work, "jpeg"))
+    rows = write_jpegs(os.path.join(work, "jpeg"), count)
+    write_model(os.path.join(work, "model"), layers, layers)
+    model_dir = os.path.join(work, "model")
+    peak_tflops = measure_peak_tflops(device)
+    results = []
+
+    def record(name, mode, images_per_s, batch_size, memory):
+        flops = training_flops_per_image(layers, layers, 24, mode)
+        mfu = images_per_s * flops / (peak_tflops * 1e12) if peak_tflops else None
+        results.append({"loop": name, "mode": mode, "batch": batch_size, "images_per_s": images_per_s,
+                        "peak_gib": memory, "mfu": mfu, "gflop_per_image": flops / 1e9})  # fmt: skip
+        print(
+            f"  {name:<34} {images_per_s:9.1f} img/s  (batch {batch_size}, {time.time() - started:.0f}s)", flush=True
+        )
+        save()
+
+    def save():
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump({"device": str(device), "gpu": torch.cuda.get_device_name() if cuda else None,
+                           "layers": layers, "steps": steps, "warmup": warmup, "workers": workers,
+                           "compile": compile_model, "peak_tflops": peak_tflops, "results": results,
+                           "data_pipeline_images_per_s": pipeline, "generation": generation,
+                           "torch": torch.__version__}, handle, indent=2)  # fmt: skip
+
+    generation = {}
+    pipeline = None
+    if not args.quick:
+        pipeline = run_data_pipeline(model_dir, rows, batch, workers, batches=steps)
+        print(f"  data pipeline alone: {pipeline:.0f} img/s ({workers} workers)", flush=True)
+
+    if not args.skip_notebook:
+        record("notebook loop", "full", *run_notebook(model_dir, rows, device, steps, warmup))
+    record(
+        "stock HF Trainer",
+        "full",
+        *run_stock_trainer(model_dir, rows, device, steps, warmup, stock_batch, workers, os.path.join(work, "stock")),
+    )
+    for mode in modes:
+        record(
+            f"blip-recipes {mode}",
+            mode,
+            *run_recipe(
+                model_dir, rows, device, steps, warmup, batch, workers, mode, os.path.join(work, mode), compile_model
+            ),
+        )
+    if args.generation_images:
+        for attention in ("eager", "sdpa"):
+            seconds, done = run_generation(model_dir, device, args.generation_images, 256 if cuda else 8, 3, 20,
+                                           attention)  # fmt: skip
+            generation[attention] = {"images": done, "seconds": seconds, "images_per_s": done / seconds}
+            print(f"  generation {attention}: {done} images, beam 3, 20 new tokens: {seconds:.2f} s", flush=True)
+            save()
+
+    print()
+    print(f"{'loop':<34} {'batch':>5} {'images/s':>9} {'peak GiB':>9} {'MFU':>6}")
+    for row in results:
+        mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
+        print(f"{row['loop']:<34} {row['batch']:>5} {row['images_per_s']:>9.1f} {row['peak_gib']:>9.2f} {mfu:>6}")
+    if peak_tflops:
+        full_gflop = training_flops_per_image(layers, layers, 24, "full") / 1e9
+        print(f"(MFU against a measured bf16 matmul peak of {peak_tflops:.0f} TFLOP/s; full fine-tuning is "
+              f"{full_gflop:.0f} GFLOP per image at {layers}+{layers} layers)")  # fmt: skip
+    by_loop = {row["loop"]: row["images_per_s"] for row in results}
+    ours = by_loop.get("blip-recipes full")
+    save()
+    if ours and "notebook loop" in by_loop:
+        print(f"speedup_vs_notebook: {ours / by_loop['notebook loop']:.2f}")
+    if ours:
+        print(f"speedup_vs_stock_trainer: {ours / by_loop['stock HF Trainer']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""SDPA attention for BLIP computes the same function as transformers' eager attention (CPU fp32; CUDA bf16)."""
+
+import copy
+
+import pytest
+import torch
+
+from blip_recipes.attention import BlipSdpaAttention, BlipTextSdpaSelfAttention, set_attention_implementation
+from blip_recipes.builtin import build_tiny_tokenizer, tiny_blip_config
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def models(device, dtype=torch.float32, dropout=0.0):
+    from transformers import BlipForConditionalGeneration
+
+    config = tiny_blip_config(build_tiny_tokenizer())
+    config.vision_config.attention_dropout = dropout
+    torch.manual_seed(0)
+    eager = BlipForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
+    sdpa = copy.deepcopy(eager)
+    assert set_attention_implementation(sdpa, "sdpa") == 2 + 2 * 2  # vision layers + text self/cross per layer
+    return eager, sdpa
+
+
+def batch(device, dtype):
+    torch.manual_seed(1)
+    pixels = torch.randn(3, 3, 64, 64, device=device, dtype=dtype)
+    input_ids = torch.randint(5, 60, (3, 9), device=device)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 6:] = 0  # right padding, as the collator produces
+    attention_mask[2, 4:] = 0
+    return pixels, input_ids, attention_mask
+
+
+def relative_error(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_and_gradients_match(device):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    eager, sdpa = models(device, dtype)
+    pixels, input_ids, attention_mask = batch(device, dtype)
+    outputs = []
+    for model in (eager, sdpa):
+        model.zero_grad()
+        out = model(pixel_values=pixels, input_ids=input_ids, attention_mask=attention_mask)
+        real = attention_mask.bool()
+        out.logits[real].float().pow(2).mean().backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        outputs.append((out.logits[real], grads))
+    assert relative_error(outputs[1][0], outputs[0][0]) < tolerance
+    assert outputs[0][1].keys() == outputs[1][1].keys()
+    # Relative per tensor, except where the true gradient is ~0 (key biases: softmax ignores a per-row constant).
+    scale = max(grad.float().norm().item() for grad in outputs[0][1].values())
+    for name, grad in outputs[0][1].items():
+        error = (outputs[1][1][name].float() - grad.float()).norm().item()
+        assert error <= 10 * tolerance * max(grad.float().norm().item(), 1e-3 * scale), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_beam_search_with_kv_cache_matches(device):
+    from blip_recipes.evaluation import generate_caption_ids
+
+    eager, sdpa = models(device)
+    pixels, _, _ = batch(device, torch.float32)
+    prefix = torch.full((3, 1), eager.config.text_config.bos_token_id, device=device)
+    with torch.no_grad():
+        expected = generate_caption_ids(eager, pixels, prefix, num_beams=3, max_length=12, min_length=4)
+        got = generate_caption_ids(sdpa, pixels, prefix, num_beams=3, max_length=12, min_length=4)
+        stock = eager.generate(pixel_values=pixels, num_beams=3, max_length=12, min_length=4)
+    assert torch.equal(got, expected)
+    assert torch.equal(stock[:, 1:], expected)  # our generation path == BlipForConditionalGeneration.generate
+
+
+def test_switching_back_and_state_dict_unchanged():
+    eager, sdpa = models("cpu")
+    assert isinstance(sdpa.vision_model.encoder.layers[0].self_attn, BlipSdpaAttention)
+    assert isinstance(sdpa.text_decoder.bert.encoder.layer[0].crossattention.self, BlipTextSdpaSelfAttention)
+    assert list(sdpa.state_dict()) == list(eager.state_dict())
+    set_attention_implementation(sdpa, "eager")
+    assert type(sdpa.vision_model.encoder.layers[0].self_attn).__name__ == "BlipAttention"
+    with pytest.raises(ValueError, match="attn_implementation must be one of"):
+        set_attention_implementation(sdpa, "flash")
+
+
+def test_attention_dropout_is_applied_in_training_only():
+    _, sdpa = models("cpu", dropout=0.5)
+    pixels, _, _ = batch("cpu", torch.float32)
+    vision = sdpa.vision_model
+    with torch.no_grad():
+        a, b = vision(pixel_values=pixels).last_hidden_state, vision(pixel_values=pixels).last_hidden_state
+        assert torch.equal(a, b)
+        vision.train()
+        c, d = vision(pixel_values=pixels).last_hidden_state, vision(pixel_values=pixels).last_hidden_state
+        assert not torch.equal(c, d)
