@@ -105,6 +105,13 @@ class DataArguments:
     image_augmentation: str = field(
         default="none", metadata={"help": "none | blip (random resized crop 0.5-1, flip, RandAugment(2, 5))."}
     )
+    image_cache: bool = field(
+        default=False,
+        metadata={
+            "help": "Decode and resize each image once into a uint8 memory-mapped file under BLIP_RECIPES_CACHE; "
+            "epochs and evaluations then read pixels, not JPEGs (training only without image_augmentation)."
+        },
+    )
     validate_images: bool = field(default=True, metadata={"help": "Decode every image once before training."})
     skip_bad_samples: bool = field(
         default=False, metadata={"help": "Drop unreadable images and empty captions instead of failing."}

@@ -5,6 +5,8 @@ decodes images by row. Training iterates (image, caption) pairs, so every captio
 iterates images, so each image is captioned once and scored against all of its references.
 """
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -13,10 +15,11 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from .builtin import is_builtin, resolve_builtin
-from .transforms import BadImageError, ImageTransform, open_image
+from .builtin import cache_root, is_builtin, resolve_builtin
+from .transforms import BadImageError, ImageTransform, open_image, resolve_image_path
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +215,8 @@ def build_records(table: ImageTable, split: str, data_args) -> tuple[list[ImageR
 
 
 def _is_string_column(dataset, column: str) -> bool:
+    if not hasattr(dataset, "features"):  # a plain list of rows
+        return isinstance(dataset[0][column], str) if len(dataset) else False
     feature = dataset.features[column]
     return getattr(feature, "dtype", None) in ("string", "large_string")
 
@@ -325,29 +330,109 @@ def _hold_out(train: CaptionSplit, percentage: float, seed: int, source: str):
     return CaptionSplit(train.name, train.table, kept), CaptionSplit(f"{train.name}[held-out]", train.table, evaluated)
 
 
+def image_cache_dir() -> str:
+    return os.path.join(cache_root(), "resized-images")
+
+
+class ResizedImageCache:
+    """A split's images decoded and resized once into a uint8 (N, 3, H, W) .npy file, read through a memory map.
+
+    Later epochs, evaluations and runs read pixels instead of decoding JPEGs; worker processes share the pages.
+    The file name hashes the images' identity (path, size, mtime or row) and the target size, so a change to
+    either builds a new file. Only for deterministic transforms (no augmentation).
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._array = None
+
+    def __getstate__(self):  # pickled by path: a spawned worker re-opens the map instead of copying the array
+        return {"path": self.path, "_array": None}
+
+    @property
+    def array(self):
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")
+        return self._array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.array[index]))
+
+    @classmethod
+    def build(cls, split: CaptionSplit, transform: ImageTransform, directory: str, workers: int | None = None):
+        os.makedirs(directory, exist_ok=True)
+        height, width = transform.size
+        identity = [split.name, height, width, transform.resample]
+        for record in split.records:
+            raw = split.table.raw(record.row)
+            path = raw if isinstance(raw, str) else (raw.get("path") if isinstance(raw, dict) else None)
+            resolved = resolve_image_path(path, split.table.image_root) if path else None
+            if resolved and os.path.exists(resolved):
+                stat = os.stat(resolved)
+                identity.append([resolved, stat.st_size, stat.st_mtime_ns])
+            elif isinstance(raw, dict) and raw.get("bytes"):
+                identity.append(hashlib.sha1(raw["bytes"]).hexdigest())
+            else:
+                identity.append([record.image_id, record.row, repr(raw)[:200]])
+        key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
+        final = os.path.join(directory, f"{key}.npy")
+        if not os.path.isfile(final):
+            staging = f"{final}.{os.getpid()}.tmp"
+            array = np.lib.format.open_memmap(
+                staging, mode="w+", dtype=np.uint8, shape=(len(split.records), 3, height, width)
+            )
+
+            def fill(position: int) -> None:
+                array[position] = transform(split.table.load(split.records[position].row)).numpy()
+
+            with ThreadPoolExecutor(max_workers=workers or min(16, os.cpu_count() or 1)) as pool:
+                list(pool.map(fill, range(len(split.records))))
+            array.flush()
+            del array
+            os.replace(staging, final)
+            logger.info("cached %d resized images of split %r in %s", len(split.records), split.name, final)
+        return cls(final)
+
+
 class CaptionTrainDataset(torch.utils.data.Dataset):
     """One item per (image, caption): every reference caption is a training target."""
 
-    def __init__(self, split: CaptionSplit, transform: ImageTransform, caption_preprocessing: str = "none"):
+    def __init__(
+        self, split: CaptionSplit, transform: ImageTransform, caption_preprocessing: str = "none",
+        cache: ResizedImageCache | None = None,
+    ):  # fmt: skip
         self.split = split
         self.transform = transform
+        self.cache = cache
         clean = blip_caption if caption_preprocessing == "blip" else (lambda caption: caption)
-        self.pairs = [(record.row, clean(caption)) for record in split.records for caption in record.captions]
+        self.pairs = [
+            (position, clean(caption)) for position, record in enumerate(split.records) for caption in record.captions
+        ]
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> dict:
-        row, caption = self.pairs[index]
-        return {"pixel_values": self.transform(self.split.table.load(row)), "caption": caption, "index": index}
+        position, caption = self.pairs[index]
+        return {"pixel_values": _pixels(self.split, self.transform, self.cache, position), "caption": caption}
+
+
+def _pixels(split: CaptionSplit, transform: ImageTransform, cache, position: int) -> torch.Tensor:
+    if cache is not None:
+        return cache[position]
+    return transform(split.table.load(split.records[position].row))
 
 
 class CaptionEvalDataset(torch.utils.data.Dataset):
     """One item per image, with every reference."""
 
-    def __init__(self, split: CaptionSplit, transform: ImageTransform):
+    def __init__(self, split: CaptionSplit, transform: ImageTransform, cache: ResizedImageCache | None = None):
         self.split = split
         self.transform = transform
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.split.records)
@@ -356,8 +441,7 @@ class CaptionEvalDataset(torch.utils.data.Dataset):
         return self.split.records[index]
 
     def __getitem__(self, index: int) -> dict:
-        record = self.split.records[index]
-        return {"pixel_values": self.transform(self.split.table.load(record.row)), "index": index}
+        return {"pixel_values": _pixels(self.split, self.transform, self.cache, index), "index": index}
 
     def load_image(self, index: int):
         return self.split.table.load(self.split.records[index].row)

@@ -6,11 +6,22 @@ import math
 import os
 
 import torch
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from .metrics import MetricsError, score_captions
 from .model import unwrap_blip
 
 logger = logging.getLogger(__name__)
+
+
+class BeamSharedCrossAttentionCache(EncoderDecoderCache):
+    """Beam search reorders every cached tensor at every step. The cross-attention keys and values of all beams of
+    one image are the same (they attend to the same image) and beams are only ever reordered within their image, so
+    reordering them changes nothing: skipping it is exact and saves copying beams x image tokens x width x layers
+    (16 GB per step for BLIP-base at 256 images x 3 beams)."""
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        self.self_attention_cache.reorder_cache(beam_idx)
 
 
 @torch.no_grad()
@@ -27,8 +38,7 @@ def generate_caption_ids(
     Lengths count the prefix, as LAVIS and BlipForConditionalGeneration.generate count them.
     """
     blip = unwrap_blip(model)
-    dtype = next(blip.vision_model.parameters()).dtype
-    image_embeds = blip.vision_model(pixel_values=pixel_values.to(dtype)).last_hidden_state
+    image_embeds = blip.vision_model(pixel_values=pixel_values).last_hidden_state
     text_config = blip.config.text_config
     # No encoder_attention_mask: every image token is real, and without a mask SDPA can use its fastest kernel.
     output = blip.text_decoder.generate(
@@ -42,6 +52,7 @@ def generate_caption_ids(
         min_length=min_length,
         do_sample=False,
         use_cache=True,
+        past_key_values=BeamSharedCrossAttentionCache(DynamicCache(), DynamicCache()) if num_beams > 1 else None,
     )
     return output[:, prefix_ids.shape[1] :]
 

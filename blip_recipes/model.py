@@ -68,6 +68,30 @@ def load_model(
     return model
 
 
+def attach_pixel_normalizer(model, image_mean, image_std) -> None:
+    """Let the vision encoder take uint8 pixels and normalise them itself, on its device; float input is untouched.
+
+    Idempotent. Not saved with the model: a reloaded checkpoint takes the processor's float pixels as usual.
+    """
+    from .transforms import normalize_pixels
+
+    vision = unwrap_blip(model).vision_model
+    if getattr(vision, "_normalizes_uint8_pixels", False):
+        return
+
+    def normalize_uint8(module, args, kwargs):
+        pixels = kwargs.get("pixel_values", args[0] if args else None)
+        if pixels is None or pixels.dtype != torch.uint8:
+            return None
+        pixels = normalize_pixels(pixels, image_mean, image_std)
+        if "pixel_values" in kwargs:
+            return args, {**kwargs, "pixel_values": pixels}
+        return (pixels, *args[1:]), kwargs
+
+    vision.register_forward_pre_hook(normalize_uint8, with_kwargs=True)
+    vision._normalizes_uint8_pixels = True
+
+
 def freeze_module(module: torch.nn.Module) -> None:
     """No gradients, never in the optimizer, and dropout off for good (the Trainer calls model.train() each step)."""
     module.requires_grad_(False)

@@ -21,9 +21,23 @@ from transformers import set_seed
 from .checkpoints import PREEMPTED_EXIT_CODE, PreemptionCallback, previous_run_files, resolve_resume
 from .collator import CaptionCollator
 from .config import RecipeError, parse_recipe, wants_evaluation
-from .data import CaptionEvalDataset, CaptionTrainDataset, DataError, load_caption_splits
+from .data import (
+    CaptionEvalDataset,
+    CaptionTrainDataset,
+    DataError,
+    ResizedImageCache,
+    image_cache_dir,
+    load_caption_splits,
+)
 from .metrics import MetricsError, check_metric_requirements
-from .model import apply_training_mode, load_model, load_processor, merge_lora, parameter_counts
+from .model import (
+    apply_training_mode,
+    attach_pixel_normalizer,
+    load_model,
+    load_processor,
+    merge_lora,
+    parameter_counts,
+)
 from .trainer import CaptionTrainer
 from .transforms import ImageTransform
 
@@ -78,12 +92,24 @@ def build_trainer(recipe, callbacks=(), for_training: bool = True, data=None) ->
             )  # fmt: skip
     image_processor = processor.image_processor
     size = (image_processor.size["height"], image_processor.size["width"], image_processor.resample)
+    plain = ImageTransform(*size)
+
+    def cache(split, transform):
+        if not data_args.image_cache or split is None or transform.augmentation != "none":
+            return None
+        with training_args.main_process_first(desc="caching resized images"):
+            return ResizedImageCache.build(split, transform, image_cache_dir(), data_args.preprocessing_num_workers)
+
     train_dataset = None
     if data.train is not None:
         augmentation = ImageTransform(*size, augmentation=data_args.image_augmentation)
-        train_dataset = CaptionTrainDataset(data.train, augmentation, data_args.caption_preprocessing)
-    eval_dataset = CaptionEvalDataset(data.evaluation, ImageTransform(*size)) if data.evaluation else None
-    test_dataset = CaptionEvalDataset(data.test, ImageTransform(*size)) if data.test else None
+        train_dataset = CaptionTrainDataset(
+            data.train, augmentation, data_args.caption_preprocessing, cache(data.train, augmentation)
+        )
+    eval_dataset = (
+        CaptionEvalDataset(data.evaluation, plain, cache(data.evaluation, plain)) if data.evaluation else None
+    )
+    test_dataset = CaptionEvalDataset(data.test, plain, cache(data.test, plain)) if data.test else None
     logger.info(
         "data: %s training captions, %s evaluation images, %s test images",
         len(train_dataset) if train_dataset else "no",
@@ -121,11 +147,10 @@ def build_trainer(recipe, callbacks=(), for_training: bool = True, data=None) ->
     generation_config.max_length = training_args.generation_max_length
     generation_config.min_length = training_args.generation_min_length
 
+    attach_pixel_normalizer(model, image_processor.image_mean, image_processor.image_std)
     collator = CaptionCollator(
         processor.tokenizer,
         bos_token_id=model.config.text_config.bos_token_id,
-        image_mean=image_processor.image_mean,
-        image_std=image_processor.image_std,
         prompt=data_args.prompt,
         max_length=data_args.max_caption_length,
         pad_to_multiple_of=data_args.pad_to_multiple_of,

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from blip_recipes.collator import CaptionCollator
-from blip_recipes.transforms import ImageTransform
+from blip_recipes.transforms import ImageTransform, normalize_pixels
 
 
 @pytest.fixture()
@@ -12,8 +12,6 @@ def collator(tiny_processor):
     return lambda prompt="", max_length=40: CaptionCollator(
         tiny_processor.tokenizer,
         bos_token_id=tiny_processor.tokenizer.bos_token_id,
-        image_mean=tiny_processor.image_processor.image_mean,
-        image_std=tiny_processor.image_processor.image_std,
         prompt=prompt,
         max_length=max_length,
     )
@@ -74,12 +72,27 @@ def test_eval_batches_carry_indices_and_no_text(collator):
     assert set(batch) == {"pixel_values", "index"} and batch["index"].tolist() == [5]
 
 
-def test_pixels_match_the_blip_image_processor(collator, tiny_processor):
+def test_pixels_match_the_blip_image_processor(tiny_processor, tiny_model_dir):
+    from blip_recipes.model import attach_pixel_normalizer, load_model
+
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (97, 131, 3), dtype=np.uint8))
-    size = tiny_processor.image_processor.size
-    transform = ImageTransform(size["height"], size["width"], tiny_processor.image_processor.resample)
-    ours = collator().pixels([{"pixel_values": transform(image)}])
-    reference = tiny_processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
+    image_processor = tiny_processor.image_processor
+    size = image_processor.size
+    transform = ImageTransform(size["height"], size["width"], image_processor.resample)
+    uint8 = transform(image).unsqueeze(0)
+    assert uint8.dtype == torch.uint8
+    ours = normalize_pixels(uint8, image_processor.image_mean, image_processor.image_std)
+    reference = image_processor(images=image, return_tensors="pt")["pixel_values"]
     assert ours.shape == reference.shape == (1, 3, size["height"], size["width"])
     torch.testing.assert_close(ours, reference.float(), atol=1e-5, rtol=1e-5)
+    # The model normalises uint8 batches itself (on its device) and leaves float batches alone.
+    model = load_model(tiny_model_dir).eval()
+    attach_pixel_normalizer(model, image_processor.image_mean, image_processor.image_std)
+    attach_pixel_normalizer(model, image_processor.image_mean, image_processor.image_std)  # idempotent
+    with torch.no_grad():
+        from_uint8 = model.vision_model(pixel_values=uint8).last_hidden_state
+        from_float = model.vision_model(pixel_values=reference).last_hidden_state
+        positional = model.vision_model(uint8).last_hidden_state
+    torch.testing.assert_close(from_uint8, from_float, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(positional, from_uint8)

@@ -5,6 +5,7 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from blip_recipes.config import DataArguments
 from blip_recipes.data import DataError, load_caption_splits
@@ -122,3 +123,24 @@ def test_cli_names_a_missing_caption_column(tmp_path, shapes_dir):
     )
     assert result.returncode == 2
     assert "split 'train' has no column 'text' (columns: image, caption)" in result.stdout + result.stderr
+
+
+def test_resized_image_cache_is_exact_and_reused(tmp_path, shapes_dir):
+    from blip_recipes.data import CaptionEvalDataset, ResizedImageCache
+    from blip_recipes.transforms import ImageTransform
+
+    evaluation = load_caption_splits(DataArguments(dataset_name=shapes_dir), seed=0, need_eval=True).evaluation
+    transform = ImageTransform(64, 64)
+    cache = ResizedImageCache.build(evaluation, transform, str(tmp_path))
+    assert len(cache) == 60
+    dataset = CaptionEvalDataset(evaluation, transform, cache)
+    plain = CaptionEvalDataset(evaluation, transform)
+    for index in (0, 17, 59):
+        assert torch.equal(dataset[index]["pixel_values"], plain[index]["pixel_values"])
+    modified = os.stat(cache.path).st_mtime_ns
+    again = ResizedImageCache.build(evaluation, transform, str(tmp_path))
+    assert again.path == cache.path and os.stat(cache.path).st_mtime_ns == modified  # reused, not rebuilt
+    assert ResizedImageCache.build(evaluation, ImageTransform(32, 32), str(tmp_path)).path != cache.path
+    import pickle
+
+    assert torch.equal(pickle.loads(pickle.dumps(cache))[3], cache[3])  # workers re-open the map by path

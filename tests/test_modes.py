@@ -78,3 +78,8 @@ def test_lora_changes_only_adapters(tmp_path):
     files = os.listdir(tmp_path / "adapter")
     assert "adapter_model.safetensors" in files and "adapter_config.json" in files
     assert "model.safetensors" not in files
+
+
+def test_image_cache_changes_nothing_but_speed(tmp_path):
+    _, _, _, losses = train_steps("full", tmp_path, extra=["--image_cache", "true"])
+    assert losses == pytest.approx(PINNED_LOSSES["full"], abs=5e-4)
