@@ -234,9 +234,9 @@ def find_bad_images(table: ImageTable, records: list[ImageRecord], split: str, w
         return [bad for bad in pool.map(check, records) if bad is not None]
 
 
-def _apply_bad_row_policy(bad: list[BadRow], records: list[ImageRecord], skip: bool, source: str) -> list:
+def _report_bad_rows(bad: list[BadRow], skip: bool, source: str) -> None:
     if not bad:
-        return records
+        return
     if not skip:
         listed = "\n".join(str(row) for row in bad[:MAX_LISTED_BAD_ROWS])
         more = f"\n  ... and {len(bad) - MAX_LISTED_BAD_ROWS} more" if len(bad) > MAX_LISTED_BAD_ROWS else ""
@@ -247,8 +247,6 @@ def _apply_bad_row_policy(bad: list[BadRow], records: list[ImageRecord], skip: b
     for row in bad:
         logger.warning("skipping bad sample:%s", row)
     logger.warning("skipped %d bad sample(s) in %s", len(bad), source)
-    bad_rows = {row.row for row in bad}
-    return [record for record in records if record.row not in bad_rows]
 
 
 @dataclass
@@ -276,10 +274,13 @@ def load_caption_splits(data_args, seed: int, need_eval: bool, need_train: bool 
     elif not need_train and "test" in raw:
         eval_name = "test"
     train = evaluation = test = None
+    bad_rows: list[BadRow] = []
     if need_train:
-        train = _load_split(raw, require(data_args.train_split, "train_split"), data_args, default_root, source)
+        train = _load_split(
+            raw, require(data_args.train_split, "train_split"), data_args, default_root, source, bad_rows
+        )
     if need_eval and eval_name is not None:
-        evaluation = _load_split(raw, eval_name, data_args, default_root, source)
+        evaluation = _load_split(raw, eval_name, data_args, default_root, source, bad_rows)
     elif need_eval and train is None:
         raise DataError(f"{source}: no split to evaluate (splits: {', '.join(raw)}); name one with --split/eval_split")
     elif need_eval:
@@ -290,7 +291,7 @@ def load_caption_splits(data_args, seed: int, need_eval: bool, need_train: bool 
             )
         train, evaluation = _hold_out(train, data_args.validation_split_percentage, seed, source)
     if data_args.test_split is not None:
-        test = _load_split(raw, require(data_args.test_split, "test_split"), data_args, default_root, source)
+        test = _load_split(raw, require(data_args.test_split, "test_split"), data_args, default_root, source, bad_rows)
 
     if train is not None and data_args.max_train_samples is not None:
         train.records = train.records[: data_args.max_train_samples]
@@ -298,22 +299,25 @@ def load_caption_splits(data_args, seed: int, need_eval: bool, need_train: bool 
         if split is not None and data_args.max_eval_samples is not None:
             split.records = split.records[: data_args.max_eval_samples]
     splits = [split for split in (train, evaluation, test) if split is not None]
-    for split in splits:
-        if not split.records:
-            raise DataError(f"{source}: split {split.name!r} has no usable rows")
     if data_args.validate_images:
         for split in splits:
             bad = find_bad_images(split.table, split.records, split.name, data_args.preprocessing_num_workers)
-            split.records = _apply_bad_row_policy(bad, split.records, data_args.skip_bad_samples, source)
-            if not split.records:
-                raise DataError(f"{source}: split {split.name!r} has no usable rows after skipping bad samples")
+            unusable = {row.row for row in bad}
+            split.records = [record for record in split.records if record.row not in unusable]
+            bad_rows.extend(bad)
+    # Captions and images of every split are checked before anything is reported: one complete list.
+    _report_bad_rows(sorted(bad_rows, key=lambda row: (row.split, row.row)), data_args.skip_bad_samples, source)
+    for split in splits:
+        if not split.records:
+            raise DataError(f"{source}: split {split.name!r} has no usable rows")
     return CaptionData(train, evaluation, test)
 
 
-def _load_split(raw: dict, name: str, data_args, default_root, source: str) -> CaptionSplit:
+def _load_split(raw: dict, name: str, data_args, default_root, source: str, bad_rows: list) -> CaptionSplit:
+    """Records of rows with usable captions; rows without one go to `bad_rows`."""
     table = _prepare_table(raw[name], name, data_args, default_root, source)
     records, bad_captions = build_records(table, name, data_args)
-    records = _apply_bad_row_policy(bad_captions, records, data_args.skip_bad_samples, source)
+    bad_rows.extend(bad_captions)
     return CaptionSplit(name, table, records)
 
 

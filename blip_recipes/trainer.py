@@ -67,9 +67,9 @@ class CaptionTrainer(Seq2SeqTrainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Weights and processor as the Trainer writes them (safetensors), arguments as JSON instead of a pickle.
 
-        The Trainer also pickles TrainingArguments into training_args.bin, a file only `torch.load(...,
-        weights_only=False)` can read, i.e. one that can run code. recipe.yaml and training_args.json hold the same
-        information as data.
+        The Trainer also pickles TrainingArguments into training_args.bin, which only an unsafe (non weights-only)
+        load can read, i.e. a file that can run code. recipe.yaml and training_args.json hold the same information
+        as data.
         """
         super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir

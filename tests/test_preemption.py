@@ -1,0 +1,71 @@
+"""SIGTERM to a real training process: it finishes the step, writes a complete checkpoint, exits 143; resuming
+with --resume_from_checkpoint true then ends exactly where an uninterrupted run ends."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import QUICK, REPO, read_json, run_cli
+
+ARGS = ["train", "recipes/shapes/full.yaml", *QUICK, "--max_steps", "150", "--per_device_train_batch_size", "32"]
+
+
+def test_sigterm_checkpoints_and_resume_is_exact(tmp_path):
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "blip_recipes.cli", *ARGS, "--output_dir", str(interrupted)],
+        cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    lines, losses = [], 0
+    deadline = time.monotonic() + 300
+    while losses < 3 and time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        losses += "'loss':" in line
+    assert losses >= 3, "".join(lines)[-3000:]
+    process.send_signal(signal.SIGTERM)
+    rest, _ = process.communicate(timeout=300)
+    log = "".join(lines) + rest
+    assert process.returncode == 143, log[-3000:]
+    assert "SIGTERM received" in log and "pre-empted: checkpoint saved at step" in log
+    checkpoints = [name for name in os.listdir(interrupted) if name.startswith("checkpoint-")]
+    assert len(checkpoints) == 1
+    stopped_at = int(checkpoints[0].split("-")[1])
+    assert 3 <= stopped_at < 150
+    assert read_json(interrupted / checkpoints[0] / "trainer_state.json")["global_step"] == stopped_at
+    assert not os.path.exists(interrupted / "model.safetensors")  # no final save: the run did not finish
+
+    resumed = run_cli([*ARGS, "--output_dir", str(interrupted), "--resume_from_checkpoint", "true"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    straight = run_cli([*ARGS, "--output_dir", str(tmp_path / "straight")])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    expected = load_file(tmp_path / "straight" / "model.safetensors")
+    got = load_file(interrupted / "model.safetensors")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+def test_resume_skips_a_checkpoint_killed_while_being_written(tmp_path):
+    output_dir = tmp_path / "run"
+    first = run_cli([*ARGS[:-4], "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
+                     "--save_total_limit", "5", "--output_dir", str(output_dir)])  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    # What SIGKILL during a save leaves behind: weights written, trainer_state.json not yet.
+    partial = output_dir / "checkpoint-6"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes((output_dir / "checkpoint-4" / "model.safetensors").read_bytes())
+    resumed = run_cli([*ARGS[:-4], "--max_steps", "6", "--output_dir", str(output_dir), "--resume_from_checkpoint",
+                       "true", "--log_level", "info"])  # fmt: skip
+    log = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, log[-2000:]
+    assert "ignoring incomplete checkpoint" in log and "checkpoint-6" in log
+    assert "Continuing training from checkpoint" in log or "checkpoint-4" in log
+    assert read_json(output_dir / "trainer_state.json")["global_step"] == 6
