@@ -133,6 +133,9 @@ class CaptionTrainingArguments(Seq2SeqTrainingArguments):
     caption_grid_size: int = field(
         default=6, metadata={"help": "Images in each evaluation's caption grid PNG (0: no grid)."}
     )
+    push_merged: bool = field(
+        default=False, metadata={"help": "LoRA + push_to_hub: also push the merged model to <hub_model_id>-merged."}
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow a new run to replace an earlier run's files in output_dir."}
     )
@@ -152,6 +155,15 @@ class Recipe:
     path: str | None
     text: str
     explicit_keys: frozenset
+    overrides: dict = field(default_factory=dict)
+
+    def as_yaml(self) -> str:
+        """The recipe as written plus its command-line overrides; secrets (any *token* key) left out."""
+        lines = [line for line in self.text.rstrip().splitlines() if "token" not in line.split(":")[0]]
+        public = {k: v for k, v in self.overrides.items() if "token" not in k}
+        if public:
+            lines += ["", "# command-line overrides"] + yaml.safe_dump(public, sort_keys=False).rstrip().splitlines()
+        return "\n".join(lines) + "\n"
 
 
 def _field_types() -> dict[str, tuple[type, typing.Any]]:
@@ -355,7 +367,7 @@ def parse_recipe(argv: list[str]) -> Recipe:
     model_args = _construct(ModelArguments, kwargs[ModelArguments], source)
     data_args = _construct(DataArguments, kwargs[DataArguments], source)
     training_args = _construct(CaptionTrainingArguments, kwargs[CaptionTrainingArguments], source)
-    recipe = Recipe(model_args, data_args, training_args, path, text, explicit)
+    recipe = Recipe(model_args, data_args, training_args, path, text, explicit, overrides)
     validate_recipe(recipe)
     return recipe
 
@@ -442,6 +454,15 @@ def validate_recipe(recipe: Recipe) -> None:
     check(
         not training.push_to_hub or bool(training.hub_model_id),
         "push_to_hub: true needs hub_model_id (e.g. user/blip-football)",
+    )
+    check(
+        training.hub_strategy in ("end", "every_save"),
+        f"hub_strategy {training.hub_strategy!r}: blip-recipes pushes the model at the end (end) or at every save "
+        "(every_save); checkpoints with optimizer state are never uploaded",
+    )
+    check(
+        not training.push_merged or (model.training_mode == "lora" and model.merge_lora),
+        "push_merged needs training_mode: lora and merge_lora: true",
     )
     check(
         training.generation_max_length is None or training.generation_max_length > training.generation_min_length,

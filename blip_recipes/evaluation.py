@@ -9,7 +9,8 @@ import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from .metrics import MetricsError, score_captions
-from .model import unwrap_blip
+from .model import attach_pixel_normalizer, load_model, load_processor, unwrap_blip
+from .transforms import ImageTransform
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,44 @@ def generate_caption_ids(
         past_key_values=BeamSharedCrossAttentionCache(DynamicCache(), DynamicCache()) if num_beams > 1 else None,
     )
     return output[:, prefix_ids.shape[1] :]
+
+
+class Captioner:
+    """A fine-tuned model (full, or a LoRA adapter on its base) that captions PIL images in batches.
+
+    Decoding settings default to the generation config saved with the model (the recipe's), on a GPU when there is
+    one (bf16 autocast), else on the CPU.
+    """
+
+    def __init__(
+        self, model_name_or_path: str, prompt: str = "", num_beams: int | None = None, max_length: int | None = None,
+        min_length: int | None = None, device: str | None = None, revision: str = "main",
+    ):  # fmt: skip
+        from .collator import CaptionCollator
+
+        self.name = model_name_or_path
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.processor = load_processor(model_name_or_path, revision)
+        self.model = load_model(model_name_or_path, revision).to(self.device).eval()
+        image_processor = self.processor.image_processor
+        attach_pixel_normalizer(self.model, image_processor.image_mean, image_processor.image_std)
+        saved = unwrap_blip(self.model).generation_config
+        self.num_beams = num_beams or saved.num_beams or 1
+        self.max_length = max_length or saved.max_length or 30
+        self.min_length = min_length if min_length is not None else (saved.min_length or 0)
+        self.transform = ImageTransform(
+            image_processor.size["height"], image_processor.size["width"], image_processor.resample
+        )
+        bos = unwrap_blip(self.model).config.text_config.bos_token_id
+        self.prompt = CaptionCollator(self.processor.tokenizer, bos_token_id=bos, prompt=prompt)
+
+    @torch.no_grad()
+    def caption(self, images) -> list[str]:
+        pixels = torch.stack([self.transform(image) for image in images]).to(self.device)
+        prefix = self.prompt.prompt_ids(len(images), device=self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            ids = generate_caption_ids(self.model, pixels, prefix, self.num_beams, self.max_length, self.min_length)
+        return decode_captions(self.processor.tokenizer, ids)
 
 
 def decode_captions(tokenizer, token_ids) -> list[str]:

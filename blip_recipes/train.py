@@ -8,6 +8,7 @@ recipe (config.py) -> data (data.py) -> model + training_mode (model.py) -> Capt
 evaluate (evaluation.py, metrics.py) -> push (hub.py).
 """
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -29,6 +30,7 @@ from .data import (
     image_cache_dir,
     load_caption_splits,
 )
+from .hub import HubPushCallback, PushError, build_model_card, metric_results, push_folder
 from .metrics import MetricsError, check_metric_requirements
 from .model import (
     apply_training_mode,
@@ -42,6 +44,7 @@ from .trainer import CaptionTrainer
 from .transforms import ImageTransform
 
 logger = logging.getLogger("blip_recipes")
+PUSH_FAILED_EXIT_CODE = 3  # trained and saved, but not published
 
 
 def setup_logging(training_args) -> None:
@@ -155,9 +158,14 @@ def build_trainer(recipe, callbacks=(), for_training: bool = True, data=None) ->
         max_length=data_args.max_caption_length,
         pad_to_multiple_of=data_args.pad_to_multiple_of,
     )
+    # The Trainer's own Hub code would create the repo at start-up and upload checkpoint folders; publishing is
+    # hub.py's job (allow-listed files, a real model card), so the Trainer gets a copy with push_to_hub off.
+    trainer_args = (
+        dataclasses.replace(training_args, push_to_hub=False) if training_args.push_to_hub else training_args
+    )
     trainer = CaptionTrainer(
         model=model,
-        args=training_args,
+        args=trainer_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=processor,
@@ -177,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     model_args, training_args = recipe.model, recipe.training
     setup_logging(training_args)
     preemption = PreemptionCallback()
+    callbacks = [preemption]
+    if training_args.push_to_hub and training_args.hub_strategy == "every_save":
+        callbacks.append(
+            HubPushCallback(training_args.hub_model_id, training_args.hub_token, training_args.hub_private_repo)
+        )
     try:
         if wants_evaluation(training_args):
             check_metric_requirements(training_args.eval_metrics)
@@ -188,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                 "continue it with --resume_from_checkpoint true, or replace it with --overwrite_output_dir true"
             )
         set_seed(training_args.seed)
-        trainer = build_trainer(recipe, callbacks=[preemption])
+        trainer = build_trainer(recipe, callbacks=callbacks)
     except (RecipeError, DataError, MetricsError, ValueError) as error:
         preemption.restore_signal_handler()
         logger.error("%s", error)
@@ -218,17 +231,57 @@ def main(argv: list[str] | None = None) -> int:
         trainer.processing_class.save_pretrained(merged_dir)
         logger.info("merged LoRA model written to %s", merged_dir)
 
+    card_metrics = {}
     for prefix, dataset in (("eval", trainer.eval_dataset), ("test", trainer.test_dataset)):
         if dataset is None:
             continue
         metrics = trainer.evaluate(dataset, metric_key_prefix=prefix)
         trainer.log_metrics(prefix, metrics)
         trainer.save_metrics(prefix, metrics)
+        card_metrics[dataset.split.name] = metric_results(metrics, prefix)
         if trainer.is_world_process_zero():
             shutil.copyfile(
                 os.path.join(trainer.evaluation_dir(prefix), "predictions.jsonl"),
                 os.path.join(training_args.output_dir, f"{prefix}_predictions.jsonl"),
             )
+    if not trainer.is_world_process_zero():
+        return 0
+    return publish(recipe, card_metrics)
+
+
+def publish(recipe, card_metrics: dict) -> int:
+    """Write the model card(s); push when the recipe asks. Everything is saved before any network call."""
+    model_args, training_args = recipe.model, recipe.training
+    output_dir = training_args.output_dir
+    repo_id = training_args.hub_model_id or os.path.basename(os.path.normpath(output_dir))
+    generation = {
+        "num_beams": training_args.generation_num_beams,
+        "max_length": training_args.generation_max_length,
+        "min_length": training_args.generation_min_length,
+    }
+    card = dict(
+        base_model=model_args.model_name_or_path, dataset=recipe.data.dataset_name, recipe_yaml=recipe.as_yaml(),
+        metrics=card_metrics, generation=generation, prompt=recipe.data.prompt,
+    )  # fmt: skip
+    build_model_card(repo_id, training_mode=model_args.training_mode, **card).save(
+        os.path.join(output_dir, "README.md")
+    )
+    merged_dir = os.path.join(output_dir, "merged")
+    if model_args.merge_lora:
+        merged_card = build_model_card(f"{repo_id}-merged", training_mode="lora-merged", **card)
+        merged_card.save(os.path.join(merged_dir, "README.md"))
+    if not training_args.push_to_hub:
+        return 0
+    try:
+        url = push_folder(output_dir, repo_id, training_args.hub_token, training_args.hub_private_repo,
+                          training_args.hub_revision)  # fmt: skip
+        logger.info("pushed %s: %s", repo_id, url)
+        if training_args.push_merged:
+            url = push_folder(merged_dir, f"{repo_id}-merged", training_args.hub_token, training_args.hub_private_repo)
+            logger.info("pushed %s-merged: %s", repo_id, url)
+    except PushError as error:
+        logger.error("%s", error)
+        return PUSH_FAILED_EXIT_CODE
     return 0
 
 

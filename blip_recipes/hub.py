@@ -1,0 +1,207 @@
+"""Publishing: a model card with a model-index of the final metrics, and an allow-listed upload to the Hub.
+
+Only files a user of the model needs are uploaded (weights, configs, processor, card, results, recipe); checkpoint
+folders, tracker logs, evaluation dumps, caches and dotfiles such as .env never are, whatever else sits in the folder.
+"""
+
+import logging
+import os
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+PUSHED_FILES = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "adapter_config.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "README.md",
+    "eval_results.json",
+    "test_results.json",
+    "recipe.yaml",
+]
+# Anything in a subfolder (checkpoints, tracker runs, evaluations, merged/), dotfiles, pickles.
+NEVER_PUSHED = ["*/*", ".*", "*.pt", "*.pth", "*.bin", "*.pkl"]
+METRIC_NAMES = {
+    "bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4",
+    "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr", "spice": "SPICE",
+}  # fmt: skip
+
+
+class PushError(RuntimeError):
+    """The upload did not happen; the local output is complete and can be pushed later."""
+
+
+def metric_results(results: dict, prefix: str) -> dict:
+    """{"cider": 1.2, ...} from {"eval_cider": 1.2, "eval_runtime": ...}."""
+    return {
+        key.removeprefix(f"{prefix}_"): value
+        for key, value in results.items()
+        if key.removeprefix(f"{prefix}_") in METRIC_NAMES
+    }
+
+
+def build_model_card(
+    repo_id: str,
+    base_model: str,
+    dataset: str,
+    training_mode: str,
+    recipe_yaml: str,
+    metrics: dict[str, dict],
+    generation: dict,
+    prompt: str = "",
+) -> ModelCard:
+    """metrics: {split name: {"cider": ..., "bleu_4": ...}} -> a card whose model-index carries every number."""
+    eval_results = [
+        EvalResult(
+            task_type="image-to-text",
+            task_name="Image Captioning",
+            dataset_type=dataset,
+            dataset_name=dataset,
+            dataset_split=split,
+            metric_type=name,
+            metric_name=METRIC_NAMES[name],
+            metric_value=round(float(value), 4),
+        )
+        for split, values in metrics.items()
+        for name, value in values.items()
+    ]
+    lora = training_mode == "lora"
+    data = ModelCardData(
+        model_name=repo_id.split("/")[-1],
+        base_model=base_model,
+        datasets=[dataset],
+        library_name="peft" if lora else "transformers",
+        pipeline_tag="image-to-text",
+        license="bsd-3-clause",
+        tags=["image-captioning", "blip", "blip-recipes", training_mode] + (["lora"] if lora else []),
+        eval_results=eval_results or None,
+    )
+    table = "\n".join(
+        f"| {split} | "
+        + " | ".join(f"{values.get(k, float('nan')):.4f}" for k in ("bleu_4", "meteor", "rouge_l", "cider"))
+        + " |"
+        for split, values in metrics.items()
+    )
+    loading = (
+        f'base = BlipForConditionalGeneration.from_pretrained("{base_model}")\n'
+        f'model = PeftModel.from_pretrained(base, "{repo_id}")'
+        if lora
+        else f'model = BlipForConditionalGeneration.from_pretrained("{repo_id}")'
+    )
+    prompt_line = (
+        f'inputs = processor(images=image, text="{prompt}", return_tensors="pt")'
+        if prompt
+        else ('inputs = processor(images=image, return_tensors="pt")')
+    )
+    decoding = ", ".join(f"{key}={value}" for key, value in generation.items())
+    content = f"""---
+{data.to_yaml()}
+---
+
+# {repo_id.split("/")[-1]}
+
+[BLIP]({_hub_url(base_model)}) fine-tuned for image captioning on `{dataset}` with
+[blip-recipes](https://github.com/) (training mode: **{training_mode}**).
+
+## Results
+
+coco-caption metrics (pycocoevalcap, PTB tokenization), each image scored once against all of its references.
+Generation: beams {generation.get("num_beams")}, max length {generation.get("max_length")}, min length
+{generation.get("min_length")}{f', prompt "{prompt}"' if prompt else ""}.
+
+| split | BLEU-4 | METEOR | ROUGE-L | CIDEr |
+|---|---|---|---|---|
+{table}
+
+## Use
+
+```python
+from PIL import Image
+from transformers import BlipForConditionalGeneration, BlipProcessor
+{"from peft import PeftModel" if lora else ""}
+processor = BlipProcessor.from_pretrained("{repo_id}")
+{loading}
+image = Image.open("photo.jpg").convert("RGB")
+{prompt_line}
+ids = model.generate(**inputs, {decoding})
+print(processor.decode(ids[0], skip_special_tokens=True))
+```
+
+or `blip-recipes caption photo.jpg --model {repo_id}`.
+
+## Training recipe
+
+```yaml
+{recipe_yaml.rstrip()}
+```
+"""
+    return ModelCard(content)
+
+
+def _hub_url(model: str) -> str:
+    return f"https://huggingface.co/{model}" if "/" in model and not os.path.exists(model) else model
+
+
+def push_folder(
+    folder: str,
+    repo_id: str,
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload fine-tuned BLIP (blip-recipes)",
+) -> str:
+    """Create the repo if needed and upload the allow-listed files of `folder`. Returns the commit URL."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise PushError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set. The run is saved in {folder}.")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(
+            folder_path=folder,
+            repo_id=repo_id,
+            revision=revision,
+            allow_patterns=PUSHED_FILES,
+            ignore_patterns=NEVER_PUSHED,
+            commit_message=commit_message,
+        )
+    except Exception as error:  # network, auth, server: all leave the local output as it is
+        reason = f"{type(error).__name__}: {_redact(str(error), token)}"
+        raise PushError(
+            f"push to {repo_id} failed ({reason}). The run is saved in {folder}; "
+            f"retry with `blip-recipes push {folder} --hub_model_id {repo_id}`."
+        ) from None
+    return getattr(commit, "commit_url", str(commit))
+
+
+class HubPushCallback(TrainerCallback):
+    """hub_strategy: every_save -- after each checkpoint, push its model files (never its optimizer state).
+
+    A failed push during training is logged and training goes on; the final push at the end decides the exit code.
+    """
+
+    def __init__(self, repo_id: str, token: str | None, private: bool | None):
+        self.repo_id, self.token, self.private = repo_id, token, private
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        try:
+            push_folder(folder, self.repo_id, self.token, self.private,
+                        commit_message=f"Training in progress, step {state.global_step}")  # fmt: skip
+        except PushError as error:
+            logger.warning("%s", error)
+
+
+def _redact(text: str, token: str | None) -> str:
+    return text.replace(token, "<token>") if token else text

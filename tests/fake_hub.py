@@ -1,0 +1,88 @@
+"""A local stand-in for the Hub's HTTP API (repo creation, preupload, commit), recording what it receives."""
+
+import base64
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class FakeHub:
+    def __init__(self):
+        self.requests = []  # (method, path, authorization header)
+        self.commits = []  # {"repo": ..., "summary": ..., "files": {path: bytes}}
+        self.created = []
+        self.validated = []  # model card YAML the client asked the Hub to validate
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _body(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else b""
+
+            def _reply(self, payload, status=200):
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _record(self):
+                hub.requests.append((self.command, self.path, self.headers.get("Authorization")))
+
+            def do_GET(self):
+                self._record()
+                self._reply({"error": "not found"}, status=404)
+
+            def do_HEAD(self):
+                self._record()
+                self.send_response(404)
+                self.end_headers()
+
+            def do_POST(self):
+                self._record()
+                body = self._body()
+                parts = self.path.split("?")[0].strip("/").split("/")
+                if parts[:3] == ["api", "repos", "create"]:
+                    request = json.loads(body)
+                    name = f"{request.get('organization') or 'user'}/{request['name']}"
+                    hub.created.append({"repo": name, "private": request.get("private")})
+                    return self._reply({"url": f"http://{self.headers['Host']}/{name}", "name": name, "id": name})
+                if parts == ["api", "validate-yaml"]:
+                    hub.validated.append(json.loads(body).get("content", ""))
+                    return self._reply({})
+                if len(parts) >= 6 and parts[0] == "api" and parts[4] == "preupload":
+                    files = json.loads(body)["files"]
+                    return self._reply(
+                        {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files],
+                         "commitOid": "0" * 40}
+                    )  # fmt: skip
+                if len(parts) >= 6 and parts[0] == "api" and parts[4] == "commit":
+                    commit = {"repo": f"{parts[2]}/{parts[3]}", "files": {}, "summary": None}
+                    for line in body.decode().splitlines():
+                        if not line.strip():
+                            continue
+                        item = json.loads(line)
+                        if item["key"] == "header":
+                            commit["summary"] = item["value"].get("summary")
+                        elif item["key"] == "file":
+                            commit["files"][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                    hub.commits.append(commit)
+                    url = f"http://{self.headers['Host']}/{commit['repo']}/commit/{'a' * 40}"
+                    return self._reply({"commitUrl": url, "commitOid": "a" * 40, "pullRequestUrl": None})
+                return self._reply({"error": f"unexpected {self.path}"}, status=404)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,99 @@
+"""Publishing through the real huggingface_hub client against a local Hub endpoint."""
+
+import glob
+import json
+import os
+import time
+
+import pytest
+from huggingface_hub import ModelCard
+
+from tests.conftest import QUICK, read_json, run_cli
+from tests.fake_hub import FakeHub
+
+TOKEN = "hf_SENTINELpushTOKEN0123456789abcd"
+TRAIN = ["train", "recipes/shapes/lora.yaml", *QUICK, "--max_steps", "3", "--do_eval", "true", "--max_eval_samples",
+         "8", "--eval_metrics", "bleu,rouge_l,cider", "--merge_lora", "true"]  # fmt: skip
+
+
+@pytest.fixture()
+def hub():
+    with FakeHub() as fake:
+        yield fake
+
+
+def online(hub):
+    return {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_TOKEN": ""}
+
+
+def test_push_uploads_the_model_and_a_card_with_the_metrics(tmp_path, hub):
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    (output_dir / ".env").write_text("AWS_SECRET=do-not-upload\n")
+    result = run_cli([*TRAIN, "--output_dir", str(output_dir), "--push_to_hub", "true", "--hub_model_id",
+                      "me/blip-shapes-lora", "--hub_token", TOKEN, "--hub_strategy", "end", "--push_merged", "true",
+                      "--save_strategy", "steps", "--save_steps", "2"], env=online(hub))  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert [c["repo"] for c in hub.created] == ["me/blip-shapes-lora", "me/blip-shapes-lora-merged"]
+    adapter, merged = hub.commits
+    assert set(adapter["files"]) == {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "README.md",
+        "eval_results.json",
+        "recipe.yaml",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }  # no checkpoint-*, no .env, no evaluations/, no merged/, no optimizer state
+    assert {"model.safetensors", "config.json", "README.md"} <= set(merged["files"])
+    assert not any(name.startswith(("checkpoint", "evaluations", ".")) for name in merged["files"])
+
+    card = ModelCard(adapter["files"]["README.md"].decode())
+    assert card.data.base_model == "builtin:tiny-blip" and card.data.library_name == "peft"
+    results = read_json(output_dir / "eval_results.json")
+    reported = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert reported == {name: round(results[f"eval_{name}"], 4) for name in ("bleu_1", "bleu_2", "bleu_3", "bleu_4",
+                                                                            "rouge_l", "cider")}  # fmt: skip
+    assert "training_mode: lora" in card.text and "--hub_token" not in card.text
+
+    # The token went out in the Authorization header and nowhere else.
+    assert all(auth == f"Bearer {TOKEN}" for _, _, auth in hub.requests)
+    assert TOKEN not in log
+    for commit in hub.commits:
+        assert not any(TOKEN.encode() in content for content in commit["files"].values())
+    for path in glob.glob(f"{output_dir}/**/*", recursive=True):
+        if os.path.isfile(path):
+            assert TOKEN.encode() not in open(path, "rb").read(), path
+
+
+def test_every_save_pushes_model_files_of_each_checkpoint(tmp_path, hub):
+    result = run_cli([*TRAIN[:-2], "--output_dir", str(tmp_path / "run"), "--push_to_hub", "true", "--hub_model_id",
+                      "me/every", "--hub_token", TOKEN, "--save_strategy", "steps", "--save_steps", "2"],
+                     env=online(hub))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [c["summary"] for c in hub.commits]  # checkpoints at steps 2 and 3 (the last step), then the end
+    assert summaries == [
+        "Training in progress, step 2",
+        "Training in progress, step 3",
+        "Upload fine-tuned BLIP (blip-recipes)",
+    ]
+    assert not any(name.endswith((".pt", ".pth")) or "optimizer" in name for name in hub.commits[0]["files"])
+
+
+@pytest.mark.parametrize("how", ["offline", "unreachable"])
+def test_failed_push_is_fast_clear_and_loses_nothing(tmp_path, how):
+    env = {"HF_HUB_OFFLINE": "1"} if how == "offline" else {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    output_dir = tmp_path / "run"
+    start = time.monotonic()
+    result = run_cli([*TRAIN, "--output_dir", str(output_dir), "--push_to_hub", "true", "--hub_model_id",
+                      "me/never", "--hub_token", TOKEN, "--hub_strategy", "end"], env=env)  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 3, log[-3000:]
+    assert "push to me/never failed" in log or "cannot push to me/never: HF_HUB_OFFLINE is set" in log
+    assert f"The run is saved in {output_dir}" in log and TOKEN not in log
+    assert time.monotonic() - start < 120
+    for name in ("adapter_model.safetensors", "README.md", "eval_results.json", "merged/model.safetensors"):
+        assert os.path.isfile(output_dir / name), name
+    assert json.loads((output_dir / "eval_results.json").read_text())["eval_cider"] >= 0

@@ -1,0 +1,146 @@
+"""Using a fine-tuned model: the caption CLI (full model and LoRA adapter), merge-lora, push, and the HTTP service."""
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+
+from blip_recipes.evaluation import Captioner
+from tests.conftest import QUICK, REPO, read_jsonl, run_cli
+from tests.fake_hub import FakeHub
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, shapes_dir):
+    output_dir = tmp_path_factory.mktemp("lora-run")
+    result = run_cli(["train", "recipes/shapes/lora.yaml", "--output_dir", str(output_dir), "--max_steps", "4",
+                      *QUICK, "--save_strategy", "no"])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return output_dir
+
+
+def validation_images(shapes_dir, count=5):
+    return [os.path.join(shapes_dir, "validation", f"{i:05d}.png") for i in range(count)]
+
+
+def test_caption_cli_with_a_lora_adapter_matches_the_merged_model(tmp_path, lora_run, shapes_dir):
+    images = validation_images(shapes_dir)
+    adapter = run_cli(["caption", *images, "--model", str(lora_run), "--output", str(tmp_path / "adapter.jsonl")])
+    assert adapter.returncode == 0, adapter.stderr[-2000:]
+    merged_dir = tmp_path / "merged"
+    merge = run_cli(["merge-lora", str(lora_run), str(merged_dir)])
+    assert merge.returncode == 0, merge.stderr[-2000:]
+    rows = read_jsonl(tmp_path / "adapter.jsonl")
+    assert [row["image"] for row in rows] == images
+    direct = run_cli(["caption", *images, "--model", str(merged_dir)])
+    assert [line.split("\t")[1] for line in direct.stdout.strip().splitlines()] == [row["caption"] for row in rows]
+
+
+def test_caption_cli_walks_directories_and_reports_bad_files(tmp_path, tiny_model_dir, shapes_dir):
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for path in validation_images(shapes_dir, 3):
+        Image.open(path).save(folder / os.path.basename(path))
+    (folder / "broken.jpg").write_text("not an image")
+    (folder / "notes.txt").write_text("ignored: not an image extension")
+    result = run_cli(["caption", str(folder), "--model", tiny_model_dir, "--batch_size", "2"])
+    assert result.returncode == 1  # one file could not be read
+    assert "broken.jpg: skipped, not an image file" in result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(folder / f"{i:05d}.png") for i in range(3)]
+    captioner = Captioner(tiny_model_dir)
+    assert [line.split("\t")[1] for line in lines] == captioner.caption(
+        [Image.open(folder / f"{i:05d}.png").convert("RGB") for i in range(3)]
+    )
+
+
+def test_push_command_uploads_a_finished_run(lora_run):
+    with FakeHub() as hub:
+        result = run_cli(["push", str(lora_run), "--hub_model_id", "me/pushed", "--token", "hf_x"],
+                         env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "adapter_model.safetensors" in hub.commits[0]["files"] and "README.md" in hub.commits[0]["files"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "blip_recipes.cli", "serve", "--model", tiny_model_dir, "--port", str(port),
+         "--max_upload_mb", "0.05"],
+        cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail(process.stdout.read()[-2000:])
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def png_bytes(color=(200, 40, 40)):
+    buffer = io.BytesIO()
+    Image.new("RGB", (96, 96), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_http_caption_and_health(server, tiny_model_dir):
+    health = httpx.get(f"{server}/health").json()
+    assert health == {"status": "ok", "model": tiny_model_dir}
+    response = httpx.post(f"{server}/caption", files={"file": ("red.png", png_bytes(), "image/png")}, timeout=60)
+    assert response.status_code == 200, response.text
+    caption = response.json()["caption"]
+    expected = Captioner(tiny_model_dir).caption([Image.open(io.BytesIO(png_bytes())).convert("RGB")])[0]
+    assert caption == expected
+
+
+@pytest.mark.parametrize(
+    "files, status, message",
+    [
+        ({"file": ("notes.txt", b"hello, not an image", "text/plain")}, 415, "not a usable image"),
+        ({"file": ("big.png", os.urandom(80_000), "image/png")}, 413, "larger than"),
+        ({"file": ("empty.png", b"", "image/png")}, 400, "empty upload"),
+        ({"other": ("x.png", b"123", "image/png")}, 422, "file"),
+    ],
+)
+def test_bad_uploads_get_4xx_with_a_message(server, files, status, message):
+    response = httpx.post(f"{server}/caption", files=files, timeout=60)
+    assert response.status_code == status, response.text
+    assert message in json.dumps(response.json())
+
+
+def test_training_can_start_from_a_fine_tuned_checkpoint(tmp_path, lora_run):
+    first = tmp_path / "first"
+    result = run_cli(["train", "recipes/shapes/full.yaml", "--output_dir", str(first), "--max_steps", "2", *QUICK])
+    assert result.returncode == 0
+    second = run_cli(["train", "recipes/shapes/frozen_vision.yaml", "--model_name_or_path", str(first),
+                      "--output_dir", str(tmp_path / "second"), "--max_steps", "2", *QUICK])  # fmt: skip
+    assert second.returncode == 0, second.stderr[-2000:]
+    from safetensors.torch import load_file
+
+    before, after = load_file(first / "model.safetensors"), load_file(tmp_path / "second" / "model.safetensors")
+    vision = [name for name in before if name.startswith("vision_model.")]
+    assert vision and all(torch.equal(before[n], after[n]) for n in vision)  # continued, vision frozen
+    assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith("text_decoder."))
