@@ -157,6 +157,13 @@ class Recipe:
     explicit_keys: frozenset
     overrides: dict = field(default_factory=dict)
 
+    def write_resolved(self, path: str) -> None:
+        """Every key's effective value (token fields redacted by TrainingArguments.to_dict), for the record."""
+        known = set(_field_types())
+        values = {**dataclasses.asdict(self.model), **dataclasses.asdict(self.data), **self.training.to_dict()}
+        with open(path, "w", encoding="utf-8") as handle:
+            yaml.safe_dump({k: v for k, v in values.items() if k in known}, handle, sort_keys=True)
+
     def as_yaml(self) -> str:
         """The recipe as written plus its command-line overrides; secrets (any *token* key) left out."""
         lines = [line for line in self.text.rstrip().splitlines() if "token" not in line.split(":")[0]]

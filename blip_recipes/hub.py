@@ -205,3 +205,42 @@ class HubPushCallback(TrainerCallback):
 
 def _redact(text: str, token: str | None) -> str:
     return text.replace(token, "<token>") if token else text
+
+
+def publish_run(recipe, card_metrics: dict) -> bool:
+    """Write the run's model card(s); push when the recipe asks. Everything is saved before any network call.
+
+    Returns False when a requested push failed (the error is logged; the local output is complete).
+    """
+    model_args, training_args = recipe.model, recipe.training
+    output_dir = training_args.output_dir
+    repo_id = training_args.hub_model_id or os.path.basename(os.path.normpath(output_dir))
+    generation = {
+        "num_beams": training_args.generation_num_beams,
+        "max_length": training_args.generation_max_length,
+        "min_length": training_args.generation_min_length,
+    }
+    card = dict(
+        base_model=model_args.model_name_or_path, dataset=recipe.data.dataset_name, recipe_yaml=recipe.as_yaml(),
+        metrics=card_metrics, generation=generation, prompt=recipe.data.prompt,
+    )  # fmt: skip
+    build_model_card(repo_id, training_mode=model_args.training_mode, **card).save(
+        os.path.join(output_dir, "README.md")
+    )
+    merged_dir = os.path.join(output_dir, "merged")
+    if model_args.merge_lora:
+        merged_card = build_model_card(f"{repo_id}-merged", training_mode="lora-merged", **card)
+        merged_card.save(os.path.join(merged_dir, "README.md"))
+    if not training_args.push_to_hub:
+        return True
+    try:
+        url = push_folder(output_dir, repo_id, training_args.hub_token, training_args.hub_private_repo,
+                          training_args.hub_revision)  # fmt: skip
+        logger.info("pushed %s: %s", repo_id, url)
+        if training_args.push_merged:
+            url = push_folder(merged_dir, f"{repo_id}-merged", training_args.hub_token, training_args.hub_private_repo)
+            logger.info("pushed %s-merged: %s", repo_id, url)
+    except PushError as error:
+        logger.error("%s", error)
+        return False
+    return True

@@ -16,7 +16,6 @@ import sys
 import warnings
 
 import transformers
-import yaml
 from transformers import set_seed
 
 from .checkpoints import PREEMPTED_EXIT_CODE, PreemptionCallback, previous_run_files, resolve_resume
@@ -30,7 +29,7 @@ from .data import (
     image_cache_dir,
     load_caption_splits,
 )
-from .hub import HubPushCallback, PushError, build_model_card, metric_results, push_folder
+from .hub import HubPushCallback, metric_results, publish_run
 from .metrics import MetricsError, check_metric_requirements
 from .model import (
     apply_training_mode,
@@ -61,22 +60,6 @@ def setup_logging(training_args) -> None:
     ours = logging.INFO if training_args.should_log and training_args.log_level == "passive" else level
     logging.getLogger("blip_recipes").setLevel(ours)
     warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator is found.*")
-
-
-def write_resolved_recipe(recipe, path: str) -> None:
-    """The full resolved configuration (token fields redacted by TrainingArguments.to_dict)."""
-    from dataclasses import asdict
-
-    resolved = {**asdict(recipe.model), **asdict(recipe.data), **recipe.training.to_dict()}
-    resolved = {key: value for key, value in resolved.items() if key in _recipe_keys()}
-    with open(path, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(resolved, handle, sort_keys=True)
-
-
-def _recipe_keys() -> set:
-    from .config import _field_types
-
-    return set(_field_types())
 
 
 def build_trainer(recipe, callbacks=(), for_training: bool = True, data=None) -> CaptionTrainer:
@@ -113,37 +96,18 @@ def build_trainer(recipe, callbacks=(), for_training: bool = True, data=None) ->
         CaptionEvalDataset(data.evaluation, plain, cache(data.evaluation, plain)) if data.evaluation else None
     )
     test_dataset = CaptionEvalDataset(data.test, plain, cache(data.test, plain)) if data.test else None
-    logger.info(
-        "data: %s training captions, %s evaluation images, %s test images",
-        len(train_dataset) if train_dataset else "no",
-        len(eval_dataset) if eval_dataset else "no",
-        len(test_dataset) if test_dataset else "no",
-    )
+    sizes = [len(dataset) if dataset else "no" for dataset in (train_dataset, eval_dataset, test_dataset)]
+    logger.info("data: %s training captions, %s evaluation images, %s test images", *sizes)
 
-    model = load_model(
-        model_args.model_name_or_path,
-        model_args.model_revision,
-        model_args.torch_dtype,
-        model_args.attn_implementation,
-        lora_trainable=for_training and model_args.training_mode == "lora",
-    )
+    m = model_args
+    model = load_model(m.model_name_or_path, m.model_revision, m.torch_dtype, m.attn_implementation,
+                       lora_trainable=for_training and m.training_mode == "lora")  # fmt: skip
     if for_training:
-        model = apply_training_mode(
-            model,
-            model_args.training_mode,
-            model_args.lora_r,
-            model_args.lora_alpha,
-            model_args.lora_dropout,
-            model_args.lora_target_modules,
-        )
+        model = apply_training_mode(model, m.training_mode, m.lora_r, m.lora_alpha, m.lora_dropout,
+                                    m.lora_target_modules)  # fmt: skip
         trainable, total = parameter_counts(model)
-        logger.info(
-            "training_mode=%s: %s of %s parameters train (%.2f%%)",
-            model_args.training_mode,
-            f"{trainable:,}",
-            f"{total:,}",
-            100.0 * trainable / total,
-        )
+        logger.info("training_mode=%s: %s of %s parameters train (%.2f%%)", m.training_mode, f"{trainable:,}",
+                    f"{total:,}", 100.0 * trainable / total)  # fmt: skip
     # Saved with the model, so `generate` elsewhere decodes as this recipe evaluates.
     generation_config = model.generation_config
     generation_config.num_beams = training_args.generation_num_beams or 1
@@ -164,14 +128,9 @@ def build_trainer(recipe, callbacks=(), for_training: bool = True, data=None) ->
         dataclasses.replace(training_args, push_to_hub=False) if training_args.push_to_hub else training_args
     )
     trainer = CaptionTrainer(
-        model=model,
-        args=trainer_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=processor,
-        caption_collator=collator,
-        callbacks=list(callbacks),
-    )
+        model=model, args=trainer_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        processing_class=processor, caption_collator=collator, callbacks=list(callbacks),
+    )  # fmt: skip
     trainer.test_dataset = test_dataset
     return trainer
 
@@ -208,18 +167,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if trainer.is_world_process_zero():
         os.makedirs(training_args.output_dir, exist_ok=True)
-        write_resolved_recipe(recipe, os.path.join(training_args.output_dir, "recipe.yaml"))
+        recipe.write_resolved(os.path.join(training_args.output_dir, "recipe.yaml"))
 
     try:
         train_result = trainer.train(resume_from_checkpoint=resume)
     finally:
         preemption.restore_signal_handler()
     if preemption.received:
-        logger.warning(
-            "pre-empted: checkpoint saved at step %s in %s; continue with --resume_from_checkpoint true",
-            preemption.stopped_at_step,
-            training_args.output_dir,
-        )
+        logger.warning("pre-empted: checkpoint saved at step %s in %s; continue with --resume_from_checkpoint true",
+                       preemption.stopped_at_step, training_args.output_dir)  # fmt: skip
         return PREEMPTED_EXIT_CODE
     trainer.save_model()
     trainer.log_metrics("train", train_result.metrics)
@@ -246,43 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     if not trainer.is_world_process_zero():
         return 0
-    return publish(recipe, card_metrics)
-
-
-def publish(recipe, card_metrics: dict) -> int:
-    """Write the model card(s); push when the recipe asks. Everything is saved before any network call."""
-    model_args, training_args = recipe.model, recipe.training
-    output_dir = training_args.output_dir
-    repo_id = training_args.hub_model_id or os.path.basename(os.path.normpath(output_dir))
-    generation = {
-        "num_beams": training_args.generation_num_beams,
-        "max_length": training_args.generation_max_length,
-        "min_length": training_args.generation_min_length,
-    }
-    card = dict(
-        base_model=model_args.model_name_or_path, dataset=recipe.data.dataset_name, recipe_yaml=recipe.as_yaml(),
-        metrics=card_metrics, generation=generation, prompt=recipe.data.prompt,
-    )  # fmt: skip
-    build_model_card(repo_id, training_mode=model_args.training_mode, **card).save(
-        os.path.join(output_dir, "README.md")
-    )
-    merged_dir = os.path.join(output_dir, "merged")
-    if model_args.merge_lora:
-        merged_card = build_model_card(f"{repo_id}-merged", training_mode="lora-merged", **card)
-        merged_card.save(os.path.join(merged_dir, "README.md"))
-    if not training_args.push_to_hub:
-        return 0
-    try:
-        url = push_folder(output_dir, repo_id, training_args.hub_token, training_args.hub_private_repo,
-                          training_args.hub_revision)  # fmt: skip
-        logger.info("pushed %s: %s", repo_id, url)
-        if training_args.push_merged:
-            url = push_folder(merged_dir, f"{repo_id}-merged", training_args.hub_token, training_args.hub_private_repo)
-            logger.info("pushed %s-merged: %s", repo_id, url)
-    except PushError as error:
-        logger.error("%s", error)
-        return PUSH_FAILED_EXIT_CODE
-    return 0
+    return PUSH_FAILED_EXIT_CODE if not publish_run(recipe, card_metrics) else 0
 
 
 if __name__ == "__main__":

@@ -96,3 +96,15 @@ def test_attention_dropout_is_applied_in_training_only():
         vision.train()
         c, d = vision(pixel_values=pixels).last_hidden_state, vision(pixel_values=pixels).last_hidden_state
         assert not torch.equal(c, d)
+
+
+def test_generation_encodes_each_image_once_not_once_per_beam():
+    from blip_recipes.evaluation import generate_caption_ids
+
+    _, sdpa = models("cpu")
+    encoded = []
+    sdpa.vision_model.register_forward_hook(lambda module, args, output: encoded.append(len(output.last_hidden_state)))
+    pixels, _, _ = batch("cpu", torch.float32)
+    prefix = torch.full((3, 1), sdpa.config.text_config.bos_token_id)
+    generate_caption_ids(sdpa, pixels, prefix, num_beams=4, max_length=8, min_length=2)
+    assert encoded == [3]

@@ -32,3 +32,16 @@ def test_two_process_training_and_evaluation(tmp_path, shapes_dir):
     # 12 steps x 2 processes x 8 = 192 captions seen: the global batch is 16, not 8.
     assert state["train_batch_size"] == 8 and read_json(output_dir / "train_results.json")["epoch"] == 192 / 1440
     assert os.path.isfile(output_dir / "model.safetensors")
+
+    # The same model scored by one process gives the same captions and the same metrics.
+    single = run_cli(["evaluate", "--model", str(output_dir), "--dataset", "builtin:shapes", "--split", "validation",
+                      "--num_beams", "3", "--max_length", "20", "--min_length", "3", "--batch_size", "7",
+                      "--output_dir", str(tmp_path / "single")])  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    distributed = read_json(output_dir / "eval_results.json")
+    alone = read_json(tmp_path / "single" / "eval_results.json")
+    for name in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider"):
+        assert alone[f"validation_{name}"] == distributed[f"eval_{name}"], name
+    assert [r["prediction"] for r in read_jsonl(tmp_path / "single" / "predictions.jsonl")] == [
+        r["prediction"] for r in rows
+    ]
