@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 logger = logging.getLogger(__name__)
 
@@ -248,9 +249,6 @@ def score_captions(
     predictions: list[str], references: list[list[str]], metrics=DEFAULT_METRICS
 ) -> tuple[dict, list[dict]]:
     """Corpus metrics and per-image metrics. Inputs are raw text; PTB tokenization happens here."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
 
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} reference lists")
@@ -276,22 +274,36 @@ def score_captions(
         for item, score in zip(per_image, values):
             item[name] = float(score)
 
+    # METEOR runs in its own JVM: ask it first and score the Python metrics while it works.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        meteor = pool.submit(shared_meteor().score, preds_tok, refs_tok) if "meteor" in metrics else None
+        _python_scores(metrics, gts, res, len(predictions), record)
+        if meteor is not None:
+            record("meteor", *meteor.result())
+    if "spice" in metrics:
+        record("spice", *_spice(preds_tok, refs_tok))
+    return {name: corpus[name] for name in METRIC_ORDER if name in corpus}, per_image
+
+
+METRIC_ORDER = (*METRIC_KEYS, "spice")
+
+
+def _python_scores(metrics, gts: dict, res: dict, images: int, record) -> None:
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
     if "bleu" in metrics:
         with _quiet():
             bleu, bleu_per_image = Bleu(4).compute_score(gts, res)
         for n in range(4):
             record(f"bleu_{n + 1}", bleu[n], bleu_per_image[n])
-    if "meteor" in metrics:
-        record("meteor", *shared_meteor().score(preds_tok, refs_tok))
     if "rouge_l" in metrics:
         record("rouge_l", *Rouge().compute_score(gts, res))
     if "cider" in metrics:
-        if len(predictions) == 1:
+        if images == 1:
             logger.warning("CIDEr of a single image is 0 by construction (its IDF term degenerates)")
         record("cider", *Cider().compute_score(gts, res))
-    if "spice" in metrics:
-        record("spice", *_spice(preds_tok, refs_tok))
-    return corpus, per_image
 
 
 def compute_caption_metrics(predictions: list[str], references: list[list[str]], metrics=DEFAULT_METRICS) -> dict:

@@ -69,7 +69,8 @@ def build_trainer(recipe, callbacks=(), for_training: bool = True, data=None) ->
     `data` (a CaptionData) replaces loading `dataset_name`, for callers that assemble splits themselves.
     """
     model_args, data_args, training_args = recipe.model, recipe.data, recipe.training
-    processor = load_processor(model_args.model_name_or_path, model_args.model_revision)
+    with training_args.main_process_first(desc="loading the processor"):  # process 0 generates builtin:tiny-blip
+        processor = load_processor(model_args.model_name_or_path, model_args.model_revision)
     if data is None:
         with training_args.main_process_first(desc="loading and checking the dataset"):
             data = load_caption_splits(
