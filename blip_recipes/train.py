@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
             )
     if not trainer.is_world_process_zero():
         return 0
+    ciders = [(e["step"], e["eval_cider"]) for e in trainer.state.log_history if "eval_cider" in e]
+    if len(ciders) > 1 and ciders[0][0] == 0:
+        logger.info("eval CIDEr %.4f before training -> %.4f after", ciders[0][1], ciders[-1][1])
     return PUSH_FAILED_EXIT_CODE if not publish_run(recipe, card_metrics) else 0
 
 
