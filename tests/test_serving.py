@@ -44,6 +44,17 @@ def test_caption_cli_with_a_lora_adapter_matches_the_merged_model(tmp_path, lora
     assert [line.split("\t")[1] for line in direct.stdout.strip().splitlines()] == [row["caption"] for row in rows]
 
 
+def test_evaluate_command_scores_a_lora_adapter(tmp_path, lora_run):
+    result = run_cli(["evaluate", "--model", str(lora_run), "--dataset", "builtin:shapes", "--split", "validation",
+                      "--max_eval_samples", "12", "--metrics", "bleu,cider",
+                      "--output_dir", str(tmp_path / "ev")])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((tmp_path / "ev" / "eval_results.json").read_text())
+    assert {"validation_bleu_4", "validation_cider"} <= set(results)
+    rows = read_jsonl(tmp_path / "ev" / "predictions.jsonl")
+    assert len(rows) == 12 and os.path.isfile(tmp_path / "ev" / "caption_grid.png")
+
+
 def test_caption_cli_walks_directories_and_reports_bad_files(tmp_path, tiny_model_dir, shapes_dir):
     folder = tmp_path / "pictures"
     folder.mkdir()
