@@ -88,7 +88,8 @@ class CaptionTrainer(Seq2SeqTrainer):
     @torch.no_grad()
     def generate_for_dataset(self, dataset) -> dict[int, list[int]]:
         """{dataset index: generated token ids} for every item, each exactly once, on every process."""
-        dataloader = self.get_eval_dataloader(dataset)
+        # get_eval_dataloader caches one loader under "eval" when workers persist: any other split (test) gets its own.
+        dataloader = self.get_eval_dataloader() if dataset is self.eval_dataset else self.get_test_dataloader(dataset)
         model = self.model
         was_training = model.training
         model.eval()

@@ -119,3 +119,19 @@ def test_football_recipe_runs_with_only_model_and_data_swapped(tmp_path, shapes_
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = read_jsonl(tmp_path / "run" / "eval_predictions.jsonl")
     assert len(rows) == 6 and read_json(tmp_path / "run" / "eval_results.json")["eval_cider"] >= 0
+
+
+def test_test_split_is_not_confused_with_the_eval_split_under_persistent_workers(tmp_path):
+    from blip_recipes.config import parse_recipe
+    from blip_recipes.train import build_trainer
+
+    recipe = parse_recipe(["recipes/shapes/full.yaml", "--output_dir", str(tmp_path), "--test_split", "train",
+                           "--max_eval_samples", "6", "--dataloader_num_workers", "1",
+                           "--dataloader_persistent_workers", "true", "--eval_metrics", "bleu"])  # fmt: skip
+    trainer = build_trainer(recipe)
+    trainer.evaluate(metric_key_prefix="eval")
+    trainer.evaluate(trainer.test_dataset, metric_key_prefix="test")
+    evaluated = read_jsonl(tmp_path / "evaluations" / "eval-step-0" / "predictions.jsonl")
+    tested = read_jsonl(tmp_path / "evaluations" / "test-step-0" / "predictions.jsonl")
+    assert [r["image_id"] for r in evaluated] == [f"validation-{i}" for i in range(6)]
+    assert [r["image_id"] for r in tested] == [f"train-{i}" for i in range(6)]
