@@ -121,17 +121,22 @@ def test_football_recipe_runs_with_only_model_and_data_swapped(tmp_path, shapes_
     assert len(rows) == 6 and read_json(tmp_path / "run" / "eval_results.json")["eval_cider"] >= 0
 
 
-def test_test_split_is_not_confused_with_the_eval_split_under_persistent_workers(tmp_path):
+def test_test_split_is_not_confused_with_the_eval_split_under_persistent_workers(tmp_path, full_run):
     from blip_recipes.config import parse_recipe
     from blip_recipes.train import build_trainer
 
-    recipe = parse_recipe(["recipes/shapes/full.yaml", "--output_dir", str(tmp_path), "--test_split", "train",
-                           "--max_eval_samples", "6", "--dataloader_num_workers", "1",
-                           "--dataloader_persistent_workers", "true", "--eval_metrics", "bleu"])  # fmt: skip
-    trainer = build_trainer(recipe)
-    trainer.evaluate(metric_key_prefix="eval")
-    trainer.evaluate(trainer.test_dataset, metric_key_prefix="test")
-    evaluated = read_jsonl(tmp_path / "evaluations" / "eval-step-0" / "predictions.jsonl")
-    tested = read_jsonl(tmp_path / "evaluations" / "test-step-0" / "predictions.jsonl")
-    assert [r["image_id"] for r in evaluated] == [f"validation-{i}" for i in range(6)]
-    assert [r["image_id"] for r in tested] == [f"train-{i}" for i in range(6)]
+    def evaluate(output_dir, *extra):
+        recipe = parse_recipe(["recipes/shapes/full.yaml", "--model_name_or_path", str(full_run[0]), "--output_dir",
+                               str(output_dir), "--test_split", "train", "--max_eval_samples", "8",
+                               "--eval_metrics", "bleu", *extra])  # fmt: skip
+        trainer = build_trainer(recipe, for_training=False)
+        if extra:
+            trainer.evaluate(metric_key_prefix="eval")
+        trainer.evaluate(trainer.test_dataset, metric_key_prefix="test")
+        return read_jsonl(output_dir / "evaluations" / "test-step-0" / "predictions.jsonl")
+
+    # Persistent workers keep one cached loader for the eval split; the test split must not be served from it.
+    after_eval = evaluate(tmp_path / "a", "--dataloader_num_workers", "1", "--dataloader_persistent_workers", "true")
+    alone = evaluate(tmp_path / "b")
+    assert [r["image_id"] for r in after_eval] == [f"train-{i}" for i in range(8)]
+    assert [r["prediction"] for r in after_eval] == [r["prediction"] for r in alone]
