@@ -188,7 +188,11 @@ class ReplicaCheckCallback(TrainerCallback):
     """
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if args.world_size <= 1 or args.parallel_mode != ParallelMode.DISTRIBUTED or args.fsdp or args.deepspeed:
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedType
+
+        sharded = AcceleratorState().distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        if args.world_size <= 1 or args.parallel_mode != ParallelMode.DISTRIBUTED or sharded or args.fsdp:
             return
         digest = hashlib.sha256()
         for name, parameter in sorted(unwrap_blip(model).named_parameters()):
