@@ -28,7 +28,8 @@ class CaptionCollator:
         self.max_length = max_length
         self.pad_to_multiple_of = pad_to_multiple_of
         # Tokens the prompt occupies after the bos; LAVIS masks the same span (its prompt_length counts the bos).
-        self.prompt_length = len(tokenizer(prompt, add_special_tokens=False).input_ids) if prompt else 0
+        self.prompt_token_ids = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
+        self.prompt_length = len(self.prompt_token_ids)
 
     def __call__(self, features: list[dict]) -> dict:
         batch = {"pixel_values": torch.stack([f["pixel_values"] for f in features])}
@@ -53,5 +54,5 @@ class CaptionCollator:
 
     def prompt_ids(self, batch_size: int, device=None) -> torch.Tensor:
         """Decoder prefix for generation: [DEC] + prompt tokens, one row per image."""
-        ids = [self.bos_token_id] + self.tokenizer(self.prompt, add_special_tokens=False).input_ids
+        ids = [self.bos_token_id] + self.prompt_token_ids
         return torch.tensor([ids] * batch_size, dtype=torch.long, device=device)

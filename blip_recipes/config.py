@@ -196,14 +196,13 @@ def _coerce(value, annotation, where: str):
         if type(None) in members or annotation is typing.Any:
             return None
         raise RecipeError(f"{where}: null is not allowed here (expected {_type_name(annotation)})")
-    errors = []
     for member in members:
         if member is type(None):
             continue
         try:
             return _coerce_one(value, member)
-        except (TypeError, ValueError) as error:
-            errors.append(str(error))
+        except (TypeError, ValueError):
+            continue
     raise RecipeError(f"{where}: expected {_type_name(annotation)}, got {value!r}")
 
 

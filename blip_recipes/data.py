@@ -215,8 +215,6 @@ def build_records(table: ImageTable, split: str, data_args) -> tuple[list[ImageR
 
 
 def _is_string_column(dataset, column: str) -> bool:
-    if not hasattr(dataset, "features"):  # a plain list of rows
-        return isinstance(dataset[0][column], str) if len(dataset) else False
     feature = dataset.features[column]
     return getattr(feature, "dtype", None) in ("string", "large_string")
 
