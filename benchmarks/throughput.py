@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -104,6 +105,8 @@ def training_flops_per_image(vision_layers, text_layers, tokens, mode, image_tok
     head = tokens * (width * width + width * vocab)
     vision = 2 * vision_layers * vision_layer
     text = 2 * (text_layers * text_layer + head)
+    if mode.endswith("+features"):  # the encoder ran before training
+        return 3 * text
     vision_factor = 1 if mode == "frozen_vision" else 3
     return vision_factor * vision + 3 * text
 
@@ -130,7 +133,8 @@ class Stopwatch:
         return self.elapsed
 
 
-def trainer_stopwatch(warmup, device):
+def trainer_stopwatch(warmup, device, steps=None):
+    """Stops the watch after `steps` timed steps (steps profiled after them are not timed), or at the end."""
     from transformers import TrainerCallback
 
     class StopwatchCallback(TrainerCallback):
@@ -139,11 +143,57 @@ def trainer_stopwatch(warmup, device):
 
         def on_step_end(self, args, state, control, **kwargs):
             self.watch.step_done()
+            if steps is not None and self.watch.steps == warmup + steps:
+                self.watch.finish()
 
         def on_train_end(self, args, state, control, **kwargs):
-            self.watch.finish()
+            if self.watch.elapsed is None:
+                self.watch.finish()
 
     return StopwatchCallback()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def profiler_callback(first_step: int, steps: int, device, label: str, directory: str | None):
+    """torch.profiler over training steps first_step+1 .. first_step+steps: top kernels and GPU busy share."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    class ProfileCallback(TrainerCallback):
+        def __init__(self):
+            self.profiler = None
+            self.start = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == first_step:
+                _sync(device)
+                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+                self.profiler = profile(activities=activities)
+                self.profiler.__enter__()
+                self.start = time.perf_counter()
+            elif self.profiler is not None and state.global_step == first_step + steps:
+                _sync(device)
+                wall = time.perf_counter() - self.start
+                self.profiler.__exit__(None, None, None)
+                events = self.profiler.key_averages()
+                by_device = events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
+                by_cpu = events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
+                # Kernel time only (the table's footer); summing every row would count an op and its kernels.
+                found = re.search(r"Self CUDA time total: ([0-9.]+)(ms|s|us)", by_device)
+                busy = float(found.group(1)) * {"s": 1, "ms": 1e-3, "us": 1e-6}[found.group(2)] if found else 0.0
+                report = f"== profile {label}: {steps} steps, wall {wall:.3f} s, GPU busy {busy:.3f} s " \
+                         f"({100 * busy / wall:.0f}%)\n{by_device}\n{by_cpu}\n"  # fmt: skip
+                print(report, flush=True)
+                if directory:
+                    with open(os.path.join(directory, f"profile-{label}.txt"), "w") as handle:
+                        handle.write(report)
+                self.profiler = None
+
+    return ProfileCallback()
 
 
 def reset_peak(device):
@@ -230,13 +280,32 @@ def run_stock_trainer(model_dir, rows, device, steps, warmup, batch_size, worker
 
 
 def run_recipe(
-    model_dir, rows, device, steps, warmup, batch_size, workers, mode, output_dir, compile_model, image_cache
+    model_dir,
+    rows,
+    device,
+    steps,
+    warmup,
+    batch_size,
+    workers,
+    mode,
+    output_dir,
+    compile_model,
+    image_cache,
+    feature_cache=False,
+    profile_steps=0,
+    profile_dir=None,
+    extra=(),
 ):
-    """This project's path: the shared recipe trainer with its defaults for the device (what recipes set)."""
+    """This project's path: the shared recipe trainer with its defaults for the device (what recipes set).
+
+    With `feature_cache` the frozen encoder runs once per image before training (timed apart, as `encode`).
+    """
+    import blip_recipes.feature_cache as feature_cache_module
     from blip_recipes.config import parse_recipe
     from blip_recipes.train import build_trainer
 
     cuda = device.type == "cuda"
+    torch._dynamo.reset()  # one process times several models: no compiled code or dynamic-shape state carries over
     argv = ["--model_name_or_path", model_dir, "--training_mode", mode, "--output_dir", output_dir,
             "--per_device_train_batch_size", str(batch_size), "--max_steps", str(warmup + steps),
             "--learning_rate", "5e-5", "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none",
@@ -246,13 +315,39 @@ def run_recipe(
             "--image_cache", str(image_cache).lower()]  # fmt: skip
     if mode == "lora":
         argv += ["--lora_target_modules", "query,key,value,qkv"]
+    if compile_model and cuda and mode != "full":  # as the one-GPU frozen_vision / LoRA recipes set it
+        argv += ["--torch_compile_mode", "reduce-overhead"]
+    if feature_cache:
+        argv += ["--cache_vision_features", "true", "--per_device_eval_batch_size", "256"]
+    argv += list(extra)
     if workers > 0:
         argv += ["--dataloader_prefetch_factor", "4"]
     table = ImageTable(rows, "image", None)
     records = [ImageRecord(row=i, image_id=str(i), captions=[row["text"]]) for i, row in enumerate(rows)]
     data = CaptionData(train=CaptionSplit("train", table, records), evaluation=None, test=None)
-    callback = trainer_stopwatch(warmup, device)
-    trainer = build_trainer(parse_recipe(argv), callbacks=[callback], data=data)
+    callback = trainer_stopwatch(warmup, device, steps)
+    callbacks = [callback]
+    if profile_steps:
+        label = f"{mode}{'-features' if feature_cache else ''}{'-compiled' if compile_model else ''}"
+        callbacks.append(profiler_callback(warmup + steps, profile_steps, device, label, profile_dir))
+        argv[argv.index("--max_steps") + 1] = str(warmup + steps + profile_steps)
+    encode = feature_cache_module.encode_images
+    encoded = {}
+
+    def timed_encode(*args, **kwargs):
+        start = time.perf_counter()
+        store = encode(*args, **kwargs)
+        encoded.update(images=len(store), seconds=time.perf_counter() - start)
+        return store
+
+    feature_cache_module.encode_images = timed_encode
+    try:
+        trainer = build_trainer(parse_recipe(argv), callbacks=callbacks, data=data)
+    finally:
+        feature_cache_module.encode_images = encode
+    if encoded:
+        print(f"  encoded {encoded['images']} images once in {encoded['seconds']:.2f} s "
+              f"({encoded['images'] / encoded['seconds']:.0f} img/s)", flush=True)  # fmt: skip
     reset_peak(device)
     trainer.train()
     return steps * batch_size / callback.watch.elapsed, batch_size, peak_gib(device)
@@ -338,7 +433,14 @@ def main():
     parser.add_argument("--stock-batch-size", type=int, default=None, help="stock Trainer batch size")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
     parser.add_argument("--layers", type=int, default=None, help="vision and text layers each (BLIP-base: 12)")
-    parser.add_argument("--modes", default="full,frozen_vision,lora")
+    parser.add_argument(
+        "--modes",
+        default="full,frozen_vision,lora,frozen_vision+features",
+        help="recipe modes to time; MODE+features caches the frozen encoder's output (cache_vision_features)",
+    )
+    parser.add_argument("--recipe-args", default="", help="extra recipe keys for the project path, '--key value ...'")
+    parser.add_argument("--profile-steps", type=int, default=0, help="profile this many steps after the timed ones")
+    parser.add_argument("--profile-dir", default=None, help="write each profile table here")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile")
     parser.add_argument(
         "--image-cache",
@@ -348,6 +450,7 @@ def main():
     )
     parser.add_argument("--uncached-full", action="store_true", help="also time full mode decoding JPEGs each step")
     parser.add_argument("--skip-notebook", action="store_true")
+    parser.add_argument("--skip-pipeline", action="store_true", help="do not time the input pipeline alone")
     parser.add_argument("--skip-stock", action="store_true")
     parser.add_argument("--generation-images", type=int, default=0, help="also time beam-search captioning")
     parser.add_argument("--json", default=None, help="write all numbers here")
@@ -384,7 +487,7 @@ def main():
         results.append({"loop": name, "mode": mode, "batch": batch_size, "images_per_s": images_per_s,
                         "peak_gib": memory, "mfu": mfu, "gflop_per_image": flops / 1e9})  # fmt: skip
         print(
-            f"  {name:<34} {images_per_s:9.1f} img/s  (batch {batch_size}, {time.time() - started:.0f}s)", flush=True
+            f"  {name:<46} {images_per_s:9.1f} img/s  (batch {batch_size}, {time.time() - started:.0f}s)", flush=True
         )
         save()
 
@@ -399,7 +502,7 @@ def main():
 
     generation = {}
     pipeline = None
-    if not args.quick:
+    if not args.quick and not args.skip_pipeline:
         pipeline = run_data_pipeline(model_dir, rows, batch, workers, batches=steps)
         print(f"  data pipeline alone: {pipeline:.0f} img/s ({workers} workers)", flush=True)
 
@@ -412,9 +515,13 @@ def main():
     if args.uncached_full:
         jpeg = run_recipe(*common, "full", f"{work}/jpeg", compile_model, image_cache=False)
         record("blip-recipes full (JPEG each step)", "full", *jpeg)
-    for mode in modes:
-        result = run_recipe(*common, mode, f"{work}/{mode}", compile_model, image_cache=args.image_cache)
-        record(f"blip-recipes {mode}", mode, *result)
+    for name in modes:
+        mode, _, option = name.partition("+")
+        result = run_recipe(*common, mode, f"{work}/{name}", compile_model, image_cache=args.image_cache,
+                            feature_cache=option == "features", profile_steps=args.profile_steps,
+                            profile_dir=args.profile_dir, extra=args.recipe_args.split())  # fmt: skip
+        label = f"blip-recipes {mode}" + (" + cached features" if option == "features" else "")
+        record(label, mode + ("+features" if option == "features" else ""), *result)
     if args.generation_images:
         for attention in ("eager", "sdpa"):
             seconds, done = run_generation(model_dir, device, args.generation_images, 256 if cuda else 8, 3, 20,
@@ -424,10 +531,10 @@ def main():
             save()
 
     print()
-    print(f"{'loop':<34} {'batch':>5} {'images/s':>9} {'peak GiB':>9} {'MFU':>6}")
+    print(f"{'loop':<46} {'batch':>5} {'images/s':>9} {'peak GiB':>9} {'MFU':>6}")
     for row in results:
         mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
-        print(f"{row['loop']:<34} {row['batch']:>5} {row['images_per_s']:>9.1f} {row['peak_gib']:>9.2f} {mfu:>6}")
+        print(f"{row['loop']:<46} {row['batch']:>5} {row['images_per_s']:>9.1f} {row['peak_gib']:>9.2f} {mfu:>6}")
     if peak_tflops:
         full_gflop = training_flops_per_image(layers, layers, 24, "full") / 1e9
         print(f"(MFU against a measured bf16 matmul peak of {peak_tflops:.0f} TFLOP/s; full fine-tuning is "

@@ -32,7 +32,11 @@ class CaptionCollator:
         self.prompt_length = len(self.prompt_token_ids)
 
     def __call__(self, features: list[dict]) -> dict:
-        batch = {"pixel_values": torch.stack([f["pixel_values"] for f in features])}
+        if "feature_row" in features[0]:
+            # Rows of the vision feature store (feature_cache.py), passed where the model expects its images.
+            batch = {"pixel_values": torch.tensor([f["feature_row"] for f in features], dtype=torch.long)}
+        else:
+            batch = {"pixel_values": torch.stack([f["pixel_values"] for f in features])}
         if "caption" not in features[0]:  # evaluation: images only, plus their positions in the eval set
             batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
             return batch

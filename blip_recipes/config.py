@@ -53,6 +53,13 @@ class ModelArguments:
         default=False,
         metadata={"help": "Also write the LoRA weights merged into the base model to output_dir/merged."},
     )
+    cache_vision_features: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the frozen vision encoder once per training image before training and train the text "
+            "decoder on the stored features (frozen_vision or text-only LoRA, no image_augmentation)."
+        },
+    )
 
 
 @dataclass
@@ -142,6 +149,13 @@ class CaptionTrainingArguments(Seq2SeqTrainingArguments):
     predict_with_generate: bool = field(default=True, metadata={"help": "Evaluation always generates captions."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "The collator needs every field."})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Trackers, e.g. tensorboard."})
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace a NaN/inf step loss in the logged mean (the Trainer's default). Off: such a loss "
+            "shows in the log, and no step waits for the GPU to check it (the check stalls the pipeline)."
+        },
+    )
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, CaptionTrainingArguments)
@@ -475,6 +489,26 @@ def validate_recipe(recipe: Recipe) -> None:
         "generation_max_length must exceed generation_min_length",
     )
     check(not (training.bf16 and training.fp16), "bf16 and fp16 are exclusive")
+    if model.cache_vision_features:
+        check(
+            model.training_mode != "full",
+            "cache_vision_features needs a vision encoder that does not train (training_mode frozen_vision or lora)",
+        )
+        check(
+            data.image_augmentation == "none",
+            f"cache_vision_features computes each image's features once: image_augmentation must be none, got "
+            f"{data.image_augmentation!r}",
+        )
+        sharded = training.fsdp or training.deepspeed or _env_flag("ACCELERATE_USE_FSDP")
+        check(
+            not (sharded or _env_flag("ACCELERATE_USE_DEEPSPEED")),
+            "cache_vision_features runs on one device or under DDP, not with FSDP or DeepSpeed (they shard the "
+            "encoder it runs before training)",
+        )
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
 def wants_evaluation(training: CaptionTrainingArguments) -> bool:

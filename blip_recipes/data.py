@@ -400,15 +400,20 @@ class ResizedImageCache:
 
 
 class CaptionTrainDataset(torch.utils.data.Dataset):
-    """One item per (image, caption): every reference caption is a training target."""
+    """One item per (image, caption): every reference caption is a training target.
+
+    With `feature_rows` an item names its image's position in the split ("feature_row") instead of carrying pixels:
+    the vision features were computed once (feature_cache.py) and the model looks them up.
+    """
 
     def __init__(
         self, split: CaptionSplit, transform: ImageTransform, caption_preprocessing: str = "none",
-        cache: ResizedImageCache | None = None,
+        cache: ResizedImageCache | None = None, feature_rows: bool = False,
     ):  # fmt: skip
         self.split = split
         self.transform = transform
         self.cache = cache
+        self.feature_rows = feature_rows
         clean = blip_caption if caption_preprocessing == "blip" else (lambda caption: caption)
         self.pairs = [
             (position, clean(caption)) for position, record in enumerate(split.records) for caption in record.captions
@@ -419,6 +424,8 @@ class CaptionTrainDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         position, caption = self.pairs[index]
+        if self.feature_rows:
+            return {"feature_row": position, "caption": caption}
         return {"pixel_values": _pixels(self.split, self.transform, self.cache, position), "caption": caption}
 
 

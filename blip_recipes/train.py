@@ -15,6 +15,7 @@ import shutil
 import sys
 import warnings
 
+import torch
 import transformers
 from transformers import set_seed
 
@@ -29,6 +30,7 @@ from .data import (
     image_cache_dir,
     load_caption_splits,
 )
+from .feature_cache import FeatureCacheError, cache_vision_features
 from .hub import HubPushCallback, metric_results, publish_run
 from .metrics import MetricsError, check_metric_requirements
 from .model import (
@@ -87,11 +89,14 @@ def build_trainer(recipe, callbacks=(), for_training: bool = True, data=None) ->
         with training_args.main_process_first(desc="caching resized images"):
             return ResizedImageCache.build(split, transform, image_cache_dir(), data_args.preprocessing_num_workers)
 
+    m = model_args
+    cached_features = for_training and m.cache_vision_features
     train_dataset = None
     if data.train is not None:
         augmentation = ImageTransform(*size, augmentation=data_args.image_augmentation)
+        pixels = None if cached_features else cache(data.train, augmentation)
         train_dataset = CaptionTrainDataset(
-            data.train, augmentation, data_args.caption_preprocessing, cache(data.train, augmentation)
+            data.train, augmentation, data_args.caption_preprocessing, pixels, feature_rows=cached_features
         )
     eval_dataset = (
         CaptionEvalDataset(data.evaluation, plain, cache(data.evaluation, plain)) if data.evaluation else None
@@ -100,7 +105,6 @@ def build_trainer(recipe, callbacks=(), for_training: bool = True, data=None) ->
     sizes = [len(dataset) if dataset else "no" for dataset in (train_dataset, eval_dataset, test_dataset)]
     logger.info("data: %s training captions, %s evaluation images, %s test images", *sizes)
 
-    m = model_args
     model = load_model(m.model_name_or_path, m.model_revision, m.torch_dtype, m.attn_implementation,
                        lora_trainable=for_training and m.training_mode == "lora")  # fmt: skip
     if for_training:
@@ -116,6 +120,14 @@ def build_trainer(recipe, callbacks=(), for_training: bool = True, data=None) ->
     generation_config.min_length = training_args.generation_min_length
 
     attach_pixel_normalizer(model, image_processor.image_mean, image_processor.image_std)
+    if cached_features:
+        t = training_args
+        autocast_dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else None
+        cache_vision_features(
+            model, CaptionEvalDataset(data.train, plain, cache(data.train, plain)), t.device,
+            autocast_dtype=autocast_dtype, batch_size=t.per_device_eval_batch_size,
+            num_workers=t.dataloader_num_workers, process_index=t.process_index, world_size=t.world_size,
+        )  # fmt: skip
     collator = CaptionCollator(
         processor.tokenizer,
         bos_token_id=model.config.text_config.bos_token_id,
@@ -162,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         set_seed(training_args.seed)
         trainer = build_trainer(recipe, callbacks=callbacks)
-    except (RecipeError, DataError, MetricsError, ValueError) as error:
+    except (RecipeError, DataError, MetricsError, FeatureCacheError, ValueError) as error:
         preemption.restore_signal_handler()
         logger.error("%s", error)
         return 2

@@ -45,3 +45,22 @@ def test_two_process_training_and_evaluation(tmp_path, shapes_dir):
     assert [r["prediction"] for r in read_jsonl(tmp_path / "single" / "predictions.jsonl")] == [
         r["prediction"] for r in rows
     ]
+
+
+def test_two_processes_share_one_feature_store(tmp_path, shapes_dir):
+    """cache_vision_features under DDP: each process encodes half the images, both train on the whole store."""
+    output_dir = tmp_path / "ddp-features"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--main_process_port", "29519", "-m", "blip_recipes.cli"]  # fmt: skip
+    result = run_cli(
+        ["train", "recipes/shapes/frozen_vision.yaml", "--output_dir", str(output_dir), "--max_steps", "6",
+         *QUICK, "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32",
+         "--log_level", "info", "--log_level_replica", "info"],
+        launcher=launcher,
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert len(re.findall(r"processes: world_size=2 \(distributed", log)) == 2
+    assert len(re.findall(r"encoding 480 training images once \(240 on this process\)", log)) == 2
+    assert "weights identical on all 2 processes" in log
+    assert read_json(output_dir / "trainer_state.json")["global_step"] == 6
