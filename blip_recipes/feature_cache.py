@@ -9,7 +9,8 @@ usual signature), and the vision encoder, given integer rows instead of an image
 Evaluation and generation pass pixels and run the encoder as usual.
 
 The store holds the encoder output in the dtype the text decoder consumes it in: under bf16/fp16 autocast the
-cross-attention projections cast it to that dtype anyway, so storing it cast loses nothing.
+cross-attention key/value projections cast it to that dtype anyway, so frozen_vision computes exactly what it would
+without the cache (LoRA dropout on those projections' input sees the features rounded first: a bf16 rounding).
 """
 
 import logging
@@ -118,7 +119,7 @@ def encode_images(
         features = features.to(dtype)
         count = len(features)
         if world_size == 1:
-            store[start : start + count] = features.to(store_device, non_blocking=True)
+            store[start : start + count].copy_(features)  # blocking: a non_blocking D2H copy could be read early
         else:
             _exchange(store, features, start, world_size)
         start += count
