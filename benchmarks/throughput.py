@@ -111,24 +111,25 @@ def training_flops_per_image(vision_layers, text_layers, tokens, mode, image_tok
     return vision_factor * vision + 3 * text
 
 
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 class Stopwatch:
     """Times steps warmup+1 .. warmup+steps of any loop (a Trainer callback or called by hand)."""
 
     def __init__(self, warmup: int, device: torch.device):
         self.warmup, self.device, self.steps, self.start, self.elapsed = warmup, device, 0, None, None
 
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
     def step_done(self):
         self.steps += 1
         if self.steps == self.warmup:
-            self._sync()
+            _sync(self.device)
             self.start = time.perf_counter()
 
     def finish(self):
-        self._sync()
+        _sync(self.device)
         self.elapsed = time.perf_counter() - self.start
         return self.elapsed
 
@@ -151,11 +152,6 @@ def trainer_stopwatch(warmup, device, steps=None):
                 self.watch.finish()
 
     return StopwatchCallback()
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def profiler_callback(first_step: int, steps: int, device, label: str, directory: str | None):

@@ -16,6 +16,7 @@ without the cache (LoRA dropout on those projections' input sees the features ro
 import logging
 import math
 import os
+import time
 import types
 
 import torch
@@ -112,6 +113,7 @@ def encode_images(
     )  # fmt: skip
     was_training = vision_model.training
     vision_model.eval()
+    started = time.perf_counter()
     start = 0
     for pixels in loader:
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
@@ -126,6 +128,9 @@ def encode_images(
     vision_model.train(was_training)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    rate = len(dataset) / max(seconds, 1e-9)
+    logger.info("encoded %d images in %.1f s (%.0f images/s)", len(dataset), seconds, rate)
     return store
 
 

@@ -7,10 +7,14 @@ import sys
 from tests.conftest import QUICK, read_json, read_jsonl, run_cli
 
 
+def two_process_launcher(port: int) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--main_process_port", str(port), "-m", "blip_recipes.cli"]  # fmt: skip
+
+
 def test_two_process_training_and_evaluation(tmp_path, shapes_dir):
     output_dir = tmp_path / "ddp"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--main_process_port", "29517", "-m", "blip_recipes.cli"]  # fmt: skip
+    launcher = two_process_launcher(port=29517)
     result = run_cli(
         ["train", "recipes/shapes/full.yaml", "--output_dir", str(output_dir), "--max_steps", "12",
          *QUICK, "--per_device_train_batch_size", "8", "--eval_on_start", "true",
@@ -50,8 +54,7 @@ def test_two_process_training_and_evaluation(tmp_path, shapes_dir):
 def test_two_processes_share_one_feature_store(tmp_path, shapes_dir):
     """cache_vision_features under DDP: each process encodes half the images, both train on the whole store."""
     output_dir = tmp_path / "ddp-features"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--main_process_port", "29519", "-m", "blip_recipes.cli"]  # fmt: skip
+    launcher = two_process_launcher(port=29519)
     result = run_cli(
         ["train", "recipes/shapes/frozen_vision.yaml", "--output_dir", str(output_dir), "--max_steps", "6",
          *QUICK, "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32",
