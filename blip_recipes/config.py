@@ -499,9 +499,10 @@ def validate_recipe(recipe: Recipe) -> None:
             f"cache_vision_features computes each image's features once: image_augmentation must be none, got "
             f"{data.image_augmentation!r}",
         )
-        sharded = training.fsdp or training.deepspeed or _env_flag("ACCELERATE_USE_FSDP")
+        sharded = training.fsdp or training.deepspeed
+        sharded = sharded or _env_flag("ACCELERATE_USE_FSDP") or _env_flag("ACCELERATE_USE_DEEPSPEED")
         check(
-            not (sharded or _env_flag("ACCELERATE_USE_DEEPSPEED")),
+            not sharded,
             "cache_vision_features runs on one device or under DDP, not with FSDP or DeepSpeed (they shard the "
             "encoder it runs before training)",
         )
