@@ -16,7 +16,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from blip_recipes import metrics  # noqa: E402
-from blip_recipes.reference_metrics import official_scores  # noqa: E402
+from tests.reference_metrics import official_scores  # noqa: E402
 
 WORDS = ("a man woman dog cat red blue green small large sitting standing on the in at of with near top riding "
          "table street grass water beach plate food bus train car bike horse two three people").split()  # fmt: skip

@@ -288,17 +288,17 @@ def run_recipe(
     output_dir,
     compile_model,
     image_cache,
-    feature_cache=False,
+    vision_features=False,
     profile_steps=0,
     profile_dir=None,
     extra=(),
 ):
     """This project's path: the shared recipe trainer with its defaults for the device (what recipes set).
 
-    With `feature_cache` the frozen encoder runs once per image before training (timed apart: it logs its time).
+    With `vision_features` the frozen encoder runs once per image before training (timed apart: it logs its time).
     """
-    from blip_recipes.config import parse_recipe
-    from blip_recipes.train import build_trainer
+    from blip_recipes.builders import build_trainer
+    from blip_recipes.recipe_parser import parse_recipe
 
     cuda = device.type == "cuda"
     torch._dynamo.reset()  # one process times several models: no compiled code or dynamic-shape state carries over
@@ -313,7 +313,7 @@ def run_recipe(
         argv += ["--lora_target_modules", "query,key,value,qkv"]
     if compile_model and cuda and mode != "full":  # as the one-GPU frozen_vision / LoRA recipes set it
         argv += ["--torch_compile_mode", "reduce-overhead"]
-    if feature_cache:
+    if vision_features:
         argv += ["--cache_vision_features", "true", "--per_device_eval_batch_size", "256"]
     argv += list(extra)
     if workers > 0:
@@ -324,7 +324,7 @@ def run_recipe(
     callback = trainer_stopwatch(warmup, device, steps)
     callbacks = [callback]
     if profile_steps:
-        label = f"{mode}{'-features' if feature_cache else ''}{'-compiled' if compile_model else ''}"
+        label = f"{mode}{'-features' if vision_features else ''}{'-compiled' if compile_model else ''}"
         callbacks.append(profiler_callback(warmup + steps, profile_steps, device, label, profile_dir))
         argv[argv.index("--max_steps") + 1] = str(warmup + steps + profile_steps)
     trainer = build_trainer(parse_recipe(argv), callbacks=callbacks, data=data)  # logs the encode pass's time
@@ -449,7 +449,7 @@ def main():
     needed = max(batch, stock_batch) * (warmup + steps + 1)
     count = args.images or min(needed, 4096)
     torch.set_float32_matmul_precision("high")
-    encode_log = logging.getLogger("blip_recipes.feature_cache")  # its "encoded N images in S s" line, on stdout
+    encode_log = logging.getLogger("blip_recipes.vision_features")  # its "encoded N images in S s" line, on stdout
     encode_log.setLevel(logging.INFO)
     encode_log.addHandler(logging.StreamHandler(sys.stdout))
 
@@ -501,7 +501,7 @@ def main():
     for name in modes:
         mode, _, option = name.partition("+")
         result = run_recipe(*common, mode, f"{work}/{name}", compile_model, image_cache=args.image_cache,
-                            feature_cache=option == "features", profile_steps=args.profile_steps,
+                            vision_features=option == "features", profile_steps=args.profile_steps,
                             profile_dir=args.profile_dir, extra=args.recipe_args.split())  # fmt: skip
         label = f"blip-recipes {mode}" + (" + cached features" if option == "features" else "")
         record(label, mode + ("+features" if option == "features" else ""), *result)

@@ -12,6 +12,8 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 
+from .choices import GENERATION_DEFAULTS
+
 BUILTIN_PREFIX = "builtin:"
 SHAPES_VERSION = 1
 TINY_BLIP_VERSION = 1
@@ -207,7 +209,7 @@ def write_tiny_blip(directory: str, seed: int = 0) -> None:
         # Position embeddings as strong as the patch content, so that even a frozen random encoder says where
         # things are (at BLIP's 0.02 scale the shapes' positions are nearly invisible to a random tiny model).
         torch.nn.init.normal_(model.vision_model.embeddings.position_embedding, std=0.5)
-    model.generation_config.max_length = 30
+    model.generation_config.max_length = GENERATION_DEFAULTS.max_length
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     if not os.path.isfile(os.path.join(directory, "model.safetensors")):

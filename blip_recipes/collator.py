@@ -1,6 +1,6 @@
 """The one collator every recipe uses: uint8 images + caption text -> BLIP training inputs.
 
-Pixels stay uint8 all the way to the model, which normalises them on its own device (model.attach_pixel_normalizer):
+Pixels stay uint8 all the way to the model, which normalises them on its own device (adapt.AdaptedVisionModel):
 a quarter of the bytes through worker processes, pinned memory and PCIe, and no float work in the workers.
 
 Three things differ from the notebook (`processor(..., padding="max_length")`, `labels=input_ids`):
@@ -11,6 +11,8 @@ Three things differ from the notebook (`processor(..., padding="max_length")`, `
 """
 
 import torch
+
+from .data import VISION_FEATURES_ROW
 
 
 class CaptionCollator:
@@ -32,9 +34,10 @@ class CaptionCollator:
         self.prompt_length = len(self.prompt_token_ids)
 
     def __call__(self, features: list[dict]) -> dict:
-        if "feature_row" in features[0]:
-            # Rows of the vision feature store (feature_cache.py), passed where the model expects its images.
-            batch = {"pixel_values": torch.tensor([f["feature_row"] for f in features], dtype=torch.long)}
+        if VISION_FEATURES_ROW in features[0]:
+            # Rows of the vision-features store, passed where the model expects its images (adapt.is_feature_rows).
+            rows = [f[VISION_FEATURES_ROW] for f in features]
+            batch = {"pixel_values": torch.tensor(rows, dtype=torch.long)}
         else:
             batch = {"pixel_values": torch.stack([f["pixel_values"] for f in features])}
         if "caption" not in features[0]:  # evaluation: images only, plus their positions in the eval set

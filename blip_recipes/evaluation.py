@@ -8,8 +8,10 @@ import os
 import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+from .adapt import cache_argument_name, unwrap_blip
+from .choices import GENERATION_DEFAULTS
 from .metrics import MetricsError, score_captions
-from .model import attach_pixel_normalizer, load_model, load_processor, unwrap_blip
+from .model import decoding_settings, load_model, load_processor
 from .transforms import ImageTransform
 
 logger = logging.getLogger(__name__)
@@ -30,9 +32,9 @@ def generate_caption_ids(
     model,
     pixel_values: torch.Tensor,
     prefix_ids: torch.Tensor,
-    num_beams: int = 3,
-    max_length: int = 30,
-    min_length: int = 5,
+    num_beams: int = GENERATION_DEFAULTS.num_beams,
+    max_length: int = GENERATION_DEFAULTS.max_length,
+    min_length: int = GENERATION_DEFAULTS.min_length,
 ) -> torch.Tensor:
     """New tokens after `prefix_ids` ([DEC] + prompt). The vision encoder runs once per image, before beams fan out.
 
@@ -41,6 +43,7 @@ def generate_caption_ids(
     blip = unwrap_blip(model)
     image_embeds = blip.vision_model(pixel_values=pixel_values).last_hidden_state
     text_config = blip.config.text_config
+    cache = BeamSharedCrossAttentionCache(DynamicCache(), DynamicCache()) if num_beams > 1 else None
     # No encoder_attention_mask: every image token is real, and without a mask SDPA can use its fastest kernel.
     output = blip.text_decoder.generate(
         input_ids=prefix_ids,
@@ -53,7 +56,7 @@ def generate_caption_ids(
         min_length=min_length,
         do_sample=False,
         use_cache=True,
-        past_key_values=BeamSharedCrossAttentionCache(DynamicCache(), DynamicCache()) if num_beams > 1 else None,
+        **{cache_argument_name(): cache},
     )
     return output[:, prefix_ids.shape[1] :]
 
@@ -61,38 +64,42 @@ def generate_caption_ids(
 class Captioner:
     """A fine-tuned model (full, or a LoRA adapter on its base) that captions PIL images in batches.
 
-    Decoding settings default to the generation config saved with the model (the recipe's), on a GPU when there is
-    one (bf16 autocast), else on the CPU.
+    Decoding settings (beams, lengths, prompt) default to the ones saved with the model (the recipe's); an argument
+    that is not None overrides its setting. Runs on a GPU when there is one (bf16 autocast), else on the CPU.
     """
 
     def __init__(
-        self, model_name_or_path: str, prompt: str = "", num_beams: int | None = None, max_length: int | None = None,
-        min_length: int | None = None, device: str | None = None, revision: str = "main",
+        self, model_name_or_path: str, prompt: str | None = None, num_beams: int | None = None,
+        max_length: int | None = None, min_length: int | None = None, device: str | None = None,
+        revision: str = "main",
     ):  # fmt: skip
         from .collator import CaptionCollator
 
         self.name = model_name_or_path
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.processor = load_processor(model_name_or_path, revision)
-        self.model = load_model(model_name_or_path, revision).to(self.device).eval()
         image_processor = self.processor.image_processor
-        attach_pixel_normalizer(self.model, image_processor.image_mean, image_processor.image_std)
-        saved = unwrap_blip(self.model).generation_config
-        self.num_beams = num_beams or saved.num_beams or 1
-        self.max_length = max_length or saved.max_length or 30
-        self.min_length = min_length if min_length is not None else (saved.min_length or 0)
+        self.model = load_model(
+            model_name_or_path, revision, image_mean=image_processor.image_mean, image_std=image_processor.image_std
+        )
+        self.model.to(self.device).eval()
+        given = {"num_beams": num_beams, "max_length": max_length, "min_length": min_length, "prompt": prompt}
+        self.decoding = {**decoding_settings(self.model), **{k: v for k, v in given.items() if v is not None}}
         self.transform = ImageTransform(
             image_processor.size["height"], image_processor.size["width"], image_processor.resample
         )
         bos = unwrap_blip(self.model).config.text_config.bos_token_id
-        self.prompt = CaptionCollator(self.processor.tokenizer, bos_token_id=bos, prompt=prompt)
+        self.prompt = CaptionCollator(self.processor.tokenizer, bos_token_id=bos, prompt=self.decoding["prompt"])
 
     @torch.no_grad()
     def caption(self, images) -> list[str]:
         pixels = torch.stack([self.transform(image) for image in images]).to(self.device)
         prefix = self.prompt.prompt_ids(len(images), device=self.device)
+        decoding = self.decoding
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            ids = generate_caption_ids(self.model, pixels, prefix, self.num_beams, self.max_length, self.min_length)
+            ids = generate_caption_ids(
+                self.model, pixels, prefix, decoding["num_beams"], decoding["max_length"], decoding["min_length"]
+            )
         return decode_captions(self.processor.tokenizer, ids)
 
 
@@ -156,7 +163,7 @@ def score_and_write(
         if "meteor" not in metrics:
             raise
         logger.error("METEOR failed, reporting meteor=NaN and scoring the other metrics: %s", error)
-        corpus, per_image = score_captions(predictions, references, [m for m in metrics if m != "meteor"])
+        corpus, per_image = score_captions(predictions, references, [name for name in metrics if name != "meteor"])
         corpus["meteor"] = float("nan")
     os.makedirs(output_dir, exist_ok=True)
     paths = {"predictions": os.path.join(output_dir, "predictions.jsonl")}

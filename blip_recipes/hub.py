@@ -6,9 +6,14 @@ folders, tracker logs, evaluation dumps, caches and dotfiles such as .env never 
 
 import logging
 import os
+import string
+from importlib import resources
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from transformers import TrainerCallback
+
+from . import __version__
+from .metrics import METRIC_DISPLAY_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +36,6 @@ PUSHED_FILES = [
 ]
 # Anything in a subfolder (checkpoints, tracker runs, evaluations, merged/), dotfiles, pickles.
 NEVER_PUSHED = ["*/*", ".*", "*.pt", "*.pth", "*.bin", "*.pkl"]
-METRIC_NAMES = {
-    "bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4",
-    "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr", "spice": "SPICE",
-}  # fmt: skip
 
 
 class PushError(RuntimeError):
@@ -46,7 +47,7 @@ def metric_results(results: dict, prefix: str) -> dict:
     return {
         key.removeprefix(f"{prefix}_"): value
         for key, value in results.items()
-        if key.removeprefix(f"{prefix}_") in METRIC_NAMES
+        if key.removeprefix(f"{prefix}_") in METRIC_DISPLAY_NAMES
     }
 
 
@@ -60,21 +61,10 @@ def build_model_card(
     generation: dict,
     prompt: str = "",
 ) -> ModelCard:
-    """metrics: {split name: {"cider": ..., "bleu_4": ...}} -> a card whose model-index carries every number."""
-    eval_results = [
-        EvalResult(
-            task_type="image-to-text",
-            task_name="Image Captioning",
-            dataset_type=dataset,
-            dataset_name=dataset,
-            dataset_split=split,
-            metric_type=name,
-            metric_name=METRIC_NAMES[name],
-            metric_value=round(float(value), 4),
-        )
-        for split, values in metrics.items()
-        for name, value in values.items()
-    ]
+    """metrics: {split name: {"cider": ..., "bleu_4": ...}} -> a card whose model-index carries every number.
+
+    The body is templates/model_card.md; its usage snippet runs on stock transformers (and peft for adapters).
+    """
     lora = training_mode == "lora"
     data = ModelCardData(
         model_name=repo_id.split("/")[-1],
@@ -84,11 +74,11 @@ def build_model_card(
         pipeline_tag="image-to-text",
         license="bsd-3-clause",
         tags=["image-captioning", "blip", "blip-recipes", training_mode] + (["lora"] if lora else []),
-        eval_results=eval_results or None,
+        eval_results=_eval_results(dataset, metrics) or None,
     )
     table = "\n".join(
         f"| {split} | "
-        + " | ".join(f"{values.get(k, float('nan')):.4f}" for k in ("bleu_4", "meteor", "rouge_l", "cider"))
+        + " | ".join(f"{values.get(key, float('nan')):.4f}" for key in ("bleu_4", "meteor", "rouge_l", "cider"))
         + " |"
         for split, values in metrics.items()
     )
@@ -98,54 +88,35 @@ def build_model_card(
         if lora
         else f'model = BlipForConditionalGeneration.from_pretrained("{repo_id}")'
     )
-    prompt_line = (
-        f'inputs = processor(images=image, text="{prompt}", return_tensors="pt")'
-        if prompt
-        else ('inputs = processor(images=image, return_tensors="pt")')
-    )
-    decoding = ", ".join(f"{key}={value}" for key, value in generation.items())
-    content = f"""---
-{data.to_yaml()}
----
-
-# {repo_id.split("/")[-1]}
-
-[BLIP]({_hub_url(base_model)}) fine-tuned for image captioning on `{dataset}` with
-[blip-recipes](https://github.com/) (training mode: **{training_mode}**).
-
-## Results
-
-coco-caption metrics (pycocoevalcap, PTB tokenization), each image scored once against all of its references.
-Generation: beams {generation.get("num_beams")}, max length {generation.get("max_length")}, min length
-{generation.get("min_length")}{f', prompt "{prompt}"' if prompt else ""}.
-
-| split | BLEU-4 | METEOR | ROUGE-L | CIDEr |
-|---|---|---|---|---|
-{table}
-
-## Use
-
-```python
-from PIL import Image
-from transformers import BlipForConditionalGeneration, BlipProcessor
-{"from peft import PeftModel" if lora else ""}
-processor = BlipProcessor.from_pretrained("{repo_id}")
-{loading}
-image = Image.open("photo.jpg").convert("RGB")
-{prompt_line}
-ids = model.generate(**inputs, {decoding})
-print(processor.decode(ids[0], skip_special_tokens=True))
-```
-
-or `blip-recipes caption photo.jpg --model {repo_id}`.
-
-## Training recipe
-
-```yaml
-{recipe_yaml.rstrip()}
-```
-"""
+    text = f', text="{prompt}"' if prompt else ""
+    template = resources.files("blip_recipes").joinpath("templates", "model_card.md").read_text(encoding="utf-8")
+    content = string.Template(template).substitute(
+        metadata=data.to_yaml(), model_name=repo_id.split("/")[-1], base_model_url=_hub_url(base_model),
+        dataset=dataset, version=__version__, training_mode=training_mode, num_beams=generation.get("num_beams"),
+        max_length=generation.get("max_length"), min_length=generation.get("min_length"),
+        prompt_note=f', prompt "{prompt}"' if prompt else "", results_table=table,
+        peft_import="from peft import PeftModel" if lora else "", repo_id=repo_id, loading=loading,
+        inputs_line=f'inputs = processor(images=image{text}, return_tensors="pt")',
+        decoding=", ".join(f"{key}={value}" for key, value in generation.items()), recipe_yaml=recipe_yaml.rstrip(),
+    )  # fmt: skip
     return ModelCard(content)
+
+
+def _eval_results(dataset: str, metrics: dict[str, dict]) -> list:
+    return [
+        EvalResult(
+            task_type="image-to-text",
+            task_name="Image Captioning",
+            dataset_type=dataset,
+            dataset_name=dataset,
+            dataset_split=split,
+            metric_type=name,
+            metric_name=METRIC_DISPLAY_NAMES[name],
+            metric_value=round(float(value), 4),
+        )
+        for split, values in metrics.items()
+        for name, value in values.items()
+    ]
 
 
 def _hub_url(model: str) -> str:

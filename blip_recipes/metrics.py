@@ -27,27 +27,27 @@ from concurrent.futures import ThreadPoolExecutor
 
 logger = logging.getLogger(__name__)
 
-METRIC_KEYS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider")
+# The names a recipe asks for (eval_metrics), the keys they produce, and how a model card shows each key: the one
+# source for every module that names a metric.
+METRIC_FAMILIES = ("bleu", "meteor", "rouge_l", "cider", "spice")
 DEFAULT_METRICS = ("bleu", "meteor", "rouge_l", "cider")
-PTB_PUNCTUATION = {
-    "''",
-    "'",
-    "``",
-    "`",
-    "-LRB-",
-    "-RRB-",
-    "-LCB-",
-    "-RCB-",
-    ".",
-    "?",
-    "!",
-    ",",
-    ":",
-    "-",
-    "--",
-    "...",
-    ";",
-}
+METRIC_KEYS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider")
+METRIC_ORDER = (*METRIC_KEYS, "spice")
+METRIC_DISPLAY_NAMES = {
+    "bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4",
+    "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr", "spice": "SPICE",
+}  # fmt: skip
+
+
+def metric_keys(families) -> set[str]:
+    """The result keys that asking for `families` (e.g. ["bleu", "cider"]) produces."""
+    return {
+        key
+        for family in families
+        for key in (("bleu_1", "bleu_2", "bleu_3", "bleu_4") if family == "bleu" else (family,))
+    }
+
+
 _LINE_BREAKS = re.compile(r"[\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 JAVA_LOCALE_FLAGS = ["-Dfile.encoding=UTF-8", "-Dsun.stdout.encoding=UTF-8", "-Duser.language=en", "-Duser.country=US"]
 METEOR_TIMEOUT_S = float(os.environ.get("BLIP_RECIPES_METEOR_TIMEOUT", "600"))
@@ -122,7 +122,10 @@ def ptb_tokenize(texts: list[str], timeout: float = 600.0) -> list[str]:
     lines = result.stdout.decode("utf-8").split("\n")
     if len(lines) < len(texts):
         raise MetricsError(f"PTB tokenizer returned {len(lines)} lines for {len(texts)} captions")
-    return [" ".join(w for w in line.rstrip().split(" ") if w not in PTB_PUNCTUATION) for line in lines[: len(texts)]]
+    from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS  # the tokens its scorers drop
+
+    punctuation = set(PUNCTUATIONS)
+    return [" ".join(w for w in line.rstrip().split(" ") if w not in punctuation) for line in lines[: len(texts)]]
 
 
 class MeteorScorer:
@@ -283,9 +286,6 @@ def score_captions(
     if "spice" in metrics:
         record("spice", *_spice(preds_tok, refs_tok))
     return {name: corpus[name] for name in METRIC_ORDER if name in corpus}, per_image
-
-
-METRIC_ORDER = (*METRIC_KEYS, "spice")
 
 
 def _python_scores(metrics, gts: dict, res: dict, images: int, record) -> None:

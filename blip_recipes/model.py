@@ -1,21 +1,25 @@
-"""Model loading and the one trainability builder: training_mode -> which parameters train.
+"""Model loading, the one trainability builder (training_mode -> which parameters train), decoding settings.
 
-Builders take flat arguments (no config objects), so tests and other scripts can call them directly.
+Builders take flat arguments (no config objects), so tests and other scripts can call them directly. Every change to
+BLIP's own modules goes through adapt.py.
 """
 
 import json
 import logging
 import os
-import types
 
 import torch
 
-from .attention import set_attention_implementation
+from .adapt import adapt_blip, freeze_vision_encoder, unwrap_blip
 from .builtin import is_builtin, resolve_builtin
+from .choices import GENERATION_DEFAULTS, TORCH_DTYPES
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in TORCH_DTYPES}  # "bfloat16" -> torch.bfloat16, ...
+PROMPT_KEY = "caption_prompt"  # the training prompt, saved in generation_config.json beside beams and lengths
+
+__all__ = ["unwrap_blip", "load_model", "load_processor", "apply_training_mode", "merge_lora"]
 
 
 def resolve_model_path(model_name_or_path: str) -> str:
@@ -51,9 +55,12 @@ def load_model(
     torch_dtype: str = "float32",
     attn_implementation: str = "sdpa",
     lora_trainable: bool = False,
+    image_mean=None,
+    image_std=None,
 ):
-    """BlipForConditionalGeneration from a Hub id or directory; a LoRA adapter directory loads onto its base."""
-    from transformers import BlipForConditionalGeneration
+    """BlipForConditionalGeneration from a Hub id or directory, adapted (adapt.py); a LoRA adapter directory loads
+    onto its base, with the decoding settings saved beside the adapter."""
+    from transformers import BlipForConditionalGeneration, GenerationConfig
 
     path = resolve_model_path(model_name_or_path)
     dtype = DTYPES[torch_dtype]
@@ -61,46 +68,44 @@ def load_model(
         from peft import PeftModel
 
         base = BlipForConditionalGeneration.from_pretrained(resolve_model_path(lora_base_model(path)), dtype=dtype)
+        if os.path.isfile(os.path.join(path, "generation_config.json")):
+            base.generation_config = GenerationConfig.from_pretrained(path)
         model = PeftModel.from_pretrained(base, path, is_trainable=lora_trainable)
     else:
         model = BlipForConditionalGeneration.from_pretrained(path, revision=revision, dtype=dtype)
-    set_attention_implementation(model, attn_implementation)
-    return model
+    return adapt_blip(model, attn_implementation, image_mean, image_std)
 
 
-def attach_pixel_normalizer(model, image_mean, image_std) -> None:
-    """Let the vision encoder take uint8 pixels and normalise them itself, on its device; float input is untouched.
-
-    Idempotent. Not saved with the model: a reloaded checkpoint takes the processor's float pixels as usual.
-    """
-    from .transforms import normalize_pixels
-
-    vision = unwrap_blip(model).vision_model
-    if getattr(vision, "_normalizes_uint8_pixels", False):
-        return
-
-    def normalize_uint8(module, args, kwargs):
-        pixels = kwargs.get("pixel_values", args[0] if args else None)
-        if pixels is None or pixels.dtype != torch.uint8:
-            return None
-        pixels = normalize_pixels(pixels, image_mean, image_std)
-        if "pixel_values" in kwargs:
-            return args, {**kwargs, "pixel_values": pixels}
-        return (pixels, *args[1:]), kwargs
-
-    vision.register_forward_pre_hook(normalize_uint8, with_kwargs=True)
-    vision._normalizes_uint8_pixels = True
+def set_decoding(model, num_beams: int | None, max_length: int | None, min_length: int, prompt: str) -> None:
+    """Record how this model captions in its generation config, which every saved output carries (full, adapter,
+    merged, pushed), so `caption`, `serve` and `evaluate` decode as the recipe evaluated."""
+    config = unwrap_blip(model).generation_config
+    config.num_beams = num_beams or 1
+    config.max_length = max_length or GENERATION_DEFAULTS.max_length
+    config.min_length = min_length
+    setattr(config, PROMPT_KEY, prompt)
+    # A config marked as derived from the model config is rebuilt from known fields on load, dropping the prompt:
+    # these settings are the recipe's own (tests/test_decoding_settings.py reloads them).
+    config._from_model_config = False
 
 
-def freeze_module(module: torch.nn.Module) -> None:
-    """No gradients, never in the optimizer, and dropout off for good (the Trainer calls model.train() each step)."""
-    module.requires_grad_(False)
-    module.eval()
-    module.train = types.MethodType(_stay_in_eval_mode, module)
-
-
-def _stay_in_eval_mode(self, mode: bool = True):
-    return self
+def decoding_settings(model) -> dict:
+    """{num_beams, max_length, min_length, prompt} saved with `model`; GENERATION_DEFAULTS where nothing was saved
+    (a stock BLIP checkpoint's generation config says beams 1, max 20, min 0: not what this project trained for)."""
+    config = unwrap_blip(model).generation_config
+    if not hasattr(config, PROMPT_KEY):  # not saved by blip-recipes
+        return {
+            "num_beams": GENERATION_DEFAULTS.num_beams,
+            "max_length": GENERATION_DEFAULTS.max_length,
+            "min_length": GENERATION_DEFAULTS.min_length,
+            "prompt": GENERATION_DEFAULTS.prompt,
+        }
+    return {
+        "num_beams": config.num_beams or 1,
+        "max_length": config.max_length or GENERATION_DEFAULTS.max_length,
+        "min_length": config.min_length or 0,
+        "prompt": getattr(config, PROMPT_KEY) or "",
+    }
 
 
 def apply_training_mode(
@@ -117,7 +122,7 @@ def apply_training_mode(
         return model
     if training_mode == "frozen_vision":
         model.requires_grad_(True)
-        freeze_module(model.vision_model)
+        freeze_vision_encoder(model)
         return model
     if training_mode == "lora":
         from peft import LoraConfig, PeftModel, get_peft_model
@@ -139,19 +144,6 @@ def parameter_counts(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
-
-
-def unwrap_blip(model):
-    """The BlipForConditionalGeneration inside DDP / torch.compile / PeftModel wrappers (LoRA layers stay in place)."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        else:
-            return model
 
 
 def merge_lora(model):

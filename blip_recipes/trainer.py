@@ -14,8 +14,9 @@ from transformers import Seq2SeqTrainer, TrainerCallback
 from transformers.trainer_utils import speed_metrics
 from transformers.training_args import ParallelMode
 
+from .adapt import unwrap_blip
+from .choices import GENERATION_DEFAULTS
 from .evaluation import decode_captions, generate_caption_ids, score_and_write
-from .model import unwrap_blip
 
 logger = logging.getLogger(__name__)
 
@@ -44,18 +45,23 @@ def caption_loss(outputs, labels, num_items_in_batch=None, label_smoothing: floa
 class CaptionTrainer(Seq2SeqTrainer):
     """Evaluation generates one caption per image (sharded over processes), gathers them, scores them once on
     the main process against all references, writes predictions / per-image scores / caption grids, and gives
-    every process the same metrics."""
+    every process the same metrics.
 
-    def __init__(self, *args, caption_collator, **kwargs):
+    `test_dataset`: a split scored once after training. `evaluation_layout`: "per_step" writes each evaluation to
+    output_dir/evaluations/<prefix>-step-N (training); "flat" writes straight into output_dir (standalone evaluate).
+    """
+
+    def __init__(self, *args, caption_collator, test_dataset=None, evaluation_layout: str = "per_step", **kwargs):
+        if evaluation_layout not in ("per_step", "flat"):
+            raise ValueError(f"evaluation_layout must be per_step or flat, got {evaluation_layout!r}")
         training_args = kwargs["args"]
         kwargs.setdefault(
             "compute_loss_func", functools.partial(caption_loss, label_smoothing=training_args.label_smoothing_factor)
         )
         super().__init__(*args, data_collator=caption_collator, **kwargs)
         self.caption_collator = caption_collator
-        self.test_dataset = None
-        # Standalone evaluation writes straight into output_dir; training keeps one folder per evaluation.
-        self.flat_evaluation_dir = False
+        self.test_dataset = test_dataset
+        self.evaluation_layout = evaluation_layout
         self.add_callback(ReplicaCheckCallback())
         logger.info(
             "processes: world_size=%d (%s, device %s)",
@@ -65,15 +71,18 @@ class CaptionTrainer(Seq2SeqTrainer):
         )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Weights and processor as the Trainer writes them (safetensors), arguments as JSON instead of a pickle.
+        """Weights and processor as the Trainer writes them (safetensors), arguments as JSON instead of a pickle, and
+        the decoding settings (generation_config.json) beside a LoRA adapter too.
 
         The Trainer also pickles TrainingArguments into training_args.bin, which only an unsafe (non weights-only)
         load can read, i.e. a file that can run code. recipe.yaml and training_args.json hold the same information
-        as data.
+        as data. peft saves no generation config with an adapter; model.load_model reads this one.
         """
         super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
+            if os.path.isfile(os.path.join(output_dir, "adapter_config.json")):
+                unwrap_blip(self.model).generation_config.save_pretrained(output_dir)
             pickled = os.path.join(output_dir, "training_args.bin")
             if os.path.exists(pickled):
                 os.remove(pickled)
@@ -81,7 +90,7 @@ class CaptionTrainer(Seq2SeqTrainer):
                 handle.write(self.args.to_json_string())
 
     def evaluation_dir(self, metric_key_prefix: str) -> str:
-        if self.flat_evaluation_dir:
+        if self.evaluation_layout == "flat":
             return self.args.output_dir
         return os.path.join(self.args.output_dir, "evaluations", f"{metric_key_prefix}-step-{self.state.global_step}")
 
@@ -108,7 +117,7 @@ class CaptionTrainer(Seq2SeqTrainer):
                     pixel_values,
                     prefix,
                     num_beams=args.generation_num_beams or 1,
-                    max_length=args.generation_max_length or 30,
+                    max_length=args.generation_max_length or GENERATION_DEFAULTS.max_length,
                     min_length=args.generation_min_length,
                 )
             token_ids = self.accelerator.pad_across_processes(token_ids.contiguous(), dim=1, pad_index=pad_id)

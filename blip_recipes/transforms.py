@@ -1,7 +1,8 @@
 """Image decoding and transforms: any stored image -> RGB PIL -> uint8 CHW tensor at the model's size.
 
-Normalisation happens in the collator on whole batches (one vectorised op instead of one per image, and uint8
-tensors cross process boundaries at a quarter of the bytes of float32).
+Images stay uint8 here and in the collator; the model's vision encoder normalises whole batches on its own device
+(adapt.AdaptedVisionModel): one vectorised op instead of one per image, and uint8 tensors cross process boundaries
+at a quarter of the bytes of float32.
 """
 
 import io

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from blip_recipes.attention import BlipSdpaAttention, BlipTextSdpaSelfAttention, set_attention_implementation
+from blip_recipes.adapt import BlipSdpaAttention, BlipTextSdpaSelfAttention, set_attention_implementation
 from blip_recipes.builtin import build_tiny_tokenizer, tiny_blip_config
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

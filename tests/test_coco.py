@@ -7,9 +7,9 @@ import os
 import pytest
 from PIL import Image
 
-from blip_recipes.coco import load_coco_karpathy_file, load_lavis_karpathy_dir
 from blip_recipes.config import DataArguments
 from blip_recipes.data import blip_caption, load_caption_splits
+from blip_recipes.data.coco import load_coco_karpathy_file, load_lavis_karpathy_dir
 from tests.conftest import read_json, read_jsonl, run_cli
 
 SPLITS = {"train": 10, "restval": 4, "val": 4, "test": 4}

@@ -73,7 +73,8 @@ def test_eval_batches_carry_indices_and_no_text(collator):
 
 
 def test_pixels_match_the_blip_image_processor(tiny_processor, tiny_model_dir):
-    from blip_recipes.model import attach_pixel_normalizer, load_model
+    from blip_recipes.adapt import adapt_blip
+    from blip_recipes.model import load_model
 
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (97, 131, 3), dtype=np.uint8))
@@ -88,8 +89,8 @@ def test_pixels_match_the_blip_image_processor(tiny_processor, tiny_model_dir):
     torch.testing.assert_close(ours, reference.float(), atol=1e-5, rtol=1e-5)
     # The model normalises uint8 batches itself (on its device) and leaves float batches alone.
     model = load_model(tiny_model_dir).eval()
-    attach_pixel_normalizer(model, image_processor.image_mean, image_processor.image_std)
-    attach_pixel_normalizer(model, image_processor.image_mean, image_processor.image_std)  # idempotent
+    adapt_blip(model, image_mean=image_processor.image_mean, image_std=image_processor.image_std)
+    adapt_blip(model, image_mean=image_processor.image_mean, image_std=image_processor.image_std)  # idempotent
     with torch.no_grad():
         from_uint8 = model.vision_model(pixel_values=uint8).last_hidden_state
         from_float = model.vision_model(pixel_values=reference).last_hidden_state

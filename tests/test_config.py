@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from blip_recipes.config import RecipeError, parse_recipe
+from blip_recipes.config import RecipeError
+from blip_recipes.recipe_parser import parse_recipe
 from tests.conftest import REPO
 
 RECIPES = sorted(glob.glob(os.path.join(REPO, "recipes", "**", "*.yaml"), recursive=True))

@@ -70,6 +70,9 @@ def test_run_writes_the_promised_files(full_run):
     assert len(rows) == 60 and len({row["image_id"] for row in rows}) == 60
     assert set(rows[0]) == {"image_id", "prediction", "references", "scores"} and len(rows[0]["references"]) == 3
     assert "eval_cider" in result.stdout
+    # The recipe's decoding settings travel with the full model too (beams 3, lengths 20 / 3, no prompt).
+    saved = read_json(output_dir / "generation_config.json")
+    assert (saved["num_beams"], saved["max_length"], saved["min_length"], saved["caption_prompt"]) == (3, 20, 3, "")
 
 
 def test_saved_model_reloads_and_generates_the_same_captions(full_run, shapes_dir):
@@ -122,14 +125,14 @@ def test_football_recipe_runs_with_only_model_and_data_swapped(tmp_path, shapes_
 
 
 def test_test_split_is_not_confused_with_the_eval_split_under_persistent_workers(tmp_path, full_run):
-    from blip_recipes.config import parse_recipe
-    from blip_recipes.train import build_trainer
+    from blip_recipes.builders import build_evaluator
+    from blip_recipes.recipe_parser import parse_recipe
 
     def evaluate(output_dir, *extra):
         recipe = parse_recipe(["recipes/shapes/full.yaml", "--model_name_or_path", str(full_run[0]), "--output_dir",
                                str(output_dir), "--test_split", "train", "--max_eval_samples", "8",
                                "--eval_metrics", "bleu", *extra])  # fmt: skip
-        trainer = build_trainer(recipe, for_training=False)
+        trainer = build_evaluator(recipe, evaluation_layout="per_step")
         if extra:
             trainer.evaluate(metric_key_prefix="eval")
         trainer.evaluate(trainer.test_dataset, metric_key_prefix="test")

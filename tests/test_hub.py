@@ -39,6 +39,7 @@ def test_push_uploads_the_model_and_a_card_with_the_metrics(tmp_path, hub):
     adapter, merged = hub.commits
     assert set(adapter["files"]) == {
         "adapter_model.safetensors",
+        "generation_config.json",  # the recipe's decoding settings travel with the adapter
         "adapter_config.json",
         "README.md",
         "eval_results.json",

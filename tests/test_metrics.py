@@ -103,7 +103,7 @@ def test_identical_captions_get_top_scores():
 
 
 def test_exactly_the_coco_caption_toolkit_numbers():
-    from blip_recipes.reference_metrics import official_scores
+    from tests.reference_metrics import official_scores
 
     official = official_scores(CASES)
     for name, (predictions, references) in CASES.items():

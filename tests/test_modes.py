@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from blip_recipes.config import parse_recipe
+from blip_recipes.builders import build_trainer
 from blip_recipes.model import parameter_counts, unwrap_blip
-from blip_recipes.train import build_trainer
+from blip_recipes.recipe_parser import parse_recipe
 from tests.conftest import QUICK, REPO
 
 # First five training losses on CPU / fp32 / seed 42 (batch 16). A change here means the training math changed:

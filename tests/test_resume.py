@@ -6,11 +6,11 @@ import shutil
 import pytest
 import torch
 
+from blip_recipes.builders import build_trainer
 from blip_recipes.checkpoints import latest_complete_checkpoint, resolve_resume
-from blip_recipes.config import parse_recipe
 from blip_recipes.data import CaptionTrainDataset
 from blip_recipes.model import unwrap_blip
-from blip_recipes.train import build_trainer
+from blip_recipes.recipe_parser import parse_recipe
 from tests.conftest import QUICK, REPO
 
 

@@ -8,7 +8,8 @@ import re
 import pytest
 import torch
 
-from blip_recipes.config import RecipeError, parse_recipe
+from blip_recipes.config import RecipeError
+from blip_recipes.recipe_parser import parse_recipe
 from tests.conftest import QUICK, REPO, run_cli
 
 SENTINEL_CLI = "hf_SENTINELcliTOKEN0123456789abcdef"
@@ -79,5 +80,17 @@ def test_dependency_floors_exclude_unsafe_checkpoint_loading():
     requirements = {re.split(r"[<>=!~\[ ]", line.strip())[0]: line.strip()
                     for line in config["options"]["install_requires"].splitlines() if line.strip()}  # fmt: skip
     assert requirements["torch"] == "torch>=2.6"  # weights_only=True by default, CVE-2025-32434
-    assert requirements["transformers"] == "transformers>=5.0"
+    assert requirements["transformers"].startswith("transformers>=5.0,<")  # floor, and the newest version tested
     assert requirements["accelerate"].startswith("accelerate>=")
+
+
+def test_installed_transformers_is_within_the_tested_bounds():
+    import transformers
+    from packaging.requirements import Requirement
+
+    config = configparser.ConfigParser()
+    config.read(os.path.join(REPO, "setup.cfg"))
+    line = next(line for line in config["options"]["install_requires"].splitlines() if "transformers" in line)
+    requirement = Requirement(line.strip())
+    assert any(spec.operator == "<" for spec in requirement.specifier)  # an upper bound: upgrades are tested first
+    assert requirement.specifier.contains(transformers.__version__), transformers.__version__

@@ -6,10 +6,11 @@ import pytest
 import torch
 from transformers import set_seed
 
-from blip_recipes.config import RecipeError, parse_recipe
-from blip_recipes.feature_cache import FeatureCacheError, choose_store_device, encode_images
+from blip_recipes.builders import build_trainer
+from blip_recipes.config import RecipeError
 from blip_recipes.model import unwrap_blip
-from blip_recipes.train import build_trainer
+from blip_recipes.recipe_parser import parse_recipe
+from blip_recipes.vision_features import VisionFeaturesError, choose_store_device, encode_images
 from tests.conftest import QUICK, REPO
 
 TWO_EPOCHS = ["--max_train_samples", "64", "--num_train_epochs", "2", "--warmup_steps", "0", "--do_eval", "true",
@@ -47,7 +48,7 @@ def test_cached_features_give_the_same_training_and_encode_each_image_once(tmp_p
     assert cached.state.global_step == plain.state.global_step == 24
     assert plain_encoded == 2 * 64 * 3  # every caption of every epoch ran the encoder
     assert cached_encoded == 0  # training looked every image up; the 64 encodings happened in build_trainer
-    store = unwrap_blip(cached.model).vision_model._feature_store
+    store = unwrap_blip(cached.model).vision_model.vision_features
     assert store.shape[0] == 64
     assert cached_losses == pytest.approx(plain_losses, abs=1e-5)
     plain_state, cached_state = unwrap_blip(plain.model).state_dict(), unwrap_blip(cached.model).state_dict()
@@ -69,7 +70,7 @@ def test_cached_features_give_the_same_training_and_encode_each_image_once(tmp_p
     from transformers import BlipForConditionalGeneration
 
     reloaded = BlipForConditionalGeneration.from_pretrained(str(tmp_path / "saved"))
-    assert not hasattr(reloaded.vision_model, "_feature_store")
+    assert not hasattr(reloaded.vision_model, "vision_features")
 
 
 def test_text_only_lora_can_use_cached_features(tmp_path):
@@ -79,7 +80,7 @@ def test_text_only_lora_can_use_cached_features(tmp_path):
     assert losses == pytest.approx(plain_losses, abs=1e-5)
 
 
-def test_feature_cache_refuses_a_training_encoder(tmp_path):
+def test_vision_features_refuse_a_training_encoder(tmp_path):
     base = [os.path.join(REPO, "recipes", "shapes", "frozen_vision.yaml"), "--output_dir", str(tmp_path),
             "--cache_vision_features", "true"]  # fmt: skip
     with pytest.raises(RecipeError, match="cache_vision_features needs a vision encoder that does not train"):
@@ -90,11 +91,11 @@ def test_feature_cache_refuses_a_training_encoder(tmp_path):
         [os.path.join(REPO, "recipes", "shapes", "lora.yaml"), "--output_dir", str(tmp_path),
          "--lora_target_modules", "query,key,value,qkv", *QUICK]
     )  # fmt: skip
-    with pytest.raises(FeatureCacheError, match="vision_model.encoder.layers.0.self_attn.qkv.lora_A"):
+    with pytest.raises(VisionFeaturesError, match="vision_model.encoder.layers.0.self_attn.qkv.lora_A"):
         build_trainer(lora_on_vision)
 
 
-def test_feature_cache_refuses_sharded_training(tmp_path, monkeypatch):
+def test_vision_features_refuse_sharded_training(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(RecipeError, match="not with FSDP or DeepSpeed"):
         parse_recipe([os.path.join(REPO, "recipes", "shapes", "frozen_vision.yaml"), "--output_dir", str(tmp_path),
@@ -102,11 +103,11 @@ def test_feature_cache_refuses_sharded_training(tmp_path, monkeypatch):
 
 
 def test_store_too_large_for_memory_is_an_error_before_training(monkeypatch):
-    import blip_recipes.feature_cache as feature_cache
+    import blip_recipes.vision_features as vision_features
 
-    monkeypatch.setattr(feature_cache, "_available_host_memory", lambda: 2**30)
+    monkeypatch.setattr(vision_features, "_available_host_memory", lambda: 2**30)
     assert choose_store_device(2**29, torch.device("cpu")).type == "cpu"
-    with pytest.raises(FeatureCacheError, match=r"need 1\.0 GiB, more than .* \(1\.0 GiB available on the host\)"):
+    with pytest.raises(VisionFeaturesError, match=r"need 1\.0 GiB, more than .* \(1\.0 GiB available on the host\)"):
         choose_store_device(2**30, torch.device("cpu"))
 
 
@@ -127,10 +128,11 @@ def _encode_in_process(rank, world_size, model_dir, count, port, results):
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
-        from blip_recipes.model import attach_pixel_normalizer, load_model
+        from blip_recipes.adapt import adapt_blip
+        from blip_recipes.model import load_model
 
         model = load_model(model_dir)
-        attach_pixel_normalizer(model, [0.5] * 3, [0.25] * 3)
+        adapt_blip(model, image_mean=[0.5] * 3, image_std=[0.25] * 3)
         size = model.config.vision_config.image_size
         store = encode_images(model.vision_model, _Pixels(count, size), torch.device("cpu"), None, 3, 0, rank,
                               world_size)  # fmt: skip
@@ -143,11 +145,12 @@ def test_processes_encode_disjoint_shards_and_all_get_the_whole_store(tiny_model
     """7 images over 2 processes (4 + 3, batches of 3): every process's store equals one process's."""
     import torch.multiprocessing as mp
 
-    from blip_recipes.model import attach_pixel_normalizer, load_model
+    from blip_recipes.adapt import adapt_blip
+    from blip_recipes.model import load_model
 
     count = 7
     model = load_model(tiny_model_dir)
-    attach_pixel_normalizer(model, [0.5] * 3, [0.25] * 3)
+    adapt_blip(model, image_mean=[0.5] * 3, image_std=[0.25] * 3)
     size = model.config.vision_config.image_size
     alone = encode_images(model.vision_model, _Pixels(count, size), torch.device("cpu"), None, 3)
     manager = mp.get_context("spawn").Manager()

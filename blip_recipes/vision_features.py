@@ -1,11 +1,16 @@
 """Vision features computed once per image, not once per epoch (`cache_vision_features: true`).
 
+"Vision features" is this concept's one name: the recipe key `cache_vision_features`, the store tensor the encoder
+holds as `vision_features` (adapt.AdaptedVisionModel), the datasets' `vision_features` flag and the collator's
+`VISION_FEATURES_ROW` item key.
+
 When the vision encoder trains nothing (frozen_vision, or LoRA adapters on the text decoder only) and images are not
 augmented, its output for an image never changes. The encoder then runs once over the training images before the
 first step, into one (images, patches + 1, width) tensor (the "store"): on the training device when it fits in half
 of the free device memory, else in host memory. Training items carry their image's row in the store instead of
 pixels (CaptionCollator puts the rows where pixel_values go, so the Trainer, DDP and torch.compile see the model's
-usual signature), and the vision encoder, given integer rows instead of an image batch, returns the stored rows.
+usual signature), and the vision encoder, given integer rows instead of an image batch (adapt.is_feature_rows),
+returns the stored rows.
 Evaluation and generation pass pixels and run the encoder as usual.
 
 The store holds the encoder output in the dtype the text decoder consumes it in: under bf16/fp16 autocast the
@@ -17,10 +22,10 @@ import logging
 import math
 import os
 import time
-import types
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .adapt import attach_vision_features, unwrap_blip
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +33,7 @@ DEVICE_MEMORY_SHARE = 0.5  # of free device memory; the rest is left to training
 HOST_MEMORY_SHARE = 0.7  # of available host memory
 
 
-class FeatureCacheError(ValueError):
+class VisionFeaturesError(ValueError):
     """The cache cannot be used in this run; the message says why and what to change."""
 
 
@@ -46,7 +51,7 @@ def choose_store_device(nbytes: int, device: torch.device) -> torch.device:
     host = _available_host_memory()
     if host is None or nbytes <= HOST_MEMORY_SHARE * host:
         return torch.device("cpu")
-    raise FeatureCacheError(
+    raise VisionFeaturesError(
         f"cache_vision_features: the features need {nbytes / 2**30:.1f} GiB, more than the device and host memory "
         f"can spare ({host / 2**30:.1f} GiB available on the host); set cache_vision_features: false, or use "
         "max_train_samples"
@@ -61,12 +66,10 @@ def _available_host_memory() -> int | None:
 
 
 def check_vision_is_frozen(model) -> None:
-    from .model import unwrap_blip
-
     vision = unwrap_blip(model).vision_model
     trainable = [f"vision_model.{name}" for name, p in vision.named_parameters() if p.requires_grad]
     if trainable:
-        raise FeatureCacheError(
+        raise VisionFeaturesError(
             f"cache_vision_features needs a vision encoder that does not train, but {len(trainable)} of its "
             f"parameters do (e.g. {trainable[0]}); use training_mode: frozen_vision, or LoRA targets outside the "
             "vision encoder"
@@ -151,40 +154,14 @@ def _stack_pixels(items: list[dict]) -> torch.Tensor:
     return torch.stack([item["pixel_values"] for item in items])
 
 
-def attach_feature_store(vision_model, store: torch.Tensor) -> None:
-    """Let `vision_model` answer a 1-D integer tensor of store rows with those rows; pixels still run the encoder.
-
-    The store is a plain attribute, not a buffer: it is not saved with the model, moved by `.to()`, or broadcast
-    by DDP.
-    """
-    vision_model._feature_store = store
-    encoder_forward = type(vision_model).forward
-
-    def forward(self, pixel_values=None, *args, **kwargs):
-        if pixel_values is not None and pixel_values.dtype == torch.long and pixel_values.dim() == 1:
-            return BaseModelOutputWithPooling(last_hidden_state=_look_up(self._feature_store, pixel_values))
-        return encoder_forward(self, pixel_values, *args, **kwargs)
-
-    vision_model.forward = types.MethodType(forward, vision_model)
-
-
-@torch.compiler.disable
-def _look_up(store: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    if store.device == rows.device:
-        return store.index_select(0, rows)
-    return store.index_select(0, rows.to(store.device)).to(rows.device, non_blocking=True)
-
-
 def cache_vision_features(model, dataset, device: torch.device, **encode_options) -> torch.Tensor:
     """Encode `dataset`'s images once with `model`'s (frozen) vision encoder and make the encoder answer store rows.
 
     `encode_options` are encode_images' autocast_dtype, batch_size, num_workers, process_index and world_size.
     """
-    from .model import unwrap_blip
-
     check_vision_is_frozen(model)
     vision = unwrap_blip(model).vision_model
     vision.to(device)
     store = encode_images(vision, dataset, device, **encode_options)
-    attach_feature_store(vision, store)
+    attach_vision_features(model, store)
     return store

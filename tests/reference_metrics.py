@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 
-from .metrics import _package_dir
+from blip_recipes.metrics import _package_dir
 
 _SCRIPT = r"""
 import json, sys, time

@@ -1,0 +1,281 @@
+"""Every run-time change to transformers' BLIP, in one place: class swaps, checked when they are applied.
+
+transformers' BLIP is used as it is, except for what `adapt_blip` swaps in, always in this order:
+
+1. `BlipVisionModel` -> `AdaptedVisionModel`, which adds three things, each off until set:
+   - uint8 pixels are normalised on the encoder's own device (`image_mean`/`image_std`; float pixels pass untouched),
+     so data loaders ship a quarter of the bytes and do no float work;
+   - vision features: given a 1-D integer tensor in place of an image batch (`is_feature_rows`), the encoder returns
+     those rows of an attached store of its own earlier outputs (`attach_vision_features`, vision_features.py)
+     instead of running; pixels still run the encoder;
+   - frozen: `freeze_vision_encoder` keeps it in eval mode (dropout off) whatever `train()` the Trainer calls.
+2. Attention (`attn_implementation`): `sdpa` swaps `BlipAttention` (vision) and `BlipTextSelfAttention` (text self-
+   and cross-attention) for subclasses that call `scaled_dot_product_attention`; `eager` swaps them back.
+
+A swap changes only a module's class: weights, parameter names and state dicts stay as they are, so checkpoints stay
+interchangeable, DDP / torch.compile / CUDA graphs see ordinary modules, and a saved model loads in stock
+transformers. Each swap first checks that the upstream class still has every attribute and forward argument its
+replacement relies on, and raises `AdaptationError` naming what is missing: a transformers upgrade that changes
+BLIP fails at load, not silently at step 1000. setup.cfg bounds transformers to the versions tested here.
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers.cache_utils import EncoderDecoderCache
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.blip.modeling_blip import BlipAttention, BlipVisionModel
+from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
+
+from .choices import ATTN_IMPLEMENTATIONS
+
+
+class AdaptationError(RuntimeError):
+    """The installed transformers' BLIP no longer has what an adaptation relies on."""
+
+
+def unwrap_blip(model):
+    """The BlipForConditionalGeneration inside DDP / torch.compile / PeftModel wrappers (LoRA layers stay in place)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def is_feature_rows(pixel_values: torch.Tensor) -> bool:
+    """The contract between the collator and AdaptedVisionModel: rows of the vision-features store travel where
+    pixel_values go (so the Trainer, DDP and torch.compile see the model's usual signature), as a 1-D integer tensor;
+    images are always 4-D."""
+    return pixel_values.dim() == 1 and pixel_values.dtype == torch.long
+
+
+class AdaptedVisionModel(BlipVisionModel):
+    """BLIP's vision encoder plus uint8 normalisation, vision-features lookup and a frozen mode (module docstring)."""
+
+    image_mean: tuple[float, ...] | None = None
+    image_std: tuple[float, ...] | None = None
+    vision_features: torch.Tensor | None = None  # a plain attribute: never saved, moved by .to() or broadcast by DDP
+    frozen: bool = False
+
+    def forward(self, pixel_values: torch.Tensor | None = None, *args, **kwargs):
+        if pixel_values is not None and is_feature_rows(pixel_values):
+            if self.vision_features is None:
+                raise RuntimeError("the vision encoder got vision-feature rows but no store is attached")
+            return BaseModelOutputWithPooling(last_hidden_state=_look_up(self.vision_features, pixel_values))
+        if pixel_values is not None and pixel_values.dtype == torch.uint8 and self.image_mean is not None:
+            from .transforms import normalize_pixels
+
+            pixel_values = normalize_pixels(pixel_values, self.image_mean, self.image_std)
+        return super().forward(pixel_values, *args, **kwargs)
+
+    def train(self, mode: bool = True):
+        return super().train(mode and not self.frozen)
+
+
+@torch.compiler.disable
+def _look_up(store: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    if store.device == rows.device:
+        return store.index_select(0, rows)
+    return store.index_select(0, rows.to(store.device)).to(rows.device, non_blocking=True)
+
+
+class BlipSdpaAttention(BlipAttention):
+    """Vision encoder self-attention (fused qkv projection, no mask) through scaled_dot_product_attention."""
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs):
+        batch, length, width = hidden_states.shape
+        qkv = self.qkv(hidden_states).reshape(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        query, key, value = qkv.unbind(0)
+        context = F.scaled_dot_product_attention(
+            query, key, value, dropout_p=self.dropout.p if self.training else 0.0, scale=self.scale
+        )
+        return self.projection(context.transpose(1, 2).reshape(batch, length, width)), None
+
+
+class BlipTextSdpaSelfAttention(BlipTextSelfAttention):
+    """Text decoder self- and cross-attention, with the same key/value cache handling as the eager module.
+
+    transformers renamed the cache argument from `past_key_values` to `cache` (5.2x); both are taken.
+    """
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        cache=None,
+        past_key_values=None,
+        **kwargs,
+    ):
+        cache = cache if cache is not None else past_key_values
+        input_shape = hidden_states.shape[:-1]
+        query = self.query(hidden_states).view(*input_shape, -1, self.attention_head_size).transpose(1, 2)
+        is_cross_attention = encoder_hidden_states is not None
+        mask = encoder_attention_mask if is_cross_attention else attention_mask
+        key, value = self._keys_and_values(hidden_states, encoder_hidden_states, cache)
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(query.dtype)
+        context = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            dropout_p=self.dropout.p if self.training else 0.0,
+            scale=1.0 / math.sqrt(self.attention_head_size),
+        )
+        context = context.transpose(1, 2).reshape(*input_shape, self.all_head_size)
+        return context, None
+
+    def _keys_and_values(self, hidden_states, encoder_hidden_states, cache):
+        is_cross_attention = encoder_hidden_states is not None
+        layer_cache, cross_cached = cache, False
+        if isinstance(cache, EncoderDecoderCache):
+            cross_cached = is_cross_attention and cache.is_updated.get(self.layer_idx)
+            layer_cache = cache.cross_attention_cache if is_cross_attention else cache.self_attention_cache
+        if cross_cached:
+            return layer_cache.layers[self.layer_idx].keys, layer_cache.layers[self.layer_idx].values
+        source = encoder_hidden_states if is_cross_attention else hidden_states
+        kv_shape = (*source.shape[:-1], -1, self.attention_head_size)
+        key = self.key(source).view(kv_shape).transpose(1, 2)
+        value = self.value(source).view(kv_shape).transpose(1, 2)
+        if layer_cache is not None:
+            key, value = layer_cache.update(key, value, self.layer_idx)
+            if is_cross_attention and isinstance(cache, EncoderDecoderCache):
+                cache.is_updated[self.layer_idx] = True
+        return key, value
+
+
+@dataclass(frozen=True)
+class Swap:
+    """upstream -> replacement, valid while upstream instances have `attributes` and upstream's forward takes no
+    named argument outside `forward_arguments` (an argument the replacement would silently drop)."""
+
+    upstream: type
+    replacement: type
+    attributes: tuple[str, ...]
+    forward_arguments: tuple[str, ...]
+
+
+VISION_SWAP = Swap(
+    BlipVisionModel, AdaptedVisionModel,
+    attributes=("config", "embeddings", "encoder", "post_layernorm"),
+    forward_arguments=("pixel_values", "interpolate_pos_encoding"),
+)  # fmt: skip
+ATTENTION_SWAPS = (
+    Swap(
+        BlipAttention, BlipSdpaAttention,
+        attributes=("qkv", "projection", "num_heads", "head_dim", "scale", "dropout"),
+        forward_arguments=("hidden_states",),
+    ),
+    Swap(
+        BlipTextSelfAttention, BlipTextSdpaSelfAttention,
+        attributes=("query", "key", "value", "attention_head_size", "all_head_size", "dropout", "layer_idx"),
+        forward_arguments=(
+            "hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask", "cache",
+            "past_key_values",
+        ),
+    ),
+)  # fmt: skip
+
+
+def _check(swap: Swap, module: torch.nn.Module, where: str) -> None:
+    version = f"transformers {transformers.__version__}"
+    missing = [name for name in swap.attributes if not hasattr(module, name)]
+    if missing:
+        raise AdaptationError(
+            f"{version}: {where} ({swap.upstream.__name__}) has no {', '.join(missing)}, which "
+            f"{swap.replacement.__name__} relies on; install the transformers version in setup.cfg's range"
+        )
+    parameters = inspect.signature(swap.upstream.forward).parameters.values()
+    named = {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"}
+    unhandled = sorted(named - set(swap.forward_arguments))
+    if unhandled:
+        raise AdaptationError(
+            f"{version}: {swap.upstream.__name__}.forward takes {', '.join(unhandled)}, which "
+            f"{swap.replacement.__name__} does not handle; install the transformers version in setup.cfg's range"
+        )
+
+
+def _apply(model: torch.nn.Module, swaps, reverse: bool = False) -> int:
+    """Swap classes of `model`'s modules; modules already swapped count as done. Returns how many are swapped."""
+    done = 0
+    for swap in swaps:
+        source, target = (swap.replacement, swap.upstream) if reverse else (swap.upstream, swap.replacement)
+        found = 0
+        for name, module in model.named_modules():
+            if type(module) is target:
+                found += 1
+            elif type(module) is source:
+                if not reverse:
+                    _check(swap, module, name or type(model).__name__)
+                module.__class__ = target
+                found += 1
+        if found == 0:
+            raise AdaptationError(
+                f"transformers {transformers.__version__}: no {swap.upstream.__name__} module in "
+                f"{type(model).__name__}; BLIP's modules were renamed, install the version in setup.cfg's range"
+            )
+        done += found
+    return done
+
+
+def set_attention_implementation(model: torch.nn.Module, implementation: str) -> int:
+    """Switch every BLIP attention module of `model` to `implementation`; returns how many modules it covers."""
+    if implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {implementation!r}")
+    return _apply(model, ATTENTION_SWAPS, reverse=implementation == "eager")
+
+
+def adapted_vision_model(model) -> AdaptedVisionModel:
+    """`model`'s vision encoder, swapped to AdaptedVisionModel (checked) if it is not already."""
+    vision = unwrap_blip(model).vision_model
+    _apply(vision, [VISION_SWAP])
+    return vision
+
+
+def adapt_blip(model, attn_implementation: str = "sdpa", image_mean=None, image_std=None):
+    """Apply every swap in order (vision encoder, then attention). Idempotent; returns `model`.
+
+    `image_mean`/`image_std` (the processor's) turn on uint8 pixel normalisation.
+    """
+    vision = adapted_vision_model(model)
+    if image_mean is not None:
+        vision.image_mean, vision.image_std = tuple(image_mean), tuple(image_std)
+    set_attention_implementation(model, attn_implementation)
+    return model
+
+
+def freeze_vision_encoder(model) -> None:
+    """No gradients, never in the optimizer, and dropout off for good (the Trainer calls model.train() each step)."""
+    vision = adapted_vision_model(model)
+    vision.requires_grad_(False)
+    vision.frozen = True
+    vision.eval()
+
+
+def attach_vision_features(model, store: torch.Tensor) -> None:
+    """From now on the vision encoder answers rows of `store` (its own outputs, in dataset order)."""
+    adapted_vision_model(model).vision_features = store
+
+
+def detach_vision_features(model) -> None:
+    """Drop the store (after training: evaluation runs the encoder on pixels, and the memory is freed)."""
+    vision = unwrap_blip(model).vision_model
+    if isinstance(vision, AdaptedVisionModel):
+        vision.vision_features = None
+
+
+def cache_argument_name() -> str:
+    """What BLIP's text decoder calls its key/value cache argument in the installed transformers."""
+    parameters = inspect.signature(BlipTextSelfAttention.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"

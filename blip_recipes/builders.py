@@ -1,0 +1,210 @@
+"""Builders: a parsed recipe -> data, datasets, model, collator, trainer.
+
+Two entry points, one per job: `build_trainer` (training: the training_mode decides what trains) and
+`build_evaluator` (scoring a finished model: no train split, nothing trainable, decoding settings from the model).
+The builders below them take flat arguments, so a script or test can assemble a run from parts.
+"""
+
+import dataclasses
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from .collator import CaptionCollator
+from .config import Recipe, wants_evaluation
+from .data import (
+    CaptionData,
+    CaptionEvalDataset,
+    CaptionSplit,
+    CaptionTrainDataset,
+    ResizedImageCache,
+    image_cache_dir,
+    load_caption_splits,
+)
+from .model import apply_training_mode, decoding_settings, load_model, load_processor, parameter_counts, set_decoding
+from .trainer import CaptionTrainer
+from .transforms import ImageTransform
+from .vision_features import cache_vision_features
+
+logger = logging.getLogger("blip_recipes")
+
+
+@dataclass
+class CaptionDatasets:
+    train: CaptionTrainDataset | None
+    evaluation: CaptionEvalDataset | None
+    test: CaptionEvalDataset | None
+
+
+def load_data(recipe: Recipe, need_train: bool) -> CaptionData:
+    """The recipe's splits, loaded and checked (process 0 first: it fills the datasets cache the others read)."""
+    training = recipe.training
+    with training.main_process_first(desc="loading and checking the dataset"):
+        return load_caption_splits(
+            recipe.data, training.seed, need_eval=not need_train or wants_evaluation(training), need_train=need_train
+        )
+
+
+def image_transform(image_processor, augmentation: str = "none") -> ImageTransform:
+    size = image_processor.size
+    return ImageTransform(size["height"], size["width"], image_processor.resample, augmentation=augmentation)
+
+
+def resized_image_cache(split: CaptionSplit | None, transform: ImageTransform, enabled: bool, workers=None,
+                        main_process_first=nullcontext):  # fmt: skip
+    """The split's resized-image cache when enabled and the transform is deterministic, else None."""
+    if not enabled or split is None or transform.augmentation != "none":
+        return None
+    with main_process_first(desc="caching resized images"):
+        return ResizedImageCache.build(split, transform, image_cache_dir(), workers)
+
+
+def build_datasets(
+    data: CaptionData, image_processor, caption_preprocessing: str = "none", image_augmentation: str = "none",
+    image_cache: bool = False, vision_features: bool = False, workers: int | None = None,
+    main_process_first=nullcontext,
+) -> CaptionDatasets:  # fmt: skip
+    """Training pairs (pixels, or rows of the vision-features store) and one-item-per-image evaluation sets."""
+    plain = image_transform(image_processor)
+
+    def evaluation_set(split):
+        if split is None:
+            return None
+        return CaptionEvalDataset(split, plain, resized_image_cache(split, plain, image_cache, workers,
+                                                                    main_process_first))  # fmt: skip
+
+    train = None
+    if data.train is not None:
+        augmented = image_transform(image_processor, image_augmentation)
+        pixels = None if vision_features else resized_image_cache(
+            data.train, augmented, image_cache, workers, main_process_first
+        )  # fmt: skip
+        train = CaptionTrainDataset(data.train, augmented, caption_preprocessing, pixels, vision_features)
+    datasets = CaptionDatasets(train, evaluation_set(data.evaluation), evaluation_set(data.test))
+    sizes = [len(d) if d else "no" for d in (datasets.train, datasets.evaluation, datasets.test)]
+    logger.info("data: %s training captions, %s evaluation images, %s test images", *sizes)
+    return datasets
+
+
+def build_model(
+    model_name_or_path: str, image_processor, revision: str = "main", torch_dtype: str = "float32",
+    attn_implementation: str = "sdpa", training_mode: str | None = None, lora_r: int = 16, lora_alpha: int = 32,
+    lora_dropout: float = 0.05, lora_target_modules=("query", "key", "value"),
+):  # fmt: skip
+    """The adapted BLIP (adapt.py); with `training_mode`, made trainable as that mode says, else nothing trains."""
+    model = load_model(
+        model_name_or_path, revision, torch_dtype, attn_implementation, lora_trainable=training_mode == "lora",
+        image_mean=image_processor.image_mean, image_std=image_processor.image_std,
+    )  # fmt: skip
+    if training_mode is None:
+        return model.requires_grad_(False)
+    model = apply_training_mode(model, training_mode, lora_r, lora_alpha, lora_dropout, lora_target_modules)
+    trainable, total = parameter_counts(model)
+    logger.info("training_mode=%s: %s of %s parameters train (%.2f%%)", training_mode, f"{trainable:,}",
+                f"{total:,}", 100.0 * trainable / total)  # fmt: skip
+    return model
+
+
+def build_collator(processor, model, prompt: str, max_caption_length: int, pad_to_multiple_of: int | None):
+    return CaptionCollator(
+        processor.tokenizer,
+        bos_token_id=model.config.text_config.bos_token_id,
+        prompt=prompt,
+        max_length=max_caption_length,
+        pad_to_multiple_of=pad_to_multiple_of,
+    )
+
+
+def _trainer_arguments(training_args, **changes):
+    """The Trainer gets push_to_hub off: its own Hub code would create the repo at start-up and upload checkpoint
+    folders; publishing is hub.py's job (allow-listed files, a real model card)."""
+    if training_args.push_to_hub:
+        changes["push_to_hub"] = False
+    return dataclasses.replace(training_args, **changes) if changes else training_args
+
+
+def build_trainer(recipe: Recipe, callbacks=(), data: CaptionData | None = None) -> CaptionTrainer:
+    """Everything a training run needs. `data` replaces loading `dataset_name` (callers that assemble splits)."""
+    model_args, data_args, training_args = recipe.model, recipe.data, recipe.training
+    with training_args.main_process_first(desc="loading the processor"):  # process 0 generates builtin:tiny-blip
+        processor = load_processor(model_args.model_name_or_path, model_args.model_revision)
+    data = data if data is not None else load_data(recipe, need_train=True)
+    datasets = build_datasets(
+        data, processor.image_processor, data_args.caption_preprocessing, data_args.image_augmentation,
+        data_args.image_cache, model_args.cache_vision_features, data_args.preprocessing_num_workers,
+        training_args.main_process_first,
+    )  # fmt: skip
+    model = build_model(
+        model_args.model_name_or_path, processor.image_processor, model_args.model_revision, model_args.torch_dtype,
+        model_args.attn_implementation, model_args.training_mode, model_args.lora_r, model_args.lora_alpha,
+        model_args.lora_dropout, model_args.lora_target_modules,
+    )  # fmt: skip
+    set_decoding(model, training_args.generation_num_beams, training_args.generation_max_length,
+                 training_args.generation_min_length, data_args.prompt)  # fmt: skip
+    if model_args.cache_vision_features:
+        encode_vision_features(model, data.train, processor.image_processor, training_args, data_args.image_cache)
+    return CaptionTrainer(
+        model=model, args=_trainer_arguments(training_args), train_dataset=datasets.train,
+        eval_dataset=datasets.evaluation, test_dataset=datasets.test, processing_class=processor,
+        caption_collator=build_collator(processor, model, data_args.prompt, data_args.max_caption_length,
+                                        data_args.pad_to_multiple_of),
+        callbacks=list(callbacks),
+    )  # fmt: skip
+
+
+def encode_vision_features(model, split: CaptionSplit, image_processor, training_args, image_cache: bool) -> None:
+    """Run the frozen encoder once over the training images into the vision-features store (vision_features.py)."""
+    args = training_args
+    plain = image_transform(image_processor)
+    pixels = resized_image_cache(split, plain, image_cache, None, args.main_process_first)
+    autocast_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    cache_vision_features(
+        model, CaptionEvalDataset(split, plain, pixels), args.device, autocast_dtype=autocast_dtype,
+        batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers,
+        process_index=args.process_index, world_size=args.world_size,
+    )  # fmt: skip
+
+
+def build_evaluator(
+    recipe: Recipe, data: CaptionData | None = None, evaluation_layout: str = "flat"
+) -> CaptionTrainer:
+    """A trainer that only evaluates a finished model (full or LoRA adapter) on the recipe's eval split (and its
+    test split, if it names one), by default writing straight into output_dir. Decoding settings the recipe and
+    command line leave unset come from the model."""
+    model_args, data_args, training_args = recipe.model, recipe.data, recipe.training
+    with training_args.main_process_first(desc="loading the processor"):
+        processor = load_processor(model_args.model_name_or_path, model_args.model_revision)
+    data = data if data is not None else load_data(recipe, need_train=False)
+    datasets = build_datasets(
+        CaptionData(None, data.evaluation, data.test), processor.image_processor, image_cache=data_args.image_cache,
+        workers=data_args.preprocessing_num_workers, main_process_first=training_args.main_process_first,
+    )  # fmt: skip
+    model = build_model(
+        model_args.model_name_or_path, processor.image_processor, model_args.model_revision, model_args.torch_dtype,
+        model_args.attn_implementation,
+    )  # fmt: skip
+    saved = decoding_settings(model)
+    unset = {key for key in ("prompt", "num_beams", "max_length", "min_length")} - {
+        key.removeprefix("generation_") for key in recipe.explicit_keys
+    }
+    decoding = {
+        "prompt": data_args.prompt,
+        "num_beams": training_args.generation_num_beams,
+        "max_length": training_args.generation_max_length,
+        "min_length": training_args.generation_min_length,
+    }
+    decoding.update({key: saved[key] for key in unset})  # fmt: skip
+    logger.info("decoding: %s", ", ".join(f"{key}={value!r}" for key, value in decoding.items()))
+    args = _trainer_arguments(
+        training_args, generation_num_beams=decoding["num_beams"], generation_max_length=decoding["max_length"],
+        generation_min_length=decoding["min_length"],
+    )  # fmt: skip
+    return CaptionTrainer(
+        model=model, args=args, eval_dataset=datasets.evaluation, test_dataset=datasets.test,
+        processing_class=processor,
+        caption_collator=build_collator(processor, model, decoding["prompt"], data_args.max_caption_length,
+                                        data_args.pad_to_multiple_of),
+        evaluation_layout=evaluation_layout,
+    )  # fmt: skip

@@ -1,0 +1,36 @@
+"""The one source of every fixed set of choices and of the decoding defaults.
+
+Recipe fields are typed with these `Literal`s (the parser checks any Literal field generically), and the code that
+acts on a choice (dtype lookup, attention swap, metric names) reads the same tuples, so a new choice is added here.
+"""
+
+import typing
+from dataclasses import dataclass
+
+TrainingMode = typing.Literal["full", "frozen_vision", "lora"]
+TorchDtype = typing.Literal["float32", "bfloat16", "float16"]
+AttnImplementation = typing.Literal["sdpa", "eager"]
+CaptionPreprocessing = typing.Literal["none", "blip"]
+ImageAugmentation = typing.Literal["none", "blip"]
+# The Trainer's other strategies (checkpoint, all_checkpoints) upload optimizer state; publishing is hub.py's job.
+HubStrategy = typing.Literal["end", "every_save"]
+
+TRAINING_MODES: tuple[str, ...] = typing.get_args(TrainingMode)
+TORCH_DTYPES: tuple[str, ...] = typing.get_args(TorchDtype)
+ATTN_IMPLEMENTATIONS: tuple[str, ...] = typing.get_args(AttnImplementation)
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Decoding used when neither the recipe, the command line nor the model's saved settings say otherwise.
+
+    Lengths count the decoder prefix ([DEC] + prompt), as LAVIS and BlipForConditionalGeneration.generate do.
+    """
+
+    num_beams: int = 3
+    max_length: int = 30
+    min_length: int = 5
+    prompt: str = ""
+
+
+GENERATION_DEFAULTS = GenerationDefaults()

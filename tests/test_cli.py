@@ -1,0 +1,68 @@
+"""One CLI style: every command is an argparse parser with --help; train lists every recipe key; errors exit 2."""
+
+import os
+
+import pytest
+
+from blip_recipes.cli import COMMANDS, main
+from blip_recipes.recipe_parser import recipe_keys
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: blip-recipes {command}")
+    assert {
+        "train": "--learning_rate",
+        "evaluate": "--model",
+        "score": "--metrics",
+        "caption": "--num_beams",
+        "serve": "--max_upload_mb",
+        "push": "--hub_model_id",
+        "merge-lora": "adapter_dir",
+    }[command] in text
+
+
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(command in text for command in COMMANDS)
+
+
+def test_train_help_lists_every_recipe_key_with_its_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps help text
+    for name in recipe_keys():
+        assert f"--{name}" in text, name
+    for name in ("training_mode", "cache_vision_features", "image_augmentation", "generation_num_beams"):
+        assert " ".join(recipe_keys()[name].help.split())[:40] in text, name
+    assert "{full,frozen_vision,lora}" in text
+
+
+def test_train_without_a_recipe_prints_help_and_trains_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train"]) == 2
+    assert main(["train", "--learning_rate", "1e-4"]) == 2
+    err = capsys.readouterr().err
+    assert "usage: blip-recipes train RECIPE.yaml" in err and "train needs a recipe file" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_unknown_command_and_bad_metrics_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tarin"])
+    assert exit_info.value.code == 2 and "invalid choice: 'tarin'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", "predictions.jsonl", "--metrics", "bleu,cidr"])
+    assert exit_info.value.code == 2 and "--metrics: unknown ['cidr']" in capsys.readouterr().err
+
+
+def test_evaluate_needs_a_model(capsys):
+    assert main(["evaluate", "--dataset", "builtin:shapes"]) == 2
+    assert "evaluate needs --model" in capsys.readouterr().err
