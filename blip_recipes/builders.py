@@ -23,7 +23,16 @@ from .data import (
     image_cache_dir,
     load_caption_splits,
 )
-from .model import apply_training_mode, decoding_settings, load_model, load_processor, parameter_counts, set_decoding
+from .model import (
+    apply_training_mode,
+    check_model_source,
+    check_tokenizer,
+    decoding_settings,
+    load_model,
+    load_processor,
+    parameter_counts,
+    set_decoding,
+)
 from .trainer import CaptionTrainer
 from .transforms import ImageTransform
 from .vision_features import cache_vision_features
@@ -141,6 +150,7 @@ def build_trainer(recipe: Recipe, callbacks=(), data: CaptionData | None = None)
         model_args.attn_implementation, model_args.training_mode, model_args.lora_r, model_args.lora_alpha,
         model_args.lora_dropout, model_args.lora_target_modules,
     )  # fmt: skip
+    check_tokenizer(processor.tokenizer, model, model_args.model_name_or_path)
     set_decoding(model, training_args.generation_num_beams, training_args.generation_max_length,
                  training_args.generation_min_length, data_args.prompt)  # fmt: skip
     if model_args.cache_vision_features:
@@ -174,6 +184,7 @@ def build_evaluator(
     test split, if it names one), by default writing straight into output_dir. Decoding settings the recipe and
     command line leave unset come from the model."""
     model_args, data_args, training_args = recipe.model, recipe.data, recipe.training
+    check_model_source(model_args.model_name_or_path, model_args.model_revision)
     with training_args.main_process_first(desc="loading the processor"):
         processor = load_processor(model_args.model_name_or_path, model_args.model_revision)
     data = data if data is not None else load_data(recipe, need_train=False)
@@ -185,6 +196,7 @@ def build_evaluator(
         model_args.model_name_or_path, processor.image_processor, model_args.model_revision, model_args.torch_dtype,
         model_args.attn_implementation,
     )  # fmt: skip
+    check_tokenizer(processor.tokenizer, model, model_args.model_name_or_path)
     saved = decoding_settings(model)
     unset = {key for key in ("prompt", "num_beams", "max_length", "min_length")} - {
         key.removeprefix("generation_") for key in recipe.explicit_keys

@@ -1,10 +1,18 @@
-"""Checkpoints that survive pre-emption: SIGTERM -> finish the step, save, exit non-zero; resume skips partials."""
+"""Runs in an output_dir that are not lost or mislabelled: one run per output_dir (a lock), checkpoints that survive
+pre-emption (SIGTERM -> finish the step, save, exit 143; resume skips partial checkpoints), a resume that refuses a
+recipe it could not honour, and a clear message when the disk fills up."""
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import re
+import shutil
 import signal
+import socket
+import sys
+import time
 
 import torch
 from transformers import TrainerCallback
@@ -101,3 +109,177 @@ class PreemptionCallback(TrainerCallback):
 
     def restore_signal_handler(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)
+
+
+LOCK_FILE = ".blip-recipes.lock"  # a dotfile: never uploaded (hub.NEVER_PUSHED), never mistaken for a run's output
+
+
+class RunLockError(RuntimeError):
+    """output_dir is in use by another run."""
+
+
+class OutputDirLock:
+    """One run per output_dir: a lock file naming its holder (pid, host, start time, command).
+
+    A second run is refused with the holder named. A lock whose process is gone (killed, machine rebooted) is
+    stale: on the same host it is taken over with a warning; from another host it is reported with how to clear it.
+    """
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+        self.path = os.path.join(output_dir, LOCK_FILE)
+        self.held = False
+        self.created_dir = False
+
+    def acquire(self) -> None:
+        """Take the lock (creating output_dir if needed); RunLockError says why not."""
+        if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            raise RunLockError(f"output_dir {self.output_dir} is a file, not a directory")
+        try:
+            self.created_dir = not os.path.isdir(self.output_dir)
+            os.makedirs(self.output_dir, exist_ok=True)
+            self._create()
+        except OSError as error:
+            self.release()
+            raise RunLockError(f"output_dir {self.output_dir} is not writable ({error.strerror or error})") from None
+
+    def _create(self) -> None:
+        for _ in range(3):
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and not self._is_stale(holder):
+                    raise RunLockError(
+                        f"output_dir {self.output_dir} is in use by another run: pid {holder.get('pid')} on "
+                        f"{holder.get('host')}, started {holder.get('started')} ({holder.get('command')}). Wait for "
+                        f"it or use another output_dir; if that run is gone, delete {self.path}"
+                    ) from None
+                logger.warning("removing a stale lock of a run that is gone (%s): %s", holder, self.path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path)
+                continue
+            record = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:300],
+                      "started": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                json.dump(record, handle)
+            self.held = True
+            return
+        raise RunLockError(f"could not lock output_dir {self.output_dir} ({self.path} keeps reappearing)")
+
+    def _holder(self) -> dict | None:
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                holder = json.load(handle)
+            return holder if isinstance(holder, dict) else None
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return None  # unreadable: a run killed while writing it
+
+    @staticmethod
+    def _is_stale(holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return False  # its process cannot be checked from here
+        try:
+            os.kill(int(holder.get("pid")), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, TypeError, ValueError):
+            return False
+        return False
+
+    def release(self) -> None:
+        """Drop the lock; an output_dir this run created and left empty (it failed before writing) goes too."""
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+            self.held = False
+        if self.created_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.output_dir)  # only succeeds when empty
+
+
+def lock_output_dir(training_args) -> OutputDirLock:
+    """The main process locks output_dir; every process learns the outcome, so all stop together when it is taken."""
+    lock = OutputDirLock(training_args.output_dir)
+    refusal = None
+    if training_args.process_index == 0:
+        try:
+            lock.acquire()
+        except RunLockError as error:
+            refusal = str(error)
+    if training_args.world_size > 1 and torch.distributed.is_initialized():
+        box = [refusal]
+        torch.distributed.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    if refusal:
+        raise RunLockError(refusal)
+    return lock
+
+
+# Keys that decide what a run computes: a resumed run continues the checkpoint's optimizer, scheduler, data order and
+# weights, so a different value here would be silently ignored (or crash) and mislabel the run. Everything else
+# (logging, saving, evaluation, publishing, workers, max_steps / num_train_epochs) may change on resume.
+FIXED_ON_RESUME = frozenset({
+    "model_name_or_path", "model_revision", "training_mode", "torch_dtype", "lora_r", "lora_alpha", "lora_dropout",
+    "lora_target_modules", "dataset_name", "dataset_config_name", "dataset_revision", "train_split",
+    "validation_split_percentage", "image_column", "caption_column", "image_id_column", "image_root",
+    "max_train_samples", "max_caption_length", "prompt", "caption_preprocessing", "image_augmentation",
+    "skip_bad_samples", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+    "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio", "weight_decay", "optim", "optim_args",
+    "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "label_smoothing_factor", "seed", "data_seed",
+    "bf16", "fp16", "dataloader_drop_last", "train_sampling_strategy", "neftune_noise_alpha",
+})  # fmt: skip
+RECIPE_FILE = "recipe.yaml"
+
+
+def recorded_recipe(checkpoint: str) -> tuple[str, dict] | None:
+    """The resolved recipe of the run that wrote `checkpoint`: its own copy, else its run folder's."""
+    import yaml
+
+    for path in (os.path.join(checkpoint, RECIPE_FILE), os.path.join(os.path.dirname(checkpoint), RECIPE_FILE)):
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                return path, yaml.safe_load(handle) or {}
+    return None
+
+
+def resume_conflicts(resolved: dict, checkpoint: str) -> tuple[str, list[str]] | None:
+    """(recorded recipe, ['key: old -> new', ...]) for keys in FIXED_ON_RESUME that differ, or None if none do."""
+    import yaml
+
+    recorded = recorded_recipe(checkpoint)
+    if recorded is None:
+        logger.warning("resuming %s: no recorded recipe.yaml to compare this recipe with", checkpoint)
+        return None
+    path, old = recorded
+    new = yaml.safe_load(yaml.safe_dump(resolved))  # the same normal form as the recorded file
+    changed = [f"  {key}: {old[key]!r} -> {new[key]!r}" for key in sorted(FIXED_ON_RESUME)
+               if key in old and key in new and old[key] != new[key]]  # fmt: skip
+    return (path, changed) if changed else None
+
+
+class RecipeSnapshotCallback(TrainerCallback):
+    """Each checkpoint keeps the recipe that produced it, so a resume from it is compared with the right one."""
+
+    def on_save(self, args, state, control, **kwargs):
+        source = os.path.join(args.output_dir, RECIPE_FILE)
+        target = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if state.is_world_process_zero and os.path.isfile(source) and os.path.isdir(target):
+            shutil.copyfile(source, os.path.join(target, RECIPE_FILE))
+
+
+WRITE_FAILED_EXIT_CODE = 4
+_WRITE_FAILURES = ("No space left", "File too large", "Disk quota", "basic_ios::clear", "PytorchStreamWriter failed",
+                   "file write failed")  # fmt: skip
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """A full disk (or quota, or file size limit) while saving, however the writer reports it: OSError with
+    ENOSPC/EFBIG/EDQUOT, or torch's C++ stream errors (`basic_ios::clear`, `PytorchStreamWriter failed ...`)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return True
+        if any(marker in str(error) for marker in _WRITE_FAILURES):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

@@ -20,6 +20,12 @@ TORCH_DTYPES: tuple[str, ...] = typing.get_args(TorchDtype)
 ATTN_IMPLEMENTATIONS: tuple[str, ...] = typing.get_args(AttnImplementation)
 
 
+# Images with more pixels are refused from their header, before any decoding (configurable: max_image_pixels in a
+# recipe, --max_image_pixels for caption and serve). 64 megapixels is more than a 50 MP camera's photos; a decoded
+# 64 MP RGB image is 192 MB, and a small file that declares far more pixels is a decompression bomb.
+MAX_IMAGE_PIXELS = 8_000 * 8_000
+
+
 @dataclass(frozen=True)
 class GenerationDefaults:
     """Decoding used when neither the recipe, the command line nor the model's saved settings say otherwise.

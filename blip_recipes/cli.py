@@ -9,6 +9,8 @@ import json
 import os
 import sys
 
+from .choices import MAX_IMAGE_PIXELS
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 EVALUATE_ALIASES = {
@@ -39,6 +41,7 @@ def evaluate_command(argv: list[str]) -> int:
     from .config import RecipeError
     from .data import DataError
     from .metrics import MetricsError, check_metric_requirements
+    from .model import ModelError
     from .recipe_parser import parse_recipe, recipe_argument_parser
     from .train import setup_logging
 
@@ -56,7 +59,7 @@ def evaluate_command(argv: list[str]) -> int:
         setup_logging(recipe.training)
         check_metric_requirements(recipe.training.eval_metrics)
         trainer = build_evaluator(recipe)
-    except (RecipeError, DataError, MetricsError, AdaptationError, ValueError) as error:
+    except (RecipeError, DataError, MetricsError, AdaptationError, ModelError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     metrics = trainer.evaluate(metric_key_prefix=trainer.eval_dataset.split.name)
@@ -110,13 +113,33 @@ def _captioner_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--max_length", type=int, default=None, help="default: the max length saved with the model")
     parser.add_argument("--min_length", type=int, default=None, help="default: the min length saved with the model")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    parser.add_argument(
+        "--max_image_pixels", type=_positive_int, default=MAX_IMAGE_PIXELS,
+        help="images declaring more pixels are refused before decoding (default: %(default)s)",
+    )  # fmt: skip
     return parser
 
 
-def _captioner(args):
-    from .evaluation import Captioner
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
-    return Captioner(args.model, args.prompt, args.num_beams, args.max_length, args.min_length, args.device)
+
+def _captioner(args):
+    """The Captioner, or None after printing why the model cannot be used."""
+    from .evaluation import Captioner
+    from .model import ModelError
+
+    try:
+        return Captioner(args.model, args.prompt, args.num_beams, args.max_length, args.min_length, args.device)
+    except ModelError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return None
 
 
 def _image_files(paths: list[str]) -> list[str]:
@@ -144,7 +167,7 @@ def caption_command(argv: list[str]) -> int:
         "defaults to the settings saved with the model.",
     )
     parser.add_argument("images", nargs="+", help="image files or directories")
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--batch_size", type=_positive_int, default=16)
     parser.add_argument("--output", default=None, help="write JSONL ({image, caption}) here instead of printing")
     args = parser.parse_args(argv)
     files = _image_files(args.images)
@@ -152,12 +175,14 @@ def caption_command(argv: list[str]) -> int:
         print("error: no images found", file=sys.stderr)
         return 2
     captioner = _captioner(args)
+    if captioner is None:
+        return 2
     rows, failed = [], 0
     for start in range(0, len(files), args.batch_size):
         batch, names = [], []
         for path in files[start : start + args.batch_size]:
             try:
-                batch.append(open_image(path))
+                batch.append(open_image(path, max_pixels=args.max_image_pixels))
                 names.append(path)
             except BadImageError as error:
                 print(f"{path}: skipped, {error}", file=sys.stderr)
@@ -190,7 +215,10 @@ def serve_command(argv: list[str]) -> int:
         return 2
     from .serve import serve
 
-    serve(_captioner(args), args.host, args.port, int(args.max_upload_mb * 2**20))
+    captioner = _captioner(args)
+    if captioner is None:
+        return 2
+    serve(captioner, args.host, args.port, int(args.max_upload_mb * 2**20), args.max_image_pixels)
     return 0
 
 

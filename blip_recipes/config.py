@@ -7,6 +7,7 @@ these dataclasses. Rules that involve more than one key live in `validate_recipe
 """
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ from .choices import (
     TrainingMode,
 )
 from .metrics import DEFAULT_METRICS, METRIC_FAMILIES, metric_keys
+from .transforms import MAX_IMAGE_PIXELS
 
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora")
 
@@ -136,6 +138,10 @@ class DataArguments:
         default=False, metadata={"help": "Drop unreadable images and empty captions instead of failing."}
     )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Threads for image validation."})
+    max_image_pixels: int = field(
+        default=MAX_IMAGE_PIXELS,
+        metadata={"help": "Images with more pixels (width x height) are bad samples: refused before decoding."},
+    )
 
 
 @dataclass
@@ -194,32 +200,116 @@ class Recipe:
     text: str
     explicit_keys: frozenset
     overrides: dict = field(default_factory=dict)
+    values: dict = field(default_factory=dict)  # every key the file or command line set, with its typed value
 
     @property
     def source(self) -> str:
         return self.path or "command line"
 
-    def write_resolved(self, path: str) -> None:
-        """Every key's effective value (token fields redacted by TrainingArguments.to_dict), for the record."""
+    def resolved(self) -> dict:
+        """Every key's effective value, secrets left out."""
         known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.init}
         values = {**dataclasses.asdict(self.model), **dataclasses.asdict(self.data), **self.training.to_dict()}
+        return {key: value for key, value in values.items() if key in known and not is_secret_key(key)}
+
+    def write_resolved(self, path: str) -> None:
+        """resolved(), for the record (recipe.yaml in output_dir)."""
         with open(path, "w", encoding="utf-8") as handle:
-            yaml.safe_dump({k: v for k, v in values.items() if k in known}, handle, sort_keys=True)
+            yaml.safe_dump(self.resolved(), handle, sort_keys=True, allow_unicode=True)
 
     def as_yaml(self) -> str:
-        """The recipe as written plus its command-line overrides; secrets (any *token* key) left out."""
-        lines = [line for line in self.text.rstrip().splitlines() if "token" not in line.split(":")[0]]
-        public = {k: v for k, v in self.overrides.items() if "token" not in k}
-        if public:
-            lines += ["", "# command-line overrides"] + yaml.safe_dump(public, sort_keys=False).rstrip().splitlines()
-        return "\n".join(lines) + "\n"
+        """The keys the recipe file and command line set, as YAML built from their parsed values (never by
+        filtering the file's text), secrets left out: what the model card shows."""
+        public = {key: value for key, value in self.values.items() if not is_secret_key(key)}
+        return yaml.safe_dump(public, sort_keys=False, allow_unicode=True)
+
+
+def is_secret_key(key: str) -> bool:
+    """hub_token and any other *token* key (TrainingArguments redacts the same ones)."""
+    return "token" in key
+
+
+def check_secrets_stay_in_their_keys(recipe: Recipe) -> None:
+    """A token's value given under another key too (a YAML alias, a copy) would be written wherever that key is
+    (run names, tracker logs, the model card): refuse it."""
+    secrets = [str(value) for key, value in recipe.values.items() if is_secret_key(key) and value]
+    for key, value in recipe.values.items():
+        if is_secret_key(key):
+            continue
+        text = yaml.safe_dump(value)
+        leaked = [secret for secret in secrets if len(secret) >= 8 and secret in text]
+        if leaked:
+            raise RecipeError(
+                f"{recipe.source}: key '{key}' holds the value of a token key; a token may only be given as "
+                "hub_token (or in HF_TOKEN), never copied into another key"
+            )
+
+
+MAX_BATCH_SIZE = 65_536  # per device; larger is a typo (no GPU holds 65k BLIP images), not a setting
 
 
 def validate_recipe(recipe: Recipe) -> None:
-    """Combinations that cannot work fail here, before any model or data is loaded.
+    """Values and combinations that cannot work fail here, before any model or data is loaded.
 
     Single-key choices (training_mode, torch_dtype, ...) are already checked against their Literal by the parser.
     """
+    check_values(recipe)
+    check_combinations(recipe)
+    check_secrets_stay_in_their_keys(recipe)
+
+
+def check_values(recipe: Recipe) -> None:
+    """One key at a time: numbers in their range, trackers installed."""
+    model, data, training = recipe.model, recipe.data, recipe.training
+
+    def check(condition: bool, message: str) -> None:
+        if not condition:
+            raise RecipeError(f"{recipe.source}: {message}")
+
+    rate = training.learning_rate
+    check(math.isfinite(rate) and rate > 0, f"learning_rate must be a positive number, got {rate}")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        size = getattr(training, key)
+        check(1 <= size <= MAX_BATCH_SIZE, f"{key} must be between 1 and {MAX_BATCH_SIZE}, got {size}")
+    steps = training.gradient_accumulation_steps
+    check(steps >= 1, f"gradient_accumulation_steps must be at least 1, got {steps}")
+    check(
+        training.max_steps > 0 or (math.isfinite(training.num_train_epochs) and training.num_train_epochs > 0),
+        f"num_train_epochs must be positive (or set max_steps), got {training.num_train_epochs}",
+    )
+    smoothing = training.label_smoothing_factor
+    check(0 <= smoothing < 1, f"label_smoothing_factor must be in [0, 1), got {smoothing}")
+    beams = training.generation_num_beams
+    check(beams is None or beams >= 1, f"generation_num_beams must be at least 1, got {beams}")
+    check(training.generation_min_length >= 0, "generation_min_length must not be negative")
+    for key in ("max_train_samples", "max_eval_samples"):
+        value = getattr(data, key)
+        check(value is None or value >= 1, f"{key} must be at least 1 (or null for all), got {value}")
+    multiple = data.pad_to_multiple_of
+    check(multiple is None or multiple >= 1, f"pad_to_multiple_of must be at least 1, got {multiple}")
+    check(model.lora_r > 0, f"lora_r must be positive, got {model.lora_r}")
+    check(model.lora_alpha > 0, f"lora_alpha must be positive, got {model.lora_alpha}")
+    check(0 <= model.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {model.lora_dropout}")
+    check(bool(model.lora_target_modules), "lora_target_modules must name at least one module")
+    check(0 <= data.validation_split_percentage < 100, "validation_split_percentage must be in [0, 100)")
+    check(data.max_caption_length >= 4, f"max_caption_length must be at least 4 tokens, got {data.max_caption_length}")
+    check(data.max_image_pixels >= 1, f"max_image_pixels must be positive, got {data.max_image_pixels}")
+    missing = missing_trackers(training.report_to)
+    names = " ".join(missing)
+    check(not missing, f"report_to names {names}, which is not installed here (pip install {names})")
+
+
+def missing_trackers(report_to) -> list[str]:
+    from transformers.integrations import get_available_reporting_integrations
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    wanted = [name for name in names if name not in ("none", "all")]
+    available = set(get_available_reporting_integrations())
+    return [name for name in wanted if name not in available]
+
+
+def check_combinations(recipe: Recipe) -> None:
+    """Keys that cannot go together."""
     model, data, training = recipe.model, recipe.data, recipe.training
 
     def check(condition: bool, message: str) -> None:
@@ -232,10 +322,6 @@ def validate_recipe(recipe: Recipe) -> None:
             not stray,
             f"{', '.join(stray)} only apply to training_mode: lora (training_mode is {model.training_mode!r})",
         )
-    check(model.lora_r > 0, f"lora_r must be positive, got {model.lora_r}")
-    check(bool(model.lora_target_modules), "lora_target_modules must name at least one module")
-    check(0 <= data.validation_split_percentage < 100, "validation_split_percentage must be in [0, 100)")
-    check(data.max_caption_length >= 4, f"max_caption_length must be at least 4 tokens, got {data.max_caption_length}")
     unknown_metrics = [name for name in training.eval_metrics if name not in METRIC_FAMILIES]
     check(not unknown_metrics, f"eval_metrics: unknown {unknown_metrics}; choose from {METRIC_FAMILIES}")
     check(bool(training.eval_metrics), "eval_metrics must name at least one metric")

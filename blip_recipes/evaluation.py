@@ -11,7 +11,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from .adapt import cache_argument_name, unwrap_blip
 from .choices import GENERATION_DEFAULTS
 from .metrics import MetricsError, score_captions
-from .model import decoding_settings, load_model, load_processor
+from .model import check_model_source, check_tokenizer, decoding_settings, load_model, load_processor
 from .transforms import ImageTransform
 
 logger = logging.getLogger(__name__)
@@ -77,11 +77,13 @@ class Captioner:
 
         self.name = model_name_or_path
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_model_source(model_name_or_path, revision)
         self.processor = load_processor(model_name_or_path, revision)
         image_processor = self.processor.image_processor
         self.model = load_model(
             model_name_or_path, revision, image_mean=image_processor.image_mean, image_std=image_processor.image_std
         )
+        check_tokenizer(self.processor.tokenizer, self.model, model_name_or_path)
         self.model.to(self.device).eval()
         given = {"num_beams": num_beams, "max_length": max_length, "min_length": min_length, "prompt": prompt}
         self.decoding = {**decoding_settings(self.model), **{k: v for k, v in given.items() if v is not None}}

@@ -7,6 +7,7 @@ BLIP's own modules goes through adapt.py.
 import json
 import logging
 import os
+import re
 
 import torch
 
@@ -20,6 +21,69 @@ DTYPES = {name: getattr(torch, name) for name in TORCH_DTYPES}  # "bfloat16" -> 
 PROMPT_KEY = "caption_prompt"  # the training prompt, saved in generation_config.json beside beams and lengths
 
 __all__ = ["unwrap_blip", "load_model", "load_processor", "apply_training_mode", "merge_lora"]
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or used as it is; the message names it and what to do."""
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)?$")
+
+
+def check_model_source(model_name_or_path: str, revision: str = "main") -> None:
+    """Before anything loads: a local model directory that exists and holds a model, or a Hub id that can be had
+    (cached, when offline). Errors name the model and say what to do."""
+    name = model_name_or_path
+    if is_builtin(name):
+        return
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        if not any(os.path.isfile(os.path.join(path, file)) for file in ("config.json", "adapter_config.json")):
+            raise ModelError(f"model_name_or_path {name}: the directory holds no config.json or adapter_config.json")
+        return
+    if os.path.exists(path):
+        raise ModelError(f"model_name_or_path {name}: a file, not a model directory or Hub id")
+    if not _HUB_ID.match(name):
+        raise ModelError(f"model_name_or_path {name}: no such directory")
+    if _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = [
+            try_to_load_from_cache(name, file, revision=revision) for file in ("config.json", "adapter_config.json")
+        ]
+        if not any(isinstance(found, str) for found in cached):
+            raise ModelError(
+                f"model_name_or_path {name}: no local directory of that name, and the Hub model is not in the local "
+                f"cache while offline (HF_HUB_OFFLINE is set); download it with network access first "
+                f"(`hf download {name}`) or give a local directory"
+            )
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return flag or bool(constants.HF_HUB_OFFLINE)
+
+
+def check_tokenizer(tokenizer, model, model_name_or_path: str) -> None:
+    """The tokenizer belongs to the model: its vocabulary fits the text decoder's and the decoder's bos id is BLIP's
+    [DEC]. A model directory without tokenizer files otherwise loads a 5-token tokenizer and trains on [UNK]s."""
+    text_config = unwrap_blip(model).config.text_config
+    size, vocabulary, bos = len(tokenizer), text_config.vocab_size, text_config.bos_token_id
+    where = f"model_name_or_path {model_name_or_path}"
+    if size > vocabulary:
+        raise ModelError(
+            f"{where}: the tokenizer has {size:,} tokens, more than the model's {vocabulary:,} embeddings"
+        )
+    if size < vocabulary // 2:
+        raise ModelError(
+            f"{where}: the tokenizer has {size:,} tokens but the model's text decoder has {vocabulary:,}: its "
+            "tokenizer files (tokenizer.json / vocab.txt) are missing or belong to another model"
+        )
+    token = tokenizer.convert_ids_to_tokens(bos) if bos is not None and bos < size else None
+    if token != "[DEC]":
+        raise ModelError(f"{where}: the decoder's bos token id {bos} is {token!r} in the tokenizer, not BLIP's [DEC]")
 
 
 def resolve_model_path(model_name_or_path: str) -> str:
@@ -46,7 +110,10 @@ def load_processor(model_name_or_path: str, revision: str = "main"):
         and not os.path.isfile(os.path.join(path, "tokenizer_config.json"))
     ):
         path = resolve_model_path(lora_base_model(path))
-    return BlipProcessor.from_pretrained(path, revision=revision)
+    try:
+        return BlipProcessor.from_pretrained(path, revision=revision)
+    except OSError as error:  # not found, unreachable Hub, gated repo: transformers says which in its message
+        raise ModelError(f"model_name_or_path {model_name_or_path}: could not load its processor ({error})") from None
 
 
 def load_model(

@@ -77,22 +77,48 @@ def recipe_argument_parser(
     return parser
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml's safe loader (no Python tags), plus: a key given twice in one mapping is an error, not last-one-wins."""
+
+    def construct_mapping(self, node, deep=False):
+        lines: dict = {}
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str) and key != "<<" and key in lines:
+                raise RecipeError(f"{self.name}: key '{key}' appears twice (lines {lines[key]} and {line})")
+            lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe_file(path: str) -> tuple[dict, str]:
-    """Read a recipe with `yaml.safe_load`; Python tags and non-mapping documents are errors."""
+    """Read a UTF-8 recipe with yaml's safe loader; Python tags, duplicate keys and non-mapping documents are
+    errors."""
     import os
 
     if not os.path.isfile(path):
         raise RecipeError(f"{path}: recipe file not found")
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
+    with open(path, "rb") as handle:
+        raw = handle.read()
     try:
-        values = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RecipeError(
+            f"{path}: not UTF-8 text (byte 0x{raw[error.start]:02x} at position {error.start}); save the recipe as "
+            "UTF-8"
+        ) from None
+    loader = _RecipeLoader(text)
+    loader.name = path
+    try:
+        values = loader.get_single_data()
     except yaml.constructor.ConstructorError as error:
         raise RecipeError(
             f"{path}: rejected YAML tag ({error.problem}); recipes are plain YAML, no Python tags"
         ) from None
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}: not valid YAML: {error}") from None
+    finally:
+        loader.dispose()
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -134,13 +160,15 @@ def parse_recipe(argv: list[str], parser=None, defaults=None, machine: dict | No
         where.setdefault(key, ("default", key))
 
     kwargs: dict[type, dict] = {cls: {} for cls in ARGUMENT_CLASSES}
-    for key, value in values.items():
-        kwargs[known[key].owner][key] = coerce(value, known[key].annotation, *where[key])
+    coerced = {key: coerce(value, known[key].annotation, *where[key]) for key, value in values.items()}
+    for key, value in coerced.items():
+        kwargs[known[key].owner][key] = value
     for key, value in (machine_defaults() if machine is None else machine).items():
         kwargs[CaptionTrainingArguments].setdefault(key, value)
     source = path or "command line"
     built = [_construct(cls, kwargs[cls], source) for cls in ARGUMENT_CLASSES]
-    recipe = Recipe(*built, path=path, text=text, explicit_keys=explicit, overrides=overrides)
+    given = {key: value for key, value in coerced.items() if key in explicit}
+    recipe = Recipe(*built, path=path, text=text, explicit_keys=explicit, overrides=overrides, values=given)
     validate_recipe(recipe)
     return recipe
 

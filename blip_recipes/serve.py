@@ -3,49 +3,94 @@
     POST /caption   multipart upload of one image (field "file") -> {"caption": "..."}
     GET  /health    -> {"status": "ok", "model": "..."}
 
-Bad uploads get a 4xx with a message (413 too large, 415 not an image, 400 empty, 422 no file), never a 500.
+Bad uploads get a 4xx with a message (413 too large, 415 not an image, 400 empty, 422 no file), never a 500. The size
+limit is enforced while the body is read (a declared Content-Length over it is refused before reading, a chunked body
+as soon as it passes it), so an upload never costs more than the limit in memory or disk. Decoding and captioning run
+in worker threads, decoding at most `decode_workers` at a time and refusing images over `max_image_pixels` from
+their header, so a hostile image cannot block `/health` or other requests.
 """
 
+import asyncio
 import threading
 from typing import Annotated
 
-from .transforms import BadImageError, open_image
+from .transforms import MAX_IMAGE_PIXELS, BadImageError, open_image
+
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file itself
 
 
-def create_app(captioner, max_upload_bytes: int = 20 * 2**20):
-    from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+class UploadLimit:
+    """ASGI middleware: a request body over `max_bytes` (+ multipart overhead) gets 413 while it is being read."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes + MULTIPART_OVERHEAD
+
+    async def __call__(self, scope, receive, send):
+        from fastapi import HTTPException
+        from fastapi.responses import JSONResponse
+
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"upload is larger than the {self.max_bytes - MULTIPART_OVERHEAD} byte limit"
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await JSONResponse({"detail": message}, status_code=413)(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            event = await receive()
+            if event["type"] == "http.request":
+                received += len(event.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, message)  # FastAPI answers it; the rest of the body is never read
+            return event
+
+        return await self.app(scope, limited_receive, send)
+
+
+def create_app(
+    captioner,
+    max_upload_bytes: int = 20 * 2**20,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+    decode_workers: int = 2,
+):
+    from fastapi import FastAPI, File, HTTPException, UploadFile
     from fastapi.concurrency import run_in_threadpool
 
     app = FastAPI(title="blip-recipes captioning", version="1")
-    lock = threading.Lock()  # one generation at a time: predictable memory on a shared GPU
+    generation = threading.Lock()  # one generation at a time: predictable memory on a shared GPU
+    decode_slots = asyncio.Semaphore(decode_workers)
 
     @app.get("/health")
     def health():
         return {"status": "ok", "model": captioner.name}
 
     @app.post("/caption")
-    async def caption(request: Request, file: Annotated[UploadFile, File(description="the image")]):
-        declared = int(request.headers.get("content-length") or 0)
+    async def caption(file: Annotated[UploadFile, File(description="the image")]):
         data = await file.read(max_upload_bytes + 1)
-        if declared > max_upload_bytes + 64 * 1024 or len(data) > max_upload_bytes:
+        if len(data) > max_upload_bytes:
             raise HTTPException(413, f"upload is larger than the {max_upload_bytes} byte limit")
         if not data:
             raise HTTPException(400, "empty upload: send an image file in the 'file' field")
         try:
-            image = open_image(data)
+            async with decode_slots:
+                image = await run_in_threadpool(open_image, data, None, max_image_pixels)
         except BadImageError as error:
             raise HTTPException(415, f"{file.filename or 'upload'} is not a usable image: {error}") from None
 
         def run():
-            with lock:
+            with generation:
                 return captioner.caption([image])[0]
 
         return {"caption": await run_in_threadpool(run)}
 
+    app.add_middleware(UploadLimit, max_bytes=max_upload_bytes)
     return app
 
 
-def serve(captioner, host: str, port: int, max_upload_bytes: int) -> None:
+def serve(captioner, host: str, port: int, max_upload_bytes: int, max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(captioner, max_upload_bytes), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(captioner, max_upload_bytes, max_image_pixels), host=host, port=port, log_level="info")

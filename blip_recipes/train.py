@@ -11,6 +11,7 @@ collator, CaptionTrainer (trainer.py) -> trainer.train() -> save, evaluate (eval
 import logging
 import os
 import shutil
+import signal
 import sys
 import warnings
 
@@ -19,18 +20,32 @@ from transformers import set_seed
 
 from .adapt import AdaptationError, detach_vision_features
 from .builders import build_trainer
-from .checkpoints import PREEMPTED_EXIT_CODE, PreemptionCallback, previous_run_files, resolve_resume
+from .checkpoints import (
+    PREEMPTED_EXIT_CODE,
+    RECIPE_FILE,
+    WRITE_FAILED_EXIT_CODE,
+    PreemptionCallback,
+    RecipeSnapshotCallback,
+    RunLockError,
+    is_write_failure,
+    latest_complete_checkpoint,
+    lock_output_dir,
+    previous_run_files,
+    resolve_resume,
+    resume_conflicts,
+)
 from .config import RecipeError, wants_evaluation
 from .data import DataError
 from .hub import HubPushCallback, metric_results, publish_run
 from .metrics import MetricsError, check_metric_requirements
-from .model import merge_lora
+from .model import ModelError, check_model_source, merge_lora
 from .recipe_parser import parse_recipe, recipe_argument_parser
 from .vision_features import VisionFeaturesError
 
 logger = logging.getLogger("blip_recipes")
 PUSH_FAILED_EXIT_CODE = 3  # trained and saved, but not published
 PROG = "blip-recipes train"
+LOAD_ERRORS = (RecipeError, DataError, MetricsError, VisionFeaturesError, AdaptationError, ModelError, ValueError)
 DESCRIPTION = "Fine-tune BLIP for image captioning from a YAML recipe; every recipe key below can be overridden."
 
 
@@ -50,12 +65,24 @@ def setup_logging(training_args) -> None:
     warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator is found.*")
 
 
-def check_before_loading(training_args) -> str | None:
-    """What can fail without loading anything: metric requirements, the checkpoint to resume, an earlier run.
-    Returns the checkpoint to resume from (or None)."""
+def check_before_loading(recipe) -> str | None:
+    """What can fail without loading anything: metric requirements, the model source, output_dir, the checkpoint to
+    resume and whether the recipe matches it, an earlier run. Returns the checkpoint to resume from (or None)."""
+    training_args = recipe.training
     if wants_evaluation(training_args):
         check_metric_requirements(training_args.eval_metrics)
+    check_model_source(recipe.model.model_name_or_path, recipe.model.model_revision)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    if resume is not None:
+        conflicts = resume_conflicts(recipe.resolved(), resume)
+        if conflicts:
+            recorded, changed = conflicts
+            raise RecipeError(
+                f"resume_from_checkpoint {resume}: this recipe changes keys a resumed run cannot honour (the "
+                f"checkpoint's optimizer, schedule, data and weights stay as recorded in {recorded}):\n"
+                + "\n".join(changed)
+                + "\nResume with the recorded values, or start a new run in another output_dir."
+            )
     existing = previous_run_files(training_args.output_dir)
     if existing and resume is None and not training_args.overwrite_output_dir:
         raise RecipeError(
@@ -77,43 +104,90 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         print("\nerror: train needs a recipe file (e.g. recipes/shapes/full.yaml)", file=sys.stderr)
         return 2
+    setup_logging(recipe.training)
+    try:
+        lock = lock_output_dir(recipe.training)
+    except RunLockError as error:
+        logger.error("%s", error)
+        return 2
+    try:
+        return run(recipe)
+    finally:
+        lock.release()
+
+
+def run(recipe) -> int:
+    """Build, train, save, evaluate, publish; the exit code says how it ended."""
     model_args, training_args = recipe.model, recipe.training
-    setup_logging(training_args)
     preemption = PreemptionCallback()
-    callbacks = [preemption]
+    callbacks = [preemption, RecipeSnapshotCallback()]
     if training_args.push_to_hub and training_args.hub_strategy == "every_save":
         callbacks.append(
             HubPushCallback(training_args.hub_model_id, training_args.hub_token, training_args.hub_private_repo)
         )
     try:
-        resume = check_before_loading(training_args)
+        resume = check_before_loading(recipe)
         set_seed(training_args.seed)
         trainer = build_trainer(recipe, callbacks=callbacks)
-    except (RecipeError, DataError, MetricsError, VisionFeaturesError, AdaptationError, ValueError) as error:
+    except LOAD_ERRORS as error:
         preemption.restore_signal_handler()
         logger.error("%s", error)
         return 2
     if trainer.is_world_process_zero():
-        os.makedirs(training_args.output_dir, exist_ok=True)
-        recipe.write_resolved(os.path.join(training_args.output_dir, "recipe.yaml"))
-
+        recipe.write_resolved(os.path.join(training_args.output_dir, RECIPE_FILE))
     try:
-        train_result = trainer.train(resume_from_checkpoint=resume)
-    finally:
-        preemption.restore_signal_handler()
-    detach_vision_features(trainer.model)  # evaluation runs the encoder on pixels; free the store
-    if preemption.received:
-        logger.warning("pre-empted: checkpoint saved at step %s in %s; continue with --resume_from_checkpoint true",
-                       preemption.stopped_at_step, training_args.output_dir)  # fmt: skip
+        try:
+            train_result = trainer.train(resume_from_checkpoint=resume)
+        finally:
+            preemption.restore_signal_handler()
+        detach_vision_features(trainer.model)  # evaluation runs the encoder on pixels; free the store
+        if preemption.received:
+            logger.warning("pre-empted: checkpoint saved at step %s in %s; continue with --resume_from_checkpoint "
+                           "true", preemption.stopped_at_step, training_args.output_dir)  # fmt: skip
+            return PREEMPTED_EXIT_CODE
+        save_outputs(trainer, model_args.merge_lora, train_result.metrics)
+    except (OSError, RuntimeError) as error:
+        if not is_write_failure(error):
+            raise
+        latest = latest_complete_checkpoint(training_args.output_dir)
+        logger.error("could not write to %s: the disk is full (%s). The last complete checkpoint is %s; free space, "
+                     "then continue with --resume_from_checkpoint true", training_args.output_dir,
+                     str(error).splitlines()[0][:200], latest or "none")  # fmt: skip
+        return WRITE_FAILED_EXIT_CODE
+    card_metrics = evaluate_after_training(trainer, recipe)
+    if card_metrics is None:
         return PREEMPTED_EXIT_CODE
-    save_outputs(trainer, model_args.merge_lora, train_result.metrics)
-    card_metrics = final_evaluation(trainer)
     if not trainer.is_world_process_zero():
         return 0
     ciders = [(entry["step"], entry["eval_cider"]) for entry in trainer.state.log_history if "eval_cider" in entry]
     if len(ciders) > 1 and ciders[0][0] == 0:
         logger.info("eval CIDEr %.4f before training -> %.4f after", ciders[0][1], ciders[-1][1])
     return PUSH_FAILED_EXIT_CODE if not publish_run(recipe, card_metrics) else 0
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupt(signum, frame):
+    raise _Interrupted()
+
+
+def evaluate_after_training(trainer, recipe) -> dict | None:
+    """final_evaluation, stopped by SIGTERM (the model is saved by then): None, with how to finish it later."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return final_evaluation(trainer)
+    except _Interrupted:
+        output_dir = recipe.training.output_dir
+        logger.warning(
+            "SIGTERM during the final evaluation: the trained model is saved in %s. Finish the evaluation with: "
+            "blip-recipes evaluate %s --model %s --output_dir %s", output_dir, recipe.path, output_dir,
+            os.path.join(output_dir, "evaluations", "final"),
+        )  # fmt: skip
+        return None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def save_outputs(trainer, merge: bool, train_metrics: dict) -> None:
@@ -136,6 +210,7 @@ def final_evaluation(trainer) -> dict[str, dict]:
     for prefix, dataset in (("eval", trainer.eval_dataset), ("test", trainer.test_dataset)):
         if dataset is None:
             continue
+        logger.info("final evaluation: %s split, %d images", dataset.split.label, len(dataset))
         metrics = trainer.evaluate(dataset, metric_key_prefix=prefix)
         trainer.log_metrics(prefix, metrics)
         trainer.save_metrics(prefix, metrics)

@@ -14,22 +14,27 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
-# A decompression bomb is refused well before it can exhaust memory: 8x a 12k x 12k photo is still allowed.
-MAX_IMAGE_PIXELS = 12_000 * 12_000
+from .choices import MAX_IMAGE_PIXELS
 
 
 class BadImageError(ValueError):
     """An image that cannot be used; the message says why in a few words."""
 
 
-def open_image(source, image_root: str | None = None) -> Image.Image:
-    """Decode `source` (PIL image, path, bytes, or datasets' {'bytes', 'path'} dict) into an RGB PIL image."""
+def open_image(source, image_root: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode `source` (PIL image, path, bytes, or datasets' {'bytes', 'path'} dict) into an RGB PIL image.
+
+    An image that declares more than `max_pixels` pixels is refused from its header, before decoding.
+    """
     try:
         image = _open(source, image_root)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise BadImageError(f"decompression bomb refused ({image.width}x{image.height} pixels)")
+            if image.width * image.height > max_pixels:
+                raise BadImageError(
+                    f"decompression bomb refused: too many pixels ({image.width}x{image.height} = "
+                    f"{image.width * image.height:,}, limit {max_pixels:,})"
+                )
             image.load()
         image = ImageOps.exif_transpose(image)
         return to_rgb(image)
@@ -44,7 +49,9 @@ def open_image(source, image_root: str | None = None) -> Image.Image:
 
 
 def _open(source, image_root: str | None) -> Image.Image:
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    # PIL's own bomb check (a warning above its limit, an error above twice it) stays as a second line; open_image
+    # compares the header with the caller's limit before decoding.
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, MAX_IMAGE_PIXELS)
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, dict):
@@ -76,10 +83,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        array = np.clip(array / top * 255.0, 0, 255).astype(np.uint8)
-        return Image.fromarray(array, mode="L").convert("RGB")
+        return Image.fromarray(_to_uint8(image), mode="L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
@@ -87,6 +91,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _to_uint8(image: Image.Image) -> np.ndarray:
+    """16-bit / 32-bit greyscale -> uint8, scaled so that white stays white, in memory proportional to the image
+    (integer arithmetic for 16-bit: 4 bytes a pixel at most, where a float64 detour took 8 plus temporaries)."""
+    array = np.asarray(image)
+    if image.mode.startswith("I;16"):
+        return (array.astype(np.uint32) * 255 // 65535).astype(np.uint8)
+    top = 65535.0 if array.max() > 255 else 255.0
+    scaled = array.astype(np.float32) * np.float32(255.0 / top)
+    return np.clip(scaled, 0, 255, out=scaled).astype(np.uint8)
 
 
 def normalize_pixels(pixels: torch.Tensor, mean, std) -> torch.Tensor:

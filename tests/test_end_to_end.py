@@ -86,11 +86,7 @@ def test_saved_model_reloads_and_generates_the_same_captions(full_run, shapes_di
     generation = model.generation_config
     assert (generation.num_beams, generation.max_length, generation.min_length) == (3, 20, 3)
     rows = read_jsonl(output_dir / "eval_predictions.jsonl")[:12]
-    metadata = read_jsonl(os.path.join(shapes_dir, "validation", "metadata.jsonl"))
-    images = [
-        open_image(os.path.join(shapes_dir, "validation", metadata[int(row["image_id"].split("-")[1])]["file_name"]))
-        for row in rows
-    ]
+    images = [open_image(os.path.join(shapes_dir, row["image_id"])) for row in rows]  # ids name files (issue 13)
     inputs = processor(images=images, return_tensors="pt")
     with torch.no_grad():
         ids = model.generate(
@@ -141,5 +137,5 @@ def test_test_split_is_not_confused_with_the_eval_split_under_persistent_workers
     # Persistent workers keep one cached loader for the eval split; the test split must not be served from it.
     after_eval = evaluate(tmp_path / "a", "--dataloader_num_workers", "1", "--dataloader_persistent_workers", "true")
     alone = evaluate(tmp_path / "b")
-    assert [r["image_id"] for r in after_eval] == [f"train-{i}" for i in range(8)]
+    assert [r["image_id"] for r in after_eval] == [f"train/{i:05d}.png" for i in range(8)]  # named by file
     assert [r["prediction"] for r in after_eval] == [r["prediction"] for r in alone]

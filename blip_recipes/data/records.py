@@ -5,6 +5,7 @@ every split are checked before training and reported in one complete list (or sk
 without an eval split, a share of the training images (by image, never by row) is held out.
 """
 
+import hashlib
 import logging
 import math
 import os
@@ -12,7 +13,7 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ..transforms import BadImageError, open_image
+from ..transforms import MAX_IMAGE_PIXELS, BadImageError, open_image
 from .sources import DataError, load_raw_splits
 
 logger = logging.getLogger(__name__)
@@ -41,10 +42,11 @@ class BadRow:
 class ImageTable:
     """Random access to the images of one split, by row; decoding errors become `BadImageError`."""
 
-    def __init__(self, dataset, image_column: str, image_root: str | None):
+    def __init__(self, dataset, image_column: str, image_root: str | None, max_pixels: int = MAX_IMAGE_PIXELS):
         self.dataset = dataset
         self.image_column = image_column
         self.image_root = image_root
+        self.max_pixels = max_pixels
 
     def raw(self, row: int):
         return self.dataset[row][self.image_column]
@@ -56,7 +58,7 @@ class ImageTable:
         return value if isinstance(value, str) else f"row {row}"
 
     def load(self, row: int):
-        return open_image(self.raw(row), self.image_root)
+        return open_image(self.raw(row), self.image_root, self.max_pixels)
 
 
 @dataclass
@@ -87,7 +89,9 @@ def _prepare_table(dataset, split: str, data_args, default_root: str | None, sou
     if isinstance(feature, datasets.Image) and feature.decode:
         # Decoding ourselves gives row-level error messages, EXIF orientation and safe mode conversion.
         dataset = dataset.cast_column(data_args.image_column, datasets.Image(decode=False))
-    return ImageTable(dataset, data_args.image_column, data_args.image_root or default_root)
+    return ImageTable(
+        dataset, data_args.image_column, data_args.image_root or default_root, data_args.max_image_pixels
+    )
 
 
 def _caption_list(value) -> tuple[list[str], str | None]:
@@ -108,33 +112,78 @@ def _caption_list(value) -> tuple[list[str], str | None]:
     return [], reasons[0] if reasons else "no captions"
 
 
+def listing(lines: list[str]) -> str:
+    """The first MAX_LISTED_BAD_ROWS lines, and how many more there are."""
+    more = len(lines) - MAX_LISTED_BAD_ROWS
+    return "\n".join(lines[:MAX_LISTED_BAD_ROWS]) + (f"\n  ... and {more} more" if more > 0 else "")
+
+
 def build_records(table: ImageTable, split: str, data_args) -> tuple[list[ImageRecord], list[BadRow]]:
-    """Group rows into images (by image_id_column, else by path, else one image per row) and check captions."""
+    """Group rows into images and check captions: rows with the same image_id_column value, else the same image
+    (the same path, or for stored images the same path inside the Image value, else the same bytes) are one image
+    with all their captions. Rows sharing an image_id but naming different images are an error."""
     dataset = table.dataset
-    captions_column = dataset[data_args.caption_column]
-    if data_args.image_id_column:
-        keys = [str(key) for key in dataset[data_args.image_id_column]]
-    elif _is_string_column(dataset, table.image_column):
-        keys = [str(path) for path in dataset[table.image_column]]
-    else:
-        keys = [f"{split}-{row}" for row in range(len(dataset))]
+    identities, display_ids = image_identities(table, split)
+    keys = [str(key) for key in dataset[data_args.image_id_column]] if data_args.image_id_column else identities
     records: dict[str, ImageRecord] = {}
+    first_identity: dict[str, tuple[int, str]] = {}
+    conflicts: list[str] = []
     bad: list[BadRow] = []
-    for row, (key, cell) in enumerate(zip(keys, captions_column)):
+    for row, (key, cell) in enumerate(zip(keys, dataset[data_args.caption_column])):
+        first_row, identity = first_identity.setdefault(key, (row, identities[row]))
+        if identity != identities[row]:
+            conflicts.append(f"  {data_args.image_id_column} {key!r}: row {first_row} is {display_ids[first_row]}, "
+                             f"row {row} is {display_ids[row]}")  # fmt: skip
+            continue
         captions, reason = _caption_list(cell)
         if reason:
             bad.append(BadRow(split, row, f"{data_args.caption_column}={cell!r}"[:80], reason))
-            continue
-        if key in records:
+        elif key in records:
             records[key].captions.extend(captions)
         else:
-            records[key] = ImageRecord(row=row, image_id=key, captions=captions)
+            records[key] = ImageRecord(row=row, image_id=key if data_args.image_id_column else display_ids[row],
+                                       captions=captions)  # fmt: skip
+    if conflicts:
+        raise DataError(
+            f"split {split!r}: {len(conflicts)} row(s) share an {data_args.image_id_column} with a different image:\n"
+            f"{listing(conflicts)}\nGive each image its own id (or drop image_id_column to group rows by image)."
+        )
     return list(records.values()), bad
 
 
-def _is_string_column(dataset, column: str) -> bool:
-    feature = dataset.features[column]
-    return getattr(feature, "dtype", None) in ("string", "large_string")
+def image_identities(table: ImageTable, split: str) -> tuple[list[str], list[str]]:
+    """Per row: (what makes two rows the same image, how results name it).
+
+    A path string is both. A stored image (datasets' Image value) is the same image as another when its bytes are
+    the same (a hash), or, holding no bytes, when its path is; it is named by its path (relative to the data root
+    when under it), else by split and row."""
+    identities, names = [], []
+    batches = table.dataset.iter(batch_size=1024) if hasattr(table.dataset, "iter") else [table.dataset]
+    row = 0
+    for batch in batches:
+        values = batch[table.image_column] if isinstance(batch, dict) else [item[table.image_column] for item in batch]
+        for value in values:
+            identity, name = _image_identity(value, table.image_root)
+            identities.append(identity or f"{split}-{row}")
+            names.append(name or f"{split}-{row}")
+            row += 1
+    return identities, names
+
+
+def _image_identity(value, root: str | None) -> tuple[str | None, str | None]:
+    if isinstance(value, str):
+        return value, value
+    if not isinstance(value, dict):
+        return None, None
+    path = value.get("path")
+    name = None
+    if path:
+        name = path
+        if root and os.path.isabs(path) and os.path.abspath(path).startswith(os.path.abspath(root) + os.sep):
+            name = os.path.relpath(path, root)
+    if value.get("bytes"):
+        return "sha1:" + hashlib.sha1(value["bytes"]).hexdigest(), name
+    return (os.path.abspath(path) if path else None), name
 
 
 def find_bad_images(table: ImageTable, records: list[ImageRecord], split: str, workers: int | None) -> list[BadRow]:
@@ -154,10 +203,8 @@ def _report_bad_rows(bad: list[BadRow], skip: bool, source: str) -> None:
     if not bad:
         return
     if not skip:
-        listed = "\n".join(str(row) for row in bad[:MAX_LISTED_BAD_ROWS])
-        more = f"\n  ... and {len(bad) - MAX_LISTED_BAD_ROWS} more" if len(bad) > MAX_LISTED_BAD_ROWS else ""
         raise DataError(
-            f"{source}: {len(bad)} bad row(s) found before training:\n{listed}{more}\n"
+            f"{source}: {len(bad)} bad row(s) found before training:\n{listing([str(row) for row in bad])}\n"
             "Fix them, or set skip_bad_samples: true to train and evaluate without them."
         )
     for row in bad:

@@ -4,6 +4,8 @@ Hub ids, imagefolder directories, save_to_disk folders, JSON/JSONL/CSV files or 
 Karpathy files (coco.py) and builtin:shapes.
 """
 
+import csv
+import json
 import os
 
 from ..builtin import is_builtin, resolve_builtin
@@ -41,6 +43,8 @@ def _load_raw_splits(source: str, data_args) -> tuple[dict, str | None]:
         builder = {".json": "json", ".jsonl": "json", ".csv": "csv"}.get(os.path.splitext(source)[1].lower())
         if builder is None:
             raise DataError(f"{source}: unsupported data file; use .json, .jsonl or .csv (or a directory)")
+        if builder == "json":
+            check_json_file(source)
         loaded = datasets.load_dataset(builder, data_files={"train": source})
         return dict(loaded), os.path.dirname(os.path.abspath(source))
     if os.path.isdir(source):
@@ -56,8 +60,11 @@ def _load_raw_splits(source: str, data_args) -> tuple[dict, str | None]:
         split_files = _split_files(source)
         if split_files:
             builder = "csv" if next(iter(split_files.values())).endswith(".csv") else "json"
+            for path in split_files.values() if builder == "json" else ():
+                check_json_file(path)
             return dict(datasets.load_dataset(builder, data_files=split_files)), source
         if _has_imagefolder_metadata(source):
+            check_imagefolder_metadata(source)
             return dict(datasets.load_dataset("imagefolder", data_dir=source)), source
         raise DataError(
             f"{source}: directory is neither a save_to_disk dataset, an imagefolder with metadata.jsonl/metadata.csv, "
@@ -81,3 +88,55 @@ def _has_imagefolder_metadata(directory: str) -> bool:
         if "metadata.jsonl" in files or "metadata.csv" in files:
             return True
     return False
+
+
+def check_json_file(path: str) -> None:
+    """A JSON Lines file (or one JSON document) that datasets can read; else DataError naming the file and line
+    (datasets only says so in a log line and raises a generic error)."""
+    first_bad = _first_bad_json_line(path)
+    if first_bad is None:
+        return  # JSON Lines
+    try:
+        with open(path, encoding="utf-8") as handle:
+            json.load(handle)  # one JSON document (an array of rows, or columns)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        # A file whose first lines are rows is JSON Lines: its first bad line is the one to name.
+        number, message, column = first_bad if first_bad[0] > 1 else (error.lineno, error.msg, error.colno)
+        raise DataError(f"{path}:{number}: not valid JSON ({message} at column {column})") from None
+
+
+def _first_bad_json_line(path: str) -> tuple[int, str, int] | None:
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as error:
+                    return number, error.msg, error.colno
+    return None
+
+
+def check_imagefolder_metadata(directory: str) -> None:
+    """Every metadata file parses, and every file_name stays inside the imagefolder (no ../ or absolute paths)."""
+    root = os.path.realpath(directory)
+    for folder, _dirs, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(folder, name)
+            if name == "metadata.jsonl":
+                check_json_file(path)
+                with open(path, encoding="utf-8") as handle:
+                    rows = [(n, json.loads(line)) for n, line in enumerate(handle, start=1) if line.strip()]
+            elif name == "metadata.csv":
+                with open(path, encoding="utf-8", newline="") as handle:
+                    rows = list(enumerate(csv.DictReader(handle), start=2))
+            else:
+                continue
+            for number, row in rows:
+                file_name = row.get("file_name") if isinstance(row, dict) else None
+                target = os.path.realpath(os.path.join(folder, str(file_name)))
+                if file_name is not None and not target.startswith(root + os.sep):
+                    raise DataError(
+                        f"{path}:{number}: file_name {file_name!r} points outside the imagefolder {directory}"
+                    )

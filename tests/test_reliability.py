@@ -1,0 +1,317 @@
+"""Reliability round 2 (issue 13): secrets, train/eval leakage, bad values and inputs, runs that must not be lost.
+
+Each test fails without its fix; the README's "Reliability and security" section lists what is checked.
+"""
+
+import glob
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from blip_recipes.config import DataArguments, RecipeError
+from blip_recipes.data import DataError, load_caption_splits
+from blip_recipes.recipe_parser import parse_recipe
+from tests.conftest import QUICK, REPO, read_json, run_cli
+
+TOKEN = "hf_SENTINELround2TOKEN0123456789abc"
+
+
+def write(tmp_path, text, name="recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(text) if isinstance(text, str) else path.write_bytes(text)
+    return str(path)
+
+
+# --- security -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "style",
+    [
+        "{model_name_or_path: 'builtin:tiny-blip', training_mode: full, hub_token: TOKEN, learning_rate: 2.0e-3}\n",
+        "model_name_or_path: builtin:tiny-blip\nhub_token: >-\n  TOKEN\nlearning_rate: 2.0e-3\n",
+        "model_name_or_path: builtin:tiny-blip\nhub_token: |\n  TOKEN\nlearning_rate: 2.0e-3\n",
+    ],
+    ids=["flow", "folded-block", "literal-block"],
+)
+def test_a_token_in_any_yaml_style_reaches_no_file_log_or_event(tmp_path, style):
+    recipe = write(tmp_path, style.replace("TOKEN", TOKEN))
+    output_dir = tmp_path / "run"
+    result = run_cli(["train", recipe, "--output_dir", str(output_dir), "--max_steps", "2", *QUICK,
+                      "--report_to", "tensorboard", "--do_eval", "true", "--max_eval_samples", "4",
+                      "--eval_metrics", "bleu", "--save_strategy", "steps", "--save_steps", "2",
+                      "--log_level", "debug"])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert TOKEN not in result.stdout + result.stderr
+    files = [path for path in glob.glob(f"{output_dir}/**/*", recursive=True) if os.path.isfile(path)]
+    assert any("tfevents" in path for path in files) and os.path.isfile(output_dir / "README.md")
+    for path in files:
+        with open(path, "rb") as handle:
+            assert TOKEN.encode() not in handle.read(), path
+    card = (output_dir / "README.md").read_text()
+    assert "learning_rate: 0.002" in card and "hub_token" not in card  # built from parsed values
+
+
+def test_a_token_copied_into_another_key_by_an_alias_is_refused(tmp_path):
+    recipe = write(tmp_path, f"hub_token: &secret {TOKEN}\nrun_name: *secret\n")
+    with pytest.raises(RecipeError, match="key 'run_name' holds the value of a token key"):
+        parse_recipe([recipe])
+
+
+# --- values checked before anything loads -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--learning_rate", "nan"], "learning_rate must be a positive number, got nan"),
+        (["--learning_rate", "inf"], "learning_rate must be a positive number, got inf"),
+        (["--learning_rate", "0"], "learning_rate must be a positive number, got 0.0"),
+        (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be between 1 and 65536, got 0"),
+        (["--per_device_eval_batch_size", "10000000"], "per_device_eval_batch_size must be between 1 and 65536"),
+        (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps must be at least 1, got 0"),
+        (["--num_train_epochs", "0"], r"num_train_epochs must be positive \(or set max_steps\), got 0.0"),
+        (["--label_smoothing_factor", "1.5"], r"label_smoothing_factor must be in \[0, 1\), got 1.5"),
+        (["--generation_num_beams", "0"], "generation_num_beams must be at least 1, got 0"),
+        (["--max_train_samples", "-5"], r"max_train_samples must be at least 1 \(or null for all\), got -5"),
+        (["--max_eval_samples", "-1"], "max_eval_samples must be at least 1"),
+        (["--pad_to_multiple_of", "0"], "pad_to_multiple_of must be at least 1, got 0"),
+        (["--training_mode", "lora", "--lora_alpha", "0"], "lora_alpha must be positive, got 0"),
+        (["--report_to", "wandb"], r"report_to names wandb, which is not installed here \(pip install wandb\)"),
+        (["--max_image_pixels", "0"], "max_image_pixels must be positive"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_key(arguments, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe([os.path.join(REPO, "recipes", "shapes", "full.yaml"), *arguments])
+
+
+def test_epochs_may_be_zero_when_max_steps_is_set():
+    recipe = parse_recipe([os.path.join(REPO, "recipes", "shapes", "full.yaml"), "--num_train_epochs", "0",
+                           "--max_steps", "3"])  # fmt: skip
+    assert recipe.training.max_steps == 3
+
+
+def test_duplicate_keys_and_non_utf8_recipes_are_refused(tmp_path):
+    with pytest.raises(RecipeError, match=r"key 'learning_rate' appears twice \(lines 1 and 3\)"):
+        parse_recipe([write(tmp_path, "learning_rate: 1.0e-4\nseed: 1\nlearning_rate: 2.0e-4\n")])
+    with pytest.raises(RecipeError, match=r"not UTF-8 text \(byte 0xe9 at position 12\)"):
+        parse_recipe([write(tmp_path, b"prompt: 'caf\xe9'\n", "latin1.yaml")])
+
+
+def test_caption_batch_size_must_be_positive(tiny_model_dir, shapes_dir):
+    result = run_cli(["caption", os.path.join(shapes_dir, "validation"), "--model", tiny_model_dir,
+                      "--batch_size", "0"])  # fmt: skip
+    assert result.returncode == 2 and "--batch_size: must be at least 1, got 0" in result.stderr
+
+
+# --- clear errors for bad paths and files, no traceback -----------------------------------------------------------
+
+
+def train_error(tmp_path, *arguments):
+    result = run_cli(["train", "recipes/shapes/full.yaml", "--output_dir", str(tmp_path / "run"), *QUICK,
+                      "--max_steps", "1", *arguments])  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in log, log[-3000:]
+    return log
+
+
+def test_unusable_output_dirs_and_model_paths_are_named(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    assert f"output_dir {tmp_path / 'a-file'} is a file" in train_error(tmp_path, "--output_dir",
+                                                                        str(tmp_path / "a-file"))  # fmt: skip
+    assert "output_dir /proc/blip-recipes-test is not writable" in train_error(
+        tmp_path, "--output_dir", "/proc/blip-recipes-test"
+    )
+    missing = str(tmp_path / "no-such-model")
+    assert f"model_name_or_path {missing}: no such directory" in train_error(tmp_path, "--model_name_or_path", missing)
+    log = train_error(tmp_path, "--model_name_or_path", "someone/not-cached-blip")  # the tests run offline
+    assert "not in the local cache while offline" in log
+
+
+def test_a_model_without_its_tokenizer_files_is_refused(tmp_path, tiny_model_dir):
+    broken = tmp_path / "no-tokenizer"
+    broken.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors", "processor_config.json"):
+        shutil.copy(os.path.join(tiny_model_dir, name), broken)
+    log = train_error(tmp_path, "--model_name_or_path", str(broken))
+    assert "the tokenizer has 5 tokens but the model's text decoder has 117" in log
+
+
+def test_json_lines_with_a_bad_line_name_the_file_and_line(tmp_path, shapes_dir):
+    from tests.test_data import make_jsonl_dataset
+
+    path = make_jsonl_dataset(tmp_path, shapes_dir, rows=6)
+    lines = open(path).read().splitlines()
+    lines[3] = lines[3][:-1]  # a truncated row
+    open(path, "w").write("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"data.jsonl:4: not valid JSON"):
+        load_caption_splits(DataArguments(dataset_name=path, caption_column="caption"), 0, False)
+
+
+def test_imagefolder_file_names_outside_the_folder_are_refused(tmp_path, shapes_dir):
+    folder = tmp_path / "folder"
+    shutil.copytree(os.path.join(shapes_dir, "validation"), folder)
+    rows = [json.loads(line) for line in open(folder / "metadata.jsonl")]
+    rows[2]["file_name"] = "../../../etc/hostname"
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(DataError, match=r"metadata.jsonl:3: file_name '../../../etc/hostname' points outside"):
+        load_caption_splits(DataArguments(dataset_name=str(folder)), 0, False)
+
+
+# --- data integrity -----------------------------------------------------------------------------------------------
+
+
+def duplicated_imagefolder(tmp_path, shapes_dir, images=20):
+    """An imagefolder where every image is listed on three rows, one caption each (as Hub datasets often are)."""
+    folder = tmp_path / "dup"
+    folder.mkdir()
+    rows = [json.loads(line) for line in open(os.path.join(shapes_dir, "train", "metadata.jsonl"))][:images]
+    with open(folder / "metadata.jsonl", "w") as handle:
+        for row in rows:
+            shutil.copy(os.path.join(shapes_dir, "train", row["file_name"]), folder)
+            for caption in row["text"]:
+                handle.write(json.dumps({"file_name": row["file_name"], "text": caption}) + "\n")
+    return folder
+
+
+def test_imagefolder_rows_of_one_image_are_one_image_and_never_on_both_sides(tmp_path, shapes_dir):
+    folder = duplicated_imagefolder(tmp_path, shapes_dir)
+    data = load_caption_splits(DataArguments(dataset_name=str(folder), validation_split_percentage=25), 0, True)
+    train, evaluation = data.train, data.evaluation
+    assert len(train.records) + len(evaluation.records) == 20 and len(evaluation.records) == 5
+    assert all(len(record.captions) == 3 for record in train.records + evaluation.records)
+    assert not {r.image_id for r in train.records} & {r.image_id for r in evaluation.records}
+    assert evaluation.records[0].image_id.endswith(".png")  # named by file, not "train-5"
+
+
+def test_stored_images_are_grouped_by_content(tmp_path, shapes_dir):
+    """A save_to_disk dataset whose Image values carry bytes (as Hub parquet does): the same bytes, one image."""
+    import datasets
+
+    folder = duplicated_imagefolder(tmp_path, shapes_dir, images=8)
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(folder))["train"]
+    embedded = datasets.Dataset.from_dict(
+        {"image": [{"bytes": open(item["path"], "rb").read(), "path": None}
+                   for item in loaded.cast_column("image", datasets.Image(decode=False))["image"]],
+         "text": loaded["text"]},
+        features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}),
+    )  # fmt: skip
+    embedded.save_to_disk(str(tmp_path / "saved"))
+    data = load_caption_splits(DataArguments(dataset_name=str(tmp_path / "saved"), validation_split_percentage=25),
+                               0, True)  # fmt: skip
+    assert len(data.train.records) + len(data.evaluation.records) == 8
+    assert all(len(record.captions) == 3 for record in data.train.records)
+
+
+def test_rows_sharing_an_image_id_but_naming_different_files_are_an_error(tmp_path, shapes_dir):
+    from tests.test_data import make_jsonl_dataset
+
+    path = make_jsonl_dataset(tmp_path, shapes_dir, rows=4)
+    rows = [json.loads(line) for line in open(path)]
+    for number, row in enumerate(rows):
+        row["image_id"] = number // 2  # rows 0/1 and 2/3 share an id but are different files
+    open(path, "w").write("".join(json.dumps(row) + "\n" for row in rows))
+    args = DataArguments(dataset_name=path, caption_column="caption", image_id_column="image_id")
+    with pytest.raises(DataError, match=r"2 row\(s\) share an image_id with a different image:\n  image_id '0': "
+                                        r"row 0 is images/00000.png, row 1 is images/00001.png"):  # fmt: skip
+        load_caption_splits(args, 0, False)
+
+
+# --- runs that must not be lost or mislabelled --------------------------------------------------------------------
+
+
+def test_a_second_run_into_a_locked_output_dir_is_refused_and_a_stale_lock_is_recovered(tmp_path):
+    import socket
+
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    lock = output_dir / ".blip-recipes.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": "then",
+                                    "command": "blip-recipes train other.yaml"}))  # fmt: skip
+        log = train_error(tmp_path, "--overwrite_output_dir", "true")
+        assert f"is in use by another run: pid {holder.pid}" in log and "blip-recipes train other.yaml" in log
+    finally:
+        holder.kill()
+        holder.wait()
+    result = run_cli(["train", "recipes/shapes/full.yaml", "--output_dir", str(output_dir), *QUICK, "--max_steps",
+                      "1", "--overwrite_output_dir", "true"])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "removing a stale lock" in result.stdout + result.stderr and not lock.exists()
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("checkpointed")
+    result = run_cli(["train", "recipes/shapes/full.yaml", "--output_dir", str(output_dir), *QUICK, "--max_steps",
+                      "2", "--save_strategy", "steps", "--save_steps", "2"])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return output_dir
+
+
+def test_resuming_with_a_changed_recipe_is_refused_listing_the_keys(checkpointed_run):
+    resume = ["--output_dir", str(checkpointed_run), *QUICK, "--max_steps", "4", "--resume_from_checkpoint", "true"]
+    before = (checkpointed_run / "recipe.yaml").read_text()
+    changed_rate = run_cli(["train", "recipes/shapes/full.yaml", *resume, "--learning_rate", "0.5"])
+    assert changed_rate.returncode == 2 and "learning_rate: 0.002 -> 0.5" in changed_rate.stdout
+    other_mode = run_cli(["train", "recipes/shapes/lora.yaml", *resume])
+    log = other_mode.stdout + other_mode.stderr
+    assert other_mode.returncode == 2 and "training_mode: 'full' -> 'lora'" in log and "Traceback" not in log
+    assert (checkpointed_run / "recipe.yaml").read_text() == before  # nothing recorded for runs that did not run
+
+
+def test_a_full_disk_during_a_save_is_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, checkpointed_run):
+    from blip_recipes.checkpoints import latest_complete_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpointed_run, run)
+
+    def small_files():  # the optimizer state (1.7 MB) no longer fits, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_500_000, 1_500_000))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "blip_recipes.cli", "train", "recipes/shapes/full.yaml", "--output_dir", str(run),
+         *QUICK, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--resume_from_checkpoint",
+         "true"],
+        cwd=REPO, capture_output=True, text=True, preexec_fn=small_files, timeout=600,
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 4, log[-3000:]
+    assert "the disk is full" in log and "Traceback" not in log and "basic_ios" not in log.split("disk is full")[0]
+    assert f"The last complete checkpoint is {run / 'checkpoint-2'}" in log
+    assert latest_complete_checkpoint(str(run)) == str(run / "checkpoint-2")
+
+
+def test_sigterm_during_the_final_evaluation_exits_143_with_the_model_saved(tmp_path):
+    output_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "blip_recipes.cli", "train", "recipes/shapes/full.yaml", "--output_dir",
+         str(output_dir), *QUICK, "--max_steps", "2", "--do_eval", "true"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "final evaluation:" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    lines.append(process.stdout.read())
+    process.wait(timeout=300)
+    log = "".join(lines)
+    assert process.returncode == 143, log[-3000:]
+    assert "SIGTERM during the final evaluation" in log and "blip-recipes evaluate recipes/shapes/full.yaml" in log
+    assert os.path.isfile(output_dir / "model.safetensors") and not os.path.exists(output_dir / "eval_results.json")
+    finish = run_cli(["evaluate", "recipes/shapes/full.yaml", "--model", str(output_dir), "--output_dir",
+                      str(output_dir / "evaluations" / "final"), "--max_eval_samples", "6",
+                      "--eval_metrics", "bleu"])  # fmt: skip
+    assert finish.returncode == 0, finish.stderr[-2000:]
+    assert "validation_bleu_4" in read_json(output_dir / "evaluations" / "final" / "eval_results.json")
