@@ -95,12 +95,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def _to_uint8(image: Image.Image) -> np.ndarray:
     """16-bit / 32-bit greyscale -> uint8, scaled so that white stays white, in memory proportional to the image
-    (integer arithmetic for 16-bit: 4 bytes a pixel at most, where a float64 detour took 8 plus temporaries)."""
+    (in-place integer arithmetic for 16-bit: about 7 bytes a pixel at the peak, where a float64 detour took 24)."""
     array = np.asarray(image)
     if image.mode.startswith("I;16"):
-        return (array.astype(np.uint32) * 255 // 65535).astype(np.uint8)
+        wide = array.astype(np.uint32)
+        wide *= 255
+        wide //= 65535
+        return wide.astype(np.uint8)
     top = 65535.0 if array.max() > 255 else 255.0
-    scaled = array.astype(np.float32) * np.float32(255.0 / top)
+    scaled = array.astype(np.float32)
+    scaled *= np.float32(255.0 / top)
     return np.clip(scaled, 0, 255, out=scaled).astype(np.uint8)
 
 

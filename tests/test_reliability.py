@@ -315,3 +315,37 @@ def test_sigterm_during_the_final_evaluation_exits_143_with_the_model_saved(tmp_
                       "--eval_metrics", "bleu"])  # fmt: skip
     assert finish.returncode == 0, finish.stderr[-2000:]
     assert "validation_bleu_4" in read_json(output_dir / "evaluations" / "final" / "eval_results.json")
+
+
+# --- pixel caps and 16-bit memory ---------------------------------------------------------------------------------
+
+
+def test_training_validation_refuses_images_over_max_image_pixels(shapes_dir):
+    args = DataArguments(dataset_name=shapes_dir, max_image_pixels=100 * 100, skip_bad_samples=False)
+    with pytest.raises(DataError, match=r"decompression bomb refused: too many pixels \(128x128 = 16,384, limit"):
+        load_caption_splits(args, 0, True)
+
+
+def test_caption_refuses_images_over_max_image_pixels(tiny_model_dir, shapes_dir):
+    image = os.path.join(shapes_dir, "validation", "00000.png")
+    result = run_cli(["caption", image, "--model", tiny_model_dir, "--max_image_pixels", "10000"])
+    assert result.returncode == 1 and "too many pixels (128x128 = 16,384, limit 10,000)" in result.stderr
+
+
+def test_16_bit_images_convert_in_memory_proportional_to_the_image():
+    import tracemalloc
+
+    import numpy as np
+    from PIL import Image
+
+    from blip_recipes.transforms import to_rgb
+
+    side = 1500
+    image = Image.fromarray(np.full((side, side), 65535, dtype=np.uint16))
+    assert image.mode.startswith("I;16")
+    tracemalloc.start()
+    rgb = to_rgb(image)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert rgb.getpixel((7, 7)) == (255, 255, 255)
+    assert peak < 10 * side * side, peak  # bytes per pixel; the float64 detour took over 24
