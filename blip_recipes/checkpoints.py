@@ -80,12 +80,20 @@ class PreemptionCallback(TrainerCallback):
 
     Under several processes the flag is all-reduced at every step end, so all ranks stop at the same step even if
     the signal reached only some of them (a rank that stopped alone would hang the others in their next collective).
+    The flag is a CPU tensor all-reduced over a gloo group (the default group when it is gloo, else one made for
+    it): reading it never waits for the GPU, so the check adds no host-device sync to a step.
     """
 
     def __init__(self):
         self.received = False
         self.stopped_at_step: int | None = None
+        self.group = None
         self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        dist = torch.distributed
+        if args.world_size > 1 and dist.is_initialized() and dist.get_backend() != "gloo":
+            self.group = dist.new_group(backend="gloo")  # collective: every rank runs on_train_begin
 
     def _on_sigterm(self, signum, frame):
         if not self.received:
@@ -95,8 +103,8 @@ class PreemptionCallback(TrainerCallback):
     def _any_rank_received(self, args) -> bool:
         if args.world_size <= 1 or not torch.distributed.is_initialized():
             return self.received
-        flag = torch.tensor([1.0 if self.received else 0.0], device=args.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)  # on the CPU, whatever args.device is
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -179,6 +179,13 @@ class CaptionTrainingArguments(Seq2SeqTrainingArguments):
     predict_with_generate: bool = field(default=True, metadata={"help": "Evaluation always generates captions."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "The collator needs every field."})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Trackers, e.g. tensorboard."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "DDP's search for parameters without gradients. Off: in every training mode each trainable "
+            "parameter gets a gradient every step, and the search costs a graph traversal per step."
+        },
+    )
     logging_nan_inf_filter: bool = field(
         default=False,
         metadata={
@@ -366,6 +373,11 @@ def check_combinations(recipe: Recipe) -> None:
             "cache_vision_features runs on one device or under DDP, not with FSDP or DeepSpeed (they shard the "
             "encoder it runs before training)",
         )
+    check(
+        not (training.use_cpu and (training.fsdp or _env_flag("ACCELERATE_USE_FSDP"))),
+        "FSDP needs GPUs: on the CPU accelerate drops the FSDP plugin and runs plain data parallelism, which shards "
+        "nothing; on a CPU use accelerate_configs/multi_gpu.yaml (DDP over gloo) or DeepSpeed",
+    )
 
 
 def _env_flag(name: str) -> bool:

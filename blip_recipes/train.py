@@ -37,7 +37,7 @@ from .checkpoints import (
 from .config import RecipeError, wants_evaluation
 from .data import DataError
 from .hub import HubPushCallback, metric_results, publish_run
-from .metrics import MetricsError, check_metric_requirements
+from .metrics import METRIC_KEYS, MetricsError, check_metric_requirements
 from .model import ModelError, check_model_source, merge_lora
 from .recipe_parser import parse_recipe, recipe_argument_parser
 from .vision_features import VisionFeaturesError
@@ -205,13 +205,21 @@ def save_outputs(trainer, merge: bool, train_metrics: dict) -> None:
 
 
 def final_evaluation(trainer) -> dict[str, dict]:
-    """Score the final model on the eval and test splits; returns {split label: metrics} for the model card."""
+    """Score the final model on the eval and test splits; returns {split label: metrics} for the model card.
+
+    An evaluation the Trainer already ran at the final step (eval_strategy epoch or steps) is reused, not repeated.
+    """
     card_metrics = {}
     for prefix, dataset in (("eval", trainer.eval_dataset), ("test", trainer.test_dataset)):
         if dataset is None:
             continue
-        logger.info("final evaluation: %s split, %d images", dataset.split.label, len(dataset))
-        metrics = trainer.evaluate(dataset, metric_key_prefix=prefix)
+        metrics = _evaluation_at_final_step(trainer, prefix)
+        if metrics is None:
+            logger.info("final evaluation: %s split, %d images", dataset.split.label, len(dataset))
+            metrics = trainer.evaluate(dataset, metric_key_prefix=prefix)
+        else:
+            logger.info("final evaluation: the %s split was scored at this step already; its results are kept",
+                        dataset.split.label)  # fmt: skip
         trainer.log_metrics(prefix, metrics)
         trainer.save_metrics(prefix, metrics)
         card_metrics[dataset.split.label] = metric_results(metrics, prefix)
@@ -221,6 +229,18 @@ def final_evaluation(trainer) -> dict[str, dict]:
                 os.path.join(trainer.args.output_dir, f"{prefix}_predictions.jsonl"),
             )
     return card_metrics
+
+
+def _evaluation_at_final_step(trainer, prefix: str) -> dict | None:
+    """The metrics of an evaluation of this split at the final step, when the model evaluated is the final one."""
+    if trainer.args.load_best_model_at_end:  # the final model may be an earlier checkpoint's
+        return None
+    step = trainer.state.global_step
+    scored = {f"{prefix}_{name}" for name in METRIC_KEYS}
+    entries = [entry for entry in trainer.state.log_history if entry.get("step") == step and scored & set(entry)]
+    if not entries or not os.path.isfile(os.path.join(trainer.evaluation_dir(prefix), "predictions.jsonl")):
+        return None
+    return {key: value for key, value in entries[-1].items() if key.startswith(f"{prefix}_") or key == "epoch"}
 
 
 if __name__ == "__main__":

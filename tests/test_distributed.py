@@ -26,6 +26,7 @@ def test_two_process_training_and_evaluation(tmp_path, shapes_dir):
     assert result.returncode == 0, log[-4000:]
     assert len(re.findall(r"processes: world_size=2 \(distributed", log)) == 2  # both ranks, one job
     assert "weights identical on all 2 processes" in log
+    assert "find_unused_parameters=True was specified" not in log  # no per-step graph search for unused parameters
     # Two evaluations (step 0 and final), each scored exactly once although both ranks generate and log at info.
     assert len(re.findall(r"scored 60 captions on process 0", log)) == 2
     assert "on process 1" not in log
@@ -67,3 +68,31 @@ def test_two_processes_share_one_feature_store(tmp_path, shapes_dir):
     assert len(re.findall(r"encoding 480 training images once \(240 on this process\)", log)) == 2
     assert "weights identical on all 2 processes" in log
     assert read_json(output_dir / "trainer_state.json")["global_step"] == 6
+
+
+def test_two_machines_started_in_the_unlucky_order(tmp_path):
+    """Two "machines" on localhost, one process each, each with its own empty cache (separate file systems), machine
+    1 started first: each generates its builtin model and data itself and they train as one job of world size 2."""
+    import subprocess
+    import time
+
+    def machine(rank):
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+                   "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+                   "--main_process_port", "29623", "-m", "blip_recipes.cli", "train", "recipes/shapes/full.yaml",
+                   "--output_dir", str(tmp_path / "run"), "--max_steps", "3", *QUICK,
+                   "--per_device_train_batch_size", "8", "--log_level_replica", "info"]  # fmt: skip
+        env = {**os.environ, "BLIP_RECIPES_CACHE": str(tmp_path / f"cache-{rank}"), "PYTHONUNBUFFERED": "1"}
+        return subprocess.Popen(command, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+    second = machine(1)
+    time.sleep(5)
+    first = machine(0)
+    logs = [process.communicate(timeout=600)[0] for process in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, logs[0][-3000:] + logs[1][-3000:]
+    for log in logs:
+        assert "processes: world_size=2 (distributed" in log
+    assert "weights identical on all 2 processes" in logs[0]
+    assert all(os.path.isfile(tmp_path / f"cache-{rank}" / "tiny-blip-v1" / "model.safetensors") for rank in (0, 1))
+    assert read_json(tmp_path / "run" / "trainer_state.json")["global_step"] == 3

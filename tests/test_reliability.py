@@ -6,6 +6,7 @@ Each test fails without its fix; the README's "Reliability and security" section
 import glob
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -349,3 +350,61 @@ def test_16_bit_images_convert_in_memory_proportional_to_the_image():
     tracemalloc.stop()
     assert rgb.getpixel((7, 7)) == (255, 255, 255)
     assert peak < 10 * side * side, peak  # bytes per pixel; the float64 detour took over 24
+
+
+# --- engines: what a launch asks for is what runs -----------------------------------------------------------------
+
+
+def test_fsdp_on_the_cpu_is_refused_not_silently_run_as_ddp(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file fsdp.yaml` sets
+    with pytest.raises(RecipeError, match="FSDP needs GPUs: on the CPU accelerate drops the FSDP plugin"):
+        parse_recipe([os.path.join(REPO, "recipes", "shapes", "full.yaml"), "--output_dir", str(tmp_path)])
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                os.path.join(REPO, "accelerate_configs", "fsdp.yaml"), "--num_processes", "2",
+                "--main_process_port", "29627", "-m", "blip_recipes.cli"]  # fmt: skip
+    result = run_cli(["train", "recipes/shapes/full.yaml", "--output_dir", str(tmp_path / "run"), *QUICK,
+                      "--max_steps", "2"], launcher=launcher)  # fmt: skip
+    assert result.returncode != 0 and "FSDP needs GPUs" in result.stdout + result.stderr
+    assert not os.path.exists(tmp_path / "run" / "model.safetensors")
+
+
+def test_the_preemption_flag_never_touches_the_training_device(monkeypatch):
+    """The flag is all-reduced as a CPU tensor (over gloo): on a GPU run, reading it never waits for the GPU."""
+    import torch
+    import torch.distributed as dist
+
+    from blip_recipes.checkpoints import PreemptionCallback
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        callback = PreemptionCallback()
+        callback.restore_signal_handler()
+        devices = []
+        real_all_reduce = dist.all_reduce
+        monkeypatch.setattr(dist, "all_reduce", lambda tensor, *a, **k: devices.append(tensor.device)
+                            or real_all_reduce(tensor, *a, **k))  # fmt: skip
+
+        class Args:
+            world_size = 2  # as on a multi-GPU run
+            device = torch.device("meta")  # stands for the GPU: any tensor put there could not be read back
+
+        assert callback._any_rank_received(Args()) is False
+        callback.received = True
+        assert callback._any_rank_received(Args()) is True
+        assert devices == [torch.device("cpu"), torch.device("cpu")]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_evaluation_at_the_final_step_is_not_repeated(tmp_path):
+    result = run_cli(["train", "recipes/shapes/full.yaml", "--output_dir", str(tmp_path / "run"), *QUICK,
+                      "--max_train_samples", "32", "--num_train_epochs", "1", "--eval_strategy", "epoch",
+                      "--eval_metrics", "bleu,cider", "--log_level", "info"])  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert len(re.findall(r"scored 60 captions", log)) == 1 and "was scored at this step already" in log
+    results = read_json(tmp_path / "run" / "eval_results.json")
+    history = read_json(tmp_path / "run" / "trainer_state.json")["log_history"]
+    assert results["eval_cider"] == next(entry["eval_cider"] for entry in history if "eval_cider" in entry)
+    assert os.path.isfile(tmp_path / "run" / "eval_predictions.jsonl")
