@@ -21,8 +21,8 @@ from .data import (
     CaptionTrainDataset,
     ResizedImageCache,
     image_cache_dir,
-    load_caption_splits,
 )
+from .data.records import check_images, collect_splits, drop_bad_rows
 from .model import (
     apply_training_mode,
     check_model_source,
@@ -48,12 +48,17 @@ class CaptionDatasets:
 
 
 def load_data(recipe: Recipe, need_train: bool) -> CaptionData:
-    """The recipe's splits, loaded and checked (process 0 first: it fills the datasets cache the others read)."""
-    training = recipe.training
-    with training.main_process_first(desc="loading and checking the dataset"):
-        return load_caption_splits(
-            recipe.data, training.seed, need_eval=not need_train or wants_evaluation(training), need_train=need_train
-        )
+    """The recipe's splits, loaded (process 0 first: it fills the datasets cache the others read) and checked once
+    per job (the processes share the image decoding; the result is cached for later runs)."""
+    data_args, training = recipe.data, recipe.training
+    need_eval = not need_train or wants_evaluation(training)
+    with training.main_process_first(desc="loading the dataset"):
+        data, bad_rows = collect_splits(data_args, training.seed, need_eval=need_eval, need_train=need_train)
+    if data_args.validate_images:
+        progress = training.local_process_index == 0 and not training.disable_tqdm
+        bad_rows += check_images(data, data_args.preprocessing_num_workers, training.process_index,
+                                 training.world_size, progress)  # fmt: skip
+    return drop_bad_rows(data, bad_rows, data_args)
 
 
 def image_transform(image_processor, augmentation: str = "none") -> ImageTransform:

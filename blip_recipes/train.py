@@ -40,6 +40,7 @@ from .hub import HubPushCallback, metric_results, publish_run
 from .metrics import METRIC_KEYS, MetricsError, check_metric_requirements
 from .model import ModelError, check_model_source, merge_lora
 from .recipe_parser import parse_recipe, recipe_argument_parser
+from .trainer import EvaluationInterrupted
 from .vision_features import VisionFeaturesError
 
 logger = logging.getLogger("blip_recipes")
@@ -165,20 +166,17 @@ def run(recipe) -> int:
     return PUSH_FAILED_EXIT_CODE if not publish_run(recipe, card_metrics) else 0
 
 
-class _Interrupted(Exception):
-    pass
-
-
-def _interrupt(signum, frame):
-    raise _Interrupted()
-
-
 def evaluate_after_training(trainer, recipe) -> dict | None:
-    """final_evaluation, stopped by SIGTERM (the model is saved by then): None, with how to finish it later."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    """final_evaluation, stopped by SIGTERM (the model is saved by then): None, with how to finish it later.
+
+    The signal only sets a flag that the evaluation polls between caption batches and before scoring: raising from
+    a signal handler could land anywhere (inside a logging call, which swallows it)."""
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    trainer.stop_requested = lambda: bool(received)
     try:
         return final_evaluation(trainer)
-    except _Interrupted:
+    except EvaluationInterrupted:
         output_dir = recipe.training.output_dir
         logger.warning(
             "SIGTERM during the final evaluation: the trained model is saved in %s. Finish the evaluation with: "
@@ -188,6 +186,7 @@ def evaluate_after_training(trainer, recipe) -> dict | None:
         return None
     finally:
         signal.signal(signal.SIGTERM, previous)
+        trainer.stop_requested = lambda: False
 
 
 def save_outputs(trainer, merge: bool, train_metrics: dict) -> None:

@@ -42,6 +42,10 @@ def caption_loss(outputs, labels, num_items_in_batch=None, label_smoothing: floa
     return loss / count
 
 
+class EvaluationInterrupted(Exception):
+    """`stop_requested` said stop (SIGTERM) during an evaluation; nothing of it was written."""
+
+
 class CaptionTrainer(Seq2SeqTrainer):
     """Evaluation generates one caption per image (sharded over processes), gathers them, scores them once on
     the main process against all references, writes predictions / per-image scores / caption grids, and gives
@@ -62,6 +66,8 @@ class CaptionTrainer(Seq2SeqTrainer):
         self.caption_collator = caption_collator
         self.test_dataset = test_dataset
         self.evaluation_layout = evaluation_layout
+        # Polled between caption batches and before scoring; True stops the evaluation (EvaluationInterrupted).
+        self.stop_requested = lambda: False
         self.add_callback(ReplicaCheckCallback())
         logger.info(
             "processes: world_size=%d (%s, device %s)",
@@ -109,6 +115,8 @@ class CaptionTrainer(Seq2SeqTrainer):
         from tqdm.auto import tqdm
 
         for batch in tqdm(dataloader, desc="generating captions", disable=not progress, leave=False):
+            if self.stop_requested():
+                raise EvaluationInterrupted()
             pixel_values = batch["pixel_values"].to(args.device)
             prefix = self.caption_collator.prompt_ids(len(pixel_values), device=args.device)
             with self.accelerator.autocast():
@@ -138,6 +146,8 @@ class CaptionTrainer(Seq2SeqTrainer):
         generated = self.generate_for_dataset(dataset)
         generation_seconds = time.time() - start_time
         metrics: dict = {}
+        if self.stop_requested():
+            raise EvaluationInterrupted()
         if self.is_world_process_zero():
             order = sorted(generated)
             predictions = decode_captions(self.caption_collator.tokenizer, [generated[i] for i in order])

@@ -144,3 +144,23 @@ def test_resized_image_cache_is_exact_and_reused(tmp_path, shapes_dir):
     import pickle
 
     assert torch.equal(pickle.loads(pickle.dumps(cache))[3], cache[3])  # workers re-open the map by path
+
+
+def test_image_checks_are_cached_by_fingerprint(tmp_path, shapes_dir, monkeypatch):
+    """A second load of unchanged data decodes nothing; a changed file is checked again."""
+    from blip_recipes.data.records import ImageTable
+
+    path = make_jsonl_dataset(tmp_path, shapes_dir, rows=6)
+    args = DataArguments(dataset_name=path, caption_column="caption")
+    decoded = []
+    real_load = ImageTable.load
+    monkeypatch.setattr(ImageTable, "load", lambda table, row: decoded.append(row) or real_load(table, row))
+    load_caption_splits(args, 0, False)
+    assert len(decoded) == 6
+    load_caption_splits(args, 0, False)
+    assert len(decoded) == 6  # cached: nothing decoded again
+    image = sorted(os.listdir(tmp_path / "images"))[2]
+    (tmp_path / "images" / image).write_bytes(b"not a png any more")
+    with pytest.raises(DataError, match=f"images/{image}"):
+        load_caption_splits(args, 0, False)
+    assert len(decoded) == 12

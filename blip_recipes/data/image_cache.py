@@ -1,7 +1,5 @@
 """The resized-image cache (`image_cache: true`): each image decoded and resized once into a memory-mapped file."""
 
-import hashlib
-import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -10,8 +8,8 @@ import numpy as np
 import torch
 
 from ..builtin import cache_root
-from ..transforms import ImageTransform, resolve_image_path
-from .records import CaptionSplit
+from ..transforms import ImageTransform
+from .records import CaptionSplit, split_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -51,19 +49,7 @@ class ResizedImageCache:
     def build(cls, split: CaptionSplit, transform: ImageTransform, directory: str, workers: int | None = None):
         os.makedirs(directory, exist_ok=True)
         height, width = transform.size
-        identity = [split.label, height, width, transform.resample]
-        for record in split.records:
-            raw = split.table.raw(record.row)
-            path = raw if isinstance(raw, str) else (raw.get("path") if isinstance(raw, dict) else None)
-            resolved = resolve_image_path(path, split.table.image_root) if path else None
-            if resolved and os.path.exists(resolved):
-                stat = os.stat(resolved)
-                identity.append([resolved, stat.st_size, stat.st_mtime_ns])
-            elif isinstance(raw, dict) and raw.get("bytes"):
-                identity.append(hashlib.sha1(raw["bytes"]).hexdigest())
-            else:
-                identity.append([record.image_id, record.row, repr(raw)[:200]])
-        key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
+        key = split_fingerprint(split, height, width, transform.resample)
         final = os.path.join(directory, f"{key}.npy")
         if not os.path.isfile(final):
             staging = f"{final}.{os.getpid()}.tmp"

@@ -5,7 +5,9 @@ every split are checked before training and reported in one complete list (or sk
 without an eval split, a share of the training images (by image, never by row) is held out.
 """
 
+import dataclasses
 import hashlib
+import json
 import logging
 import math
 import os
@@ -13,7 +15,8 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ..transforms import MAX_IMAGE_PIXELS, BadImageError, open_image
+from ..builtin import cache_root
+from ..transforms import MAX_IMAGE_PIXELS, BadImageError, open_image, resolve_image_path
 from .sources import DataError, load_raw_splits
 
 logger = logging.getLogger(__name__)
@@ -186,7 +189,9 @@ def _image_identity(value, root: str | None) -> tuple[str | None, str | None]:
     return (os.path.abspath(path) if path else None), name
 
 
-def find_bad_images(table: ImageTable, records: list[ImageRecord], split: str, workers: int | None) -> list[BadRow]:
+def find_bad_images(
+    table: ImageTable, records: list[ImageRecord], split: str, workers: int | None, progress: bool = False
+) -> list[BadRow]:
     def check(record: ImageRecord):
         try:
             table.load(record.row)
@@ -194,9 +199,101 @@ def find_bad_images(table: ImageTable, records: list[ImageRecord], split: str, w
             return BadRow(split, record.row, table.describe(record.row), str(error))
         return None
 
+    from tqdm.auto import tqdm
+
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes without the GIL
-        return [bad for bad in pool.map(check, records) if bad is not None]
+        results = tqdm(pool.map(check, records), total=len(records), desc=f"checking images ({split})",
+                       disable=not progress, leave=False)  # fmt: skip
+        return [bad for bad in results if bad is not None]
+
+
+IMAGE_CHECK_VERSION = 1  # bump when what makes an image bad changes: older cached results are then ignored
+
+
+def record_identity(table: ImageTable, record: ImageRecord):
+    """What an image is, for caches: its file (path, size, mtime), else a hash of its bytes, else its row."""
+    raw = table.raw(record.row)
+    path = raw if isinstance(raw, str) else (raw.get("path") if isinstance(raw, dict) else None)
+    resolved = resolve_image_path(path, table.image_root) if path else None
+    if resolved and os.path.exists(resolved):
+        stat = os.stat(resolved)
+        return [resolved, stat.st_size, stat.st_mtime_ns]
+    if isinstance(raw, dict) and raw.get("bytes"):
+        return hashlib.sha1(raw["bytes"]).hexdigest()
+    return [record.image_id, record.row, repr(raw)[:200]]
+
+
+def split_fingerprint(split: CaptionSplit, *extra) -> str:
+    identity = [split.label, *extra, *(record_identity(split.table, record) for record in split.records)]
+    return hashlib.sha256(json.dumps(identity, default=str).encode()).hexdigest()[:24]
+
+
+def check_images(
+    data: "CaptionData", workers: int | None = None, process_index: int = 0, world_size: int = 1,
+    progress: bool = True,
+) -> list[BadRow]:  # fmt: skip
+    """Decode every image once, per job: under several processes each checks every world_size-th image and the
+    results are gathered. The outcome is cached by the split's fingerprint (its files' paths, sizes and mtimes or
+    bytes, and the pixel limit), so a resumed or repeated run does not decode the dataset again."""
+    bad: list[BadRow] = []
+    for split in data.splits():
+        cache = None
+        if process_index == 0:
+            key = split_fingerprint(split, split.table.max_pixels, IMAGE_CHECK_VERSION)
+            cache = os.path.join(cache_root(), "image-checks", f"{key}.json")
+        cached = _broadcast(_read_bad_rows(cache) if cache else None, world_size)
+        if cached is not None:
+            logger.info("images of split %r: checked before (%d bad), not decoded again", split.label, len(cached))
+            bad += cached
+            continue
+        own = split.records[process_index::world_size]
+        logger.info("checking %d images of split %r (%d on this process)", len(split.records), split.label, len(own))
+        found = find_bad_images(split.table, own, split.name, workers, progress)
+        found = [row for rows in _gather(found, world_size) for row in rows]
+        found.sort(key=lambda row: row.row)
+        if cache:
+            _write_bad_rows(cache, found)
+        bad += found
+    return bad
+
+
+def _read_bad_rows(path: str) -> list[BadRow] | None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return [BadRow(**row) for row in json.load(handle)]
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _write_bad_rows(path: str, rows: list[BadRow]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    staging = f"{path}.{os.getpid()}.tmp"
+    with open(staging, "w", encoding="utf-8") as handle:
+        json.dump([dataclasses.asdict(row) for row in rows], handle)
+    os.replace(staging, path)
+
+
+def _broadcast(value, world_size: int):
+    """Process 0's value on every process."""
+    import torch.distributed as dist
+
+    if world_size <= 1 or not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(value, world_size: int) -> list:
+    """Every process's value, on every process."""
+    import torch.distributed as dist
+
+    if world_size <= 1 or not dist.is_initialized():
+        return [value]
+    values = [None] * world_size
+    dist.all_gather_object(values, value)
+    return values
 
 
 def _report_bad_rows(bad: list[BadRow], skip: bool, source: str) -> None:
@@ -218,9 +315,20 @@ class CaptionData:
     evaluation: CaptionSplit | None
     test: CaptionSplit | None
 
+    def splits(self) -> list[CaptionSplit]:
+        return [split for split in (self.train, self.evaluation, self.test) if split is not None]
+
 
 def load_caption_splits(data_args, seed: int, need_eval: bool, need_train: bool = True) -> CaptionData:
-    """Load, group, validate and (when needed) hold out an evaluation part. Raises DataError before training."""
+    """Load, group, check (one process) and, when needed, hold out an evaluation part. DataError before training."""
+    data, bad_rows = collect_splits(data_args, seed, need_eval, need_train)
+    if data_args.validate_images:
+        bad_rows += check_images(data, data_args.preprocessing_num_workers)
+    return drop_bad_rows(data, bad_rows, data_args)
+
+
+def collect_splits(data_args, seed: int, need_eval: bool, need_train: bool = True) -> tuple[CaptionData, list]:
+    """The splits' records (grouped, held out, trimmed to max_*_samples) and their bad captions; images unchecked."""
     raw, default_root = load_raw_splits(data_args)
     source = data_args.dataset_name
 
@@ -261,19 +369,21 @@ def load_caption_splits(data_args, seed: int, need_eval: bool, need_train: bool 
     for split in (evaluation, test):
         if split is not None and data_args.max_eval_samples is not None:
             split.records = split.records[: data_args.max_eval_samples]
-    splits = [split for split in (train, evaluation, test) if split is not None]
-    if data_args.validate_images:
-        for split in splits:
-            bad = find_bad_images(split.table, split.records, split.name, data_args.preprocessing_num_workers)
-            unusable = {row.row for row in bad}
-            split.records = [record for record in split.records if record.row not in unusable]
-            bad_rows.extend(bad)
-    # Captions and images of every split are checked before anything is reported: one complete list.
+    return CaptionData(train, evaluation, test), bad_rows
+
+
+def drop_bad_rows(data: CaptionData, bad_rows: list[BadRow], data_args) -> CaptionData:
+    """One complete report of the bad captions and images of every split (an error, or skipped with a warning
+    under skip_bad_samples); splits left without rows are an error."""
+    source = data_args.dataset_name
+    for split in data.splits():
+        unusable = {row.row for row in bad_rows if row.split == split.name}
+        split.records = [record for record in split.records if record.row not in unusable]
     _report_bad_rows(sorted(bad_rows, key=lambda row: (row.split, row.row)), data_args.skip_bad_samples, source)
-    for split in splits:
+    for split in data.splits():
         if not split.records:
             raise DataError(f"{source}: split {split.name!r} has no usable rows")
-    return CaptionData(train, evaluation, test)
+    return data
 
 
 def _load_split(raw: dict, name: str, data_args, default_root, source: str, bad_rows: list) -> CaptionSplit:
