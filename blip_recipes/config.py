@@ -80,7 +80,7 @@ class DataArguments:
         default="builtin:shapes",
         metadata={
             "help": "Hub id, imagefolder directory (metadata.jsonl/csv), save_to_disk directory, JSON/JSONL file "
-            "of image paths, COCO Karpathy split file, or builtin:shapes."
+            "of image paths, COCO Karpathy or COCO captions-format file, or builtin:shapes."
         },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})

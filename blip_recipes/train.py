@@ -15,6 +15,7 @@ import signal
 import sys
 import warnings
 
+import torch
 import transformers
 from transformers import set_seed
 
@@ -112,9 +113,19 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", error)
         return 2
     try:
-        return run(recipe)
+        code = run(recipe)
     finally:
         lock.release()
+    leave_process_group()
+    return code
+
+
+def leave_process_group() -> None:
+    """All processes finish together and close the process group: a rank that exits while its peers still hold
+    gloo connections can abort at exit ("terminate called without an active exception") and leave them hanging."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def run(recipe) -> int:

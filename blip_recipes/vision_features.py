@@ -118,7 +118,9 @@ def encode_images(
     vision_model.eval()
     started = time.perf_counter()
     start = 0
-    for pixels in loader:
+    from tqdm.auto import tqdm
+
+    for pixels in tqdm(loader, desc="encoding vision features", disable=process_index != 0, leave=False):
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             features = vision_model(pixel_values=pixels.to(device, non_blocking=True)).last_hidden_state
         features = features.to(dtype)

@@ -102,3 +102,44 @@ def test_base_recipe_runs_end_to_end_on_the_fixture(coco, tmp_path):
         tags |= set(accumulator.Tags()["images"])
     assert {"eval/caption_grid", "eval/worst_captions"} <= tags  # the grids reach TensorBoard
     assert "test_cider" in log and "label_smoothing_factor: 0.1" in (output_dir / "README.md").read_text()
+
+
+def coco_captions_file(path, images, first_id=0):
+    """The official COCO captions format from (file_name, captions) pairs, annotations in a shuffled order."""
+    entries = [
+        {"id": first_id + i, "file_name": name, "height": 128, "width": 128} for i, (name, _) in enumerate(images)
+    ]
+    annotations = [{"id": 1000 * i + k, "image_id": first_id + i, "caption": caption}
+                   for i, (_, captions) in enumerate(images) for k, caption in enumerate(captions)]  # fmt: skip
+    annotations = annotations[1::2] + annotations[::2]  # COCO does not keep an image's captions together
+    path.write_text(json.dumps({"info": {}, "images": entries, "annotations": annotations}))
+    return str(path)
+
+
+def test_official_coco_captions_format_groups_captions_by_image(coco, tmp_path):
+    train = [(f"train2014/{os.path.basename(p)}", [f"caption {k} of {i}" for k in range(5)])
+             for i, p in enumerate(sorted(glob.glob(str(coco / "images" / "train2014" / "*.jpg"))))]  # fmt: skip
+    path = coco_captions_file(tmp_path / "captions_train2014.json", train)
+    args = DataArguments(dataset_name=path, image_root=str(coco / "images"), image_id_column="image_id",
+                         validation_split_percentage=25)  # fmt: skip
+    data = load_caption_splits(args, seed=0, need_eval=True)
+    records = data.train.records + data.evaluation.records
+    assert len(records) == 14 and all(len(record.captions) == 5 for record in records)
+    by_id = {record.image_id: record for record in records}
+    assert sorted(by_id["3"].captions) == [f"caption {k} of 3" for k in range(5)]  # all five, though scattered
+    assert data.train.table.load(data.train.records[0].row).mode == "RGB"  # file_name resolved under image_root
+
+
+def test_a_folder_of_coco_captions_files_gives_train_and_validation(coco, tmp_path):
+    folder = tmp_path / "annotations"
+    folder.mkdir()
+    train = [(f"train2014/{os.path.basename(p)}", ["a caption", "another caption"])
+             for p in sorted(glob.glob(str(coco / "images" / "train2014" / "*.jpg")))]  # fmt: skip
+    val = [(f"val2014/{os.path.basename(p)}", ["a val caption"])
+           for p in sorted(glob.glob(str(coco / "images" / "val2014" / "*.jpg")))]  # fmt: skip
+    coco_captions_file(folder / "train.json", train)
+    coco_captions_file(folder / "val.json", val, first_id=500)
+    args = DataArguments(dataset_name=str(folder), image_root=str(coco / "images"))
+    data = load_caption_splits(args, seed=0, need_eval=True)
+    assert (len(data.train.records), data.evaluation.name, len(data.evaluation.records)) == (14, "validation", 8)
+    assert data.evaluation.records[0].image_id.startswith("val2014/")

@@ -164,3 +164,18 @@ def test_image_checks_are_cached_by_fingerprint(tmp_path, shapes_dir, monkeypatc
     with pytest.raises(DataError, match=f"images/{image}"):
         load_caption_splits(args, 0, False)
     assert len(decoded) == 12
+
+
+def test_resized_image_cache_refuses_a_disk_without_the_space(tmp_path, shapes_dir, monkeypatch):
+    import collections
+
+    from blip_recipes.data import ResizedImageCache
+    from blip_recipes.data.image_cache import CacheSpaceError
+    from blip_recipes.transforms import ImageTransform
+
+    evaluation = load_caption_splits(DataArguments(dataset_name=shapes_dir), seed=0, need_eval=True).evaluation
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 500_000, 500_000))
+    with pytest.raises(CacheSpaceError, match=r"split 'validation' needs 0.7 MiB in .* which has 0.5 MiB free"):
+        ResizedImageCache.build(evaluation, ImageTransform(64, 64), str(tmp_path))  # 60 x 3 x 64 x 64 = 737 kB
+    assert not os.listdir(tmp_path)  # refused before writing anything

@@ -89,7 +89,12 @@ def test_two_machines_started_in_the_unlucky_order(tmp_path):
     second = machine(1)
     time.sleep(5)
     first = machine(0)
-    logs = [process.communicate(timeout=600)[0] for process in (first, second)]
+    try:
+        logs = [process.communicate(timeout=300)[0] for process in (first, second)]
+    finally:  # a machine left waiting for a dead peer must not hang the suite
+        for process in (first, second):
+            if process.poll() is None:
+                process.kill()
     assert first.returncode == 0 and second.returncode == 0, logs[0][-3000:] + logs[1][-3000:]
     for log in logs:
         assert "processes: world_size=2 (distributed" in log

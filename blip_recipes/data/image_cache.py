@@ -2,6 +2,7 @@
 
 import logging
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -10,12 +11,33 @@ import torch
 from ..builtin import cache_root
 from ..transforms import ImageTransform
 from .records import CaptionSplit, split_fingerprint
+from .sources import DataError
 
 logger = logging.getLogger(__name__)
 
 
 def image_cache_dir() -> str:
     return os.path.join(cache_root(), "resized-images")
+
+
+class CacheSpaceError(DataError):
+    """The cache would not fit on its disk; the message says how much it needs and where."""
+
+
+def check_free_space(directory: str, nbytes: int, label: str) -> None:
+    """Say how large the cache will be, and refuse before writing when its disk lacks the space (COCO at 384 px is
+    ~50 GB): a full disk halfway through would also starve checkpoints."""
+    free = shutil.disk_usage(directory).free
+    logger.info("resized-image cache for split %r: %s in %s (%s free)", label, _size(nbytes), directory, _size(free))
+    if nbytes > free * 0.95:
+        raise CacheSpaceError(
+            f"image_cache: split {label!r} needs {_size(nbytes)} in {directory}, which has {_size(free)} free; "
+            "free space, point BLIP_RECIPES_CACHE at a larger disk, or set image_cache: false"
+        )
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 class ResizedImageCache:
@@ -52,6 +74,7 @@ class ResizedImageCache:
         key = split_fingerprint(split, height, width, transform.resample)
         final = os.path.join(directory, f"{key}.npy")
         if not os.path.isfile(final):
+            check_free_space(directory, len(split.records) * 3 * height * width, split.label)
             staging = f"{final}.{os.getpid()}.tmp"
             array = np.lib.format.open_memmap(
                 staging, mode="w+", dtype=np.uint8, shape=(len(split.records), 3, height, width)
@@ -60,8 +83,13 @@ class ResizedImageCache:
             def fill(position: int) -> None:
                 array[position] = transform(split.table.load(split.records[position].row)).numpy()
 
+            from tqdm.auto import tqdm
+
             with ThreadPoolExecutor(max_workers=workers or min(16, os.cpu_count() or 1)) as pool:
-                list(pool.map(fill, range(len(split.records))))
+                filled = pool.map(fill, range(len(split.records)))
+                list(
+                    tqdm(filled, total=len(split.records), desc=f"caching resized images ({split.label})", leave=False)
+                )
             array.flush()
             del array
             os.replace(staging, final)

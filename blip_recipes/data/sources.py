@@ -36,10 +36,17 @@ def _load_raw_splits(source: str, data_args) -> tuple[dict, str | None]:
     import datasets
 
     if os.path.isfile(source):
-        from .coco import is_coco_karpathy_file, load_coco_karpathy_file
+        from .coco import (
+            is_coco_captions_file,
+            is_coco_karpathy_file,
+            load_coco_captions_file,
+            load_coco_karpathy_file,
+        )
 
         if is_coco_karpathy_file(source):
             return load_coco_karpathy_file(source), os.path.dirname(os.path.abspath(source))
+        if is_coco_captions_file(source):
+            return load_coco_captions_file(source), os.path.dirname(os.path.abspath(source))
         builder = {".json": "json", ".jsonl": "json", ".csv": "csv"}.get(os.path.splitext(source)[1].lower())
         if builder is None:
             raise DataError(f"{source}: unsupported data file; use .json, .jsonl or .csv (or a directory)")
@@ -48,7 +55,12 @@ def _load_raw_splits(source: str, data_args) -> tuple[dict, str | None]:
         loaded = datasets.load_dataset(builder, data_files={"train": source})
         return dict(loaded), os.path.dirname(os.path.abspath(source))
     if os.path.isdir(source):
-        from .coco import is_lavis_karpathy_dir, load_lavis_karpathy_dir
+        from .coco import (
+            is_coco_captions_file,
+            is_lavis_karpathy_dir,
+            load_coco_captions_file,
+            load_lavis_karpathy_dir,
+        )
 
         if os.path.isfile(os.path.join(source, "dataset_dict.json")) or os.path.isfile(
             os.path.join(source, "state.json")
@@ -58,6 +70,11 @@ def _load_raw_splits(source: str, data_args) -> tuple[dict, str | None]:
         if is_lavis_karpathy_dir(source):
             return load_lavis_karpathy_dir(source), source
         split_files = _split_files(source)
+        if split_files and all(is_coco_captions_file(path) for path in split_files.values()):
+            splits = {}
+            for name, path in split_files.items():
+                splits.update(load_coco_captions_file(path, "validation" if name == "val" else name))
+            return splits, source
         if split_files:
             builder = "csv" if next(iter(split_files.values())).endswith(".csv") else "json"
             for path in split_files.values() if builder == "json" else ():
