@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         code = run(recipe)
     finally:
         lock.release()
-    leave_process_group()
+    if code in (0, PUSH_FAILED_EXIT_CODE, PREEMPTED_EXIT_CODE):  # endings every process reaches together
+        leave_process_group()
     return code
 
 
