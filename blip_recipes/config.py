@@ -265,13 +265,20 @@ def validate_recipe(recipe: Recipe) -> None:
     check_secrets_stay_in_their_keys(recipe)
 
 
-def check_values(recipe: Recipe) -> None:
-    """One key at a time: numbers in their range, trackers installed."""
-    model, data, training = recipe.model, recipe.data, recipe.training
+def _checker(recipe: Recipe):
+    """check(condition, message): a RecipeError naming the recipe when the condition fails."""
 
     def check(condition: bool, message: str) -> None:
         if not condition:
             raise RecipeError(f"{recipe.source}: {message}")
+
+    return check
+
+
+def check_values(recipe: Recipe) -> None:
+    """One key at a time: numbers in their range, trackers installed."""
+    model, data, training = recipe.model, recipe.data, recipe.training
+    check = _checker(recipe)
 
     rate = training.learning_rate
     check(math.isfinite(rate) and rate > 0, f"learning_rate must be a positive number, got {rate}")
@@ -318,10 +325,7 @@ def missing_trackers(report_to) -> list[str]:
 def check_combinations(recipe: Recipe) -> None:
     """Keys that cannot go together."""
     model, data, training = recipe.model, recipe.data, recipe.training
-
-    def check(condition: bool, message: str) -> None:
-        if not condition:
-            raise RecipeError(f"{recipe.source}: {message}")
+    check = _checker(recipe)
 
     if model.training_mode != "lora":
         stray = sorted(recipe.explicit_keys.intersection(LORA_KEYS))

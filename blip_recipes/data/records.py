@@ -29,6 +29,7 @@ class ImageRecord:
     row: int
     image_id: str
     captions: list[str]
+    identity: str | None = None  # what made its rows one image (image_identities); None: derive it from the row
 
 
 @dataclass
@@ -145,7 +146,7 @@ def build_records(table: ImageTable, split: str, data_args) -> tuple[list[ImageR
             records[key].captions.extend(captions)
         else:
             records[key] = ImageRecord(row=row, image_id=key if data_args.image_id_column else display_ids[row],
-                                       captions=captions)  # fmt: skip
+                                       captions=captions, identity=identities[row])  # fmt: skip
     if conflicts:
         raise DataError(
             f"split {split!r}: {len(conflicts)} row(s) share an {data_args.image_id_column} with a different image:\n"
@@ -212,7 +213,10 @@ IMAGE_CHECK_VERSION = 1  # bump when what makes an image bad changes: older cach
 
 
 def record_identity(table: ImageTable, record: ImageRecord):
-    """What an image is, for caches: its file (path, size, mtime), else a hash of its bytes, else its row."""
+    """What an image is, for caches: its file (path, size, mtime), else a hash of its bytes, else its row. The hash
+    computed when rows were grouped is reused: a dataset's bytes are read for it once."""
+    if record.identity is not None and record.identity.startswith("sha1:"):
+        return record.identity
     raw = table.raw(record.row)
     path = raw if isinstance(raw, str) else (raw.get("path") if isinstance(raw, dict) else None)
     resolved = resolve_image_path(path, table.image_root) if path else None
