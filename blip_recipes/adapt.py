@@ -2,6 +2,8 @@
 
 transformers' BLIP is used as it is, except for what `adapt_blip` swaps in, always in this order:
 
+0. `BlipForConditionalGeneration` and `BlipTextLMPredictionHead` -> subclasses whose `get_output_embeddings()` /
+   `weight` name the tied LM head, so FSDP2 shards the word embeddings and the head (two tied parameters) as one unit.
 1. `BlipVisionModel` -> `AdaptedVisionModel`, which adds three things, each off until set:
    - uint8 pixels are normalised on the encoder's own device (`image_mean`/`image_std`; float pixels pass untouched),
      so data loaders ship a quarter of the bytes and do no float work;
@@ -28,8 +30,9 @@ import torch.nn.functional as F
 import transformers
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.blip import modeling_blip
 from transformers.models.blip.modeling_blip import BlipAttention, BlipVisionModel
-from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
+from transformers.models.blip.modeling_blip_text import BlipTextLMPredictionHead, BlipTextSelfAttention
 
 from .choices import ATTN_IMPLEMENTATIONS
 
@@ -86,6 +89,27 @@ def _look_up(store: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     if store.device == rows.device:
         return store.index_select(0, rows)
     return store.index_select(0, rows.to(store.device)).to(rows.device, non_blocking=True)
+
+
+class BlipForConditionalGeneration(modeling_blip.BlipForConditionalGeneration):
+    """BLIP whose get_output_embeddings() names the text decoder's prediction head (upstream's returns None).
+
+    The head's decoder weight is the word embedding matrix and its decoder bias is the head's own `bias`: two tied
+    parameters. Code that looks for tied input/output embeddings (accelerate's FSDP2) then keeps the embeddings and
+    the whole head in one shard unit instead of failing with "shared with a parameter already managed by another
+    FSDP group". Same class name as upstream: save_pretrained records it in config.architectures.
+    """
+
+    def get_output_embeddings(self):
+        return self.text_decoder.cls.predictions
+
+
+class TiedPredictionHead(BlipTextLMPredictionHead):
+    """The prediction head, exposing its decoder's (tied) weight as `weight`, as an output embedding has one."""
+
+    @property
+    def weight(self):
+        return self.decoder.weight
 
 
 class BlipSdpaAttention(BlipAttention):
@@ -163,9 +187,17 @@ class Swap:
     upstream: type
     replacement: type
     attributes: tuple[str, ...]
-    forward_arguments: tuple[str, ...]
+    forward_arguments: tuple[str, ...] | None  # None: the replacement keeps upstream's forward
 
 
+HEAD_SWAPS = (
+    Swap(
+        modeling_blip.BlipForConditionalGeneration, BlipForConditionalGeneration,
+        attributes=("text_decoder", "vision_model", "get_input_embeddings"), forward_arguments=None,
+    ),
+    Swap(BlipTextLMPredictionHead, TiedPredictionHead, attributes=("decoder", "bias", "transform"),
+         forward_arguments=None),
+)  # fmt: skip
 VISION_SWAP = Swap(
     BlipVisionModel, AdaptedVisionModel,
     attributes=("config", "embeddings", "encoder", "post_layernorm"),
@@ -196,6 +228,8 @@ def _check(swap: Swap, module: torch.nn.Module, where: str) -> None:
             f"{version}: {where} ({swap.upstream.__name__}) has no {', '.join(missing)}, which "
             f"{swap.replacement.__name__} relies on; install the transformers version in setup.cfg's range"
         )
+    if swap.forward_arguments is None:
+        return
     parameters = inspect.signature(swap.upstream.forward).parameters.values()
     named = {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"}
     unhandled = sorted(named - set(swap.forward_arguments))
@@ -244,10 +278,11 @@ def adapted_vision_model(model) -> AdaptedVisionModel:
 
 
 def adapt_blip(model, attn_implementation: str = "sdpa", image_mean=None, image_std=None):
-    """Apply every swap in order (vision encoder, then attention). Idempotent; returns `model`.
+    """Apply every swap in order (model and prediction head, vision encoder, attention). Idempotent; returns `model`.
 
     `image_mean`/`image_std` (the processor's) turn on uint8 pixel normalisation.
     """
+    _apply(unwrap_blip(model), HEAD_SWAPS)
     vision = adapted_vision_model(model)
     if image_mean is not None:
         vision.image_mean, vision.image_std = tuple(image_mean), tuple(image_std)

@@ -41,6 +41,27 @@ def generate_caption_ids(
     Lengths count the prefix, as LAVIS and BlipForConditionalGeneration.generate count them.
     """
     blip = unwrap_blip(model)
+    # Under FSDP2 the parameters outside the layer units (patch embedding, layer norms) are gathered by the root
+    # module's forward, which generation bypasses (it calls the encoder and the decoder's generate directly).
+    sharded = _is_fsdp(blip)
+    if sharded:
+        blip.unshard()
+    try:
+        return _generate(blip, pixel_values, prefix_ids, num_beams, max_length, min_length)
+    finally:
+        if sharded:
+            blip.reshard()
+
+
+def _is_fsdp(module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def _generate(blip, pixel_values, prefix_ids, num_beams, max_length, min_length) -> torch.Tensor:
     image_embeds = blip.vision_model(pixel_values=pixel_values).last_hidden_state
     text_config = blip.config.text_config
     cache = BeamSharedCrossAttentionCache(DynamicCache(), DynamicCache()) if num_beams > 1 else None
