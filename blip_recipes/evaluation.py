@@ -40,25 +40,29 @@ def generate_caption_ids(
 
     Lengths count the prefix, as LAVIS and BlipForConditionalGeneration.generate count them.
     """
-    blip = unwrap_blip(model)
     # Under FSDP2 the parameters outside the layer units (patch embedding, layer norms) are gathered by the root
     # module's forward, which generation bypasses (it calls the encoder and the decoder's generate directly).
-    sharded = _is_fsdp(blip)
-    if sharded:
-        blip.unshard()
+    root = _fsdp_root(model)
+    if root is not None:
+        root.unshard()
     try:
-        return _generate(blip, pixel_values, prefix_ids, num_beams, max_length, min_length)
+        return _generate(unwrap_blip(model), pixel_values, prefix_ids, num_beams, max_length, min_length)
     finally:
-        if sharded:
-            blip.reshard()
+        if root is not None:
+            root.reshard()
 
 
-def _is_fsdp(module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return False
-    return isinstance(module, FSDPModule)
+def _fsdp_root(model):
+    """The outermost FSDP2 module on the way from `model` to BLIP (a PeftModel is sharded as a whole), or None."""
+    from torch.distributed.fsdp import FSDPModule
+
+    while model is not None:
+        if isinstance(model, FSDPModule):
+            return model
+        model = getattr(model, "_orig_mod", None) or getattr(model, "module", None) or (
+            model.get_base_model() if hasattr(model, "get_base_model") else None
+        )  # fmt: skip
+    return None
 
 
 def _generate(blip, pixel_values, prefix_ids, num_beams, max_length, min_length) -> torch.Tensor:

@@ -1,12 +1,13 @@
 """FSDP2 code paths on the CPU: accelerate's own FSDP2 preparation (`fsdp2_prepare_model`, the function a GPU run
-uses) applied to BLIP in two gloo processes. accelerate refuses FSDP for a CPU run, so a stub stands in for the
-Accelerator; torch's fully_shard itself runs on gloo. What only a GPU run covers (the launcher's FSDP plugin, mixed
-precision, checkpoint saving through accelerate) is not exercised here."""
+uses) applied to BLIP in two gloo processes, in each training mode (full, frozen_vision, LoRA). accelerate refuses
+FSDP for a CPU run, so a stub stands in for the Accelerator; torch's fully_shard itself runs on gloo. What only a GPU
+run covers (the launcher's FSDP plugin, mixed precision, checkpoint saving through accelerate) is not exercised."""
 
 import copy
 import os
 import types
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -40,15 +41,18 @@ def _shard(model, rank):
     return fsdp2_prepare_model(accelerator, model)
 
 
-def _work(rank, world_size, port, results):
+def _work(rank, world_size, port, mode, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         from blip_recipes.evaluation import generate_caption_ids
+        from blip_recipes.model import apply_training_mode
 
-        plain = _tiny_blip()
+        torch.manual_seed(2)  # LoRA's initial adapter weights
+        # No LoRA dropout: the two models would draw different masks.
+        plain = apply_training_mode(_tiny_blip(), mode, lora_dropout=0.0, lora_target_modules=["query", "value"])
         sharded = _shard(copy.deepcopy(plain), rank)
         torch.manual_seed(1)
         pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
@@ -56,7 +60,7 @@ def _work(rank, world_size, port, results):
         ids[:, 0] = plain.config.text_config.bos_token_id
         losses = []
         for model in (plain, sharded):  # the same batch on every rank: FSDP's averaged gradient is plain's gradient
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+            optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
             loss = model(pixel_values=pixels, input_ids=ids, labels=ids).loss
             loss.backward()
             optimizer.step()
@@ -78,9 +82,10 @@ def _work(rank, world_size, port, results):
         dist.destroy_process_group()
 
 
-def test_fsdp2_trains_generates_and_gathers_the_same_model_as_one_process():
+@pytest.mark.parametrize("mode, port", [("full", 29711), ("frozen_vision", 29713), ("lora", 29715)])
+def test_fsdp2_trains_generates_and_gathers_the_same_model_as_one_process(mode, port):
     results = mp.get_context("spawn").Manager().dict()
-    mp.start_processes(_work, args=(2, 29711, results), nprocs=2, start_method="spawn")
+    mp.start_processes(_work, args=(2, port, mode, results), nprocs=2, start_method="spawn")
     for rank in (0, 1):
         outcome = results[rank]
         assert abs(outcome["losses"][0] - outcome["losses"][1]) < 1e-5, outcome["losses"]
