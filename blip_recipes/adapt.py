@@ -310,7 +310,6 @@ def detach_vision_features(model) -> None:
         vision.vision_features = None
 
 
-def cache_argument_name() -> str:
-    """What BLIP's text decoder calls its key/value cache argument in the installed transformers."""
-    parameters = inspect.signature(BlipTextSelfAttention.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
+# What BLIP's text decoder calls its key/value cache argument in the installed transformers (renamed in 5.2x).
+_TEXT_ATTENTION_ARGUMENTS = inspect.signature(BlipTextSelfAttention.forward).parameters
+CACHE_ARGUMENT = "cache" if "cache" in _TEXT_ATTENTION_ARGUMENTS else "past_key_values"

@@ -203,7 +203,7 @@ def build_evaluator(
     )  # fmt: skip
     check_tokenizer(processor.tokenizer, model, model_args.model_name_or_path)
     saved = decoding_settings(model)
-    unset = {key for key in ("prompt", "num_beams", "max_length", "min_length")} - {
+    unset = {"prompt", "num_beams", "max_length", "min_length"} - {
         key.removeprefix("generation_") for key in recipe.explicit_keys
     }
     decoding = {

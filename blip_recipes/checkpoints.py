@@ -17,6 +17,8 @@ import time
 import torch
 from transformers import TrainerCallback
 
+from .distributed import broadcast_from_main
+
 logger = logging.getLogger(__name__)
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -215,10 +217,7 @@ def lock_output_dir(training_args) -> OutputDirLock:
             lock.acquire()
         except RunLockError as error:
             refusal = str(error)
-    if training_args.world_size > 1 and torch.distributed.is_initialized():
-        box = [refusal]
-        torch.distributed.broadcast_object_list(box, src=0)
-        refusal = box[0]
+    refusal = broadcast_from_main(refusal, training_args.world_size)
     if refusal:
         raise RunLockError(refusal)
     return lock

@@ -204,10 +204,12 @@ class Recipe:
     data: DataArguments
     training: CaptionTrainingArguments
     path: str | None
-    text: str
-    explicit_keys: frozenset
-    overrides: dict = field(default_factory=dict)
     values: dict = field(default_factory=dict)  # every key the file or command line set, with its typed value
+    overrides: dict = field(default_factory=dict)  # the command line's part of `values`
+
+    @property
+    def explicit_keys(self) -> frozenset:
+        return frozenset(self.values)
 
     @property
     def source(self) -> str:

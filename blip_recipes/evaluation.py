@@ -8,7 +8,7 @@ import os
 import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-from .adapt import cache_argument_name, unwrap_blip
+from .adapt import CACHE_ARGUMENT, unwrap_blip
 from .choices import GENERATION_DEFAULTS
 from .metrics import MetricsError, score_captions
 from .model import check_model_source, check_tokenizer, decoding_settings, load_model, load_processor
@@ -81,7 +81,7 @@ def _generate(blip, pixel_values, prefix_ids, num_beams, max_length, min_length)
         min_length=min_length,
         do_sample=False,
         use_cache=True,
-        **{cache_argument_name(): cache},
+        **{CACHE_ARGUMENT: cache},
     )
     return output[:, prefix_ids.shape[1] :]
 

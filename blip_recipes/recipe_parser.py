@@ -91,7 +91,7 @@ class _RecipeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_recipe_file(path: str) -> tuple[dict, str]:
+def load_recipe_file(path: str) -> dict:
     """Read a UTF-8 recipe with yaml's safe loader; Python tags, duplicate keys and non-mapping documents are
     errors."""
     import os
@@ -123,7 +123,7 @@ def load_recipe_file(path: str) -> tuple[dict, str]:
         values = {}
     if not isinstance(values, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys to values, got {type(values).__name__}")
-    return values, text
+    return values
 
 
 def parse_recipe(argv: list[str], parser=None, defaults=None, machine: dict | None = None) -> Recipe:
@@ -145,9 +145,9 @@ def parse_recipe(argv: list[str], parser=None, defaults=None, machine: dict | No
     raw_values = {key: raw for key, raw in vars(namespace).items() if key != "recipe"}
     overrides = {key: _cli_value(raw, known[key].annotation) for key, raw in raw_values.items()}
 
-    path, values, text = getattr(namespace, "recipe", None), {}, ""
+    path, values = getattr(namespace, "recipe", None), {}
     if path is not None:
-        values, text = load_recipe_file(path)
+        values = load_recipe_file(path)
         for key in values:
             if key not in known:
                 raise _unknown_key(key, known, path)
@@ -168,7 +168,7 @@ def parse_recipe(argv: list[str], parser=None, defaults=None, machine: dict | No
     source = path or "command line"
     built = [_construct(cls, kwargs[cls], source) for cls in ARGUMENT_CLASSES]
     given = {key: value for key, value in coerced.items() if key in explicit}
-    recipe = Recipe(*built, path=path, text=text, explicit_keys=explicit, overrides=overrides, values=given)
+    recipe = Recipe(*built, path=path, values=given, overrides=overrides)
     validate_recipe(recipe)
     return recipe
 

@@ -16,6 +16,7 @@ from transformers.training_args import ParallelMode
 
 from .adapt import unwrap_blip
 from .choices import GENERATION_DEFAULTS
+from .distributed import gather_from_all
 from .evaluation import decode_captions, generate_caption_ids, score_and_write
 
 logger = logging.getLogger(__name__)
@@ -217,8 +218,7 @@ class ReplicaCheckCallback(TrainerCallback):
         for name, parameter in sorted(unwrap_blip(model).named_parameters()):
             digest.update(name.encode())
             digest.update(parameter.detach().float().cpu().numpy().tobytes())
-        digests = [None] * args.world_size
-        torch.distributed.all_gather_object(digests, digest.hexdigest())
+        digests = gather_from_all(digest.hexdigest(), args.world_size)
         if len(set(digests)) != 1:
             raise RuntimeError(f"model replicas differ after training: {digests}")
         logger.info("weights identical on all %d processes (sha256 %s)", args.world_size, digests[0][:16])

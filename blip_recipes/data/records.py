@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..builtin import cache_root
+from ..distributed import broadcast_from_main, gather_from_all
 from ..transforms import MAX_IMAGE_PIXELS, BadImageError, open_image, resolve_image_path
 from .sources import DataError, load_raw_splits
 
@@ -213,19 +214,18 @@ IMAGE_CHECK_VERSION = 1  # bump when what makes an image bad changes: older cach
 
 
 def record_identity(table: ImageTable, record: ImageRecord):
-    """What an image is, for caches: its file (path, size, mtime), else a hash of its bytes, else its row. The hash
-    computed when rows were grouped is reused: a dataset's bytes are read for it once."""
-    if record.identity is not None and record.identity.startswith("sha1:"):
-        return record.identity
-    raw = table.raw(record.row)
-    path = raw if isinstance(raw, str) else (raw.get("path") if isinstance(raw, dict) else None)
-    resolved = resolve_image_path(path, table.image_root) if path else None
+    """What an image is, for caches: its file (path, size, mtime), else a hash of its bytes, else its row. The
+    identity found when rows were grouped is reused: no dataset row is read again, no bytes hashed twice."""
+    identity = record.identity
+    if identity is None:  # a record made without grouping (benchmarks, tests)
+        identity = _image_identity(table.raw(record.row), table.image_root)[0]
+    if identity is not None and identity.startswith("sha1:"):
+        return identity
+    resolved = resolve_image_path(identity, table.image_root) if identity else None
     if resolved and os.path.exists(resolved):
         stat = os.stat(resolved)
         return [resolved, stat.st_size, stat.st_mtime_ns]
-    if isinstance(raw, dict) and raw.get("bytes"):
-        return hashlib.sha1(raw["bytes"]).hexdigest()
-    return [record.image_id, record.row, repr(raw)[:200]]
+    return [record.image_id, record.row, identity]
 
 
 def split_fingerprint(split: CaptionSplit, *extra) -> str:
@@ -246,7 +246,7 @@ def check_images(
         if process_index == 0:
             key = split_fingerprint(split, split.table.max_pixels, IMAGE_CHECK_VERSION)
             cache = os.path.join(cache_root(), "image-checks", f"{key}.json")
-        cached = _broadcast(_read_bad_rows(cache) if cache else None, world_size)
+        cached = broadcast_from_main(_read_bad_rows(cache) if cache else None, world_size)
         if cached is not None:
             logger.info("images of split %r: checked before (%d bad), not decoded again", split.label, len(cached))
             bad += cached
@@ -254,7 +254,7 @@ def check_images(
         own = split.records[process_index::world_size]
         logger.info("checking %d images of split %r (%d on this process)", len(split.records), split.label, len(own))
         found = find_bad_images(split.table, own, split.name, workers, progress)
-        found = [row for rows in _gather(found, world_size) for row in rows]
+        found = [row for rows in gather_from_all(found, world_size) for row in rows]
         found.sort(key=lambda row: row.row)
         if cache:
             _write_bad_rows(cache, found)
@@ -276,28 +276,6 @@ def _write_bad_rows(path: str, rows: list[BadRow]) -> None:
     with open(staging, "w", encoding="utf-8") as handle:
         json.dump([dataclasses.asdict(row) for row in rows], handle)
     os.replace(staging, path)
-
-
-def _broadcast(value, world_size: int):
-    """Process 0's value on every process."""
-    import torch.distributed as dist
-
-    if world_size <= 1 or not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gather(value, world_size: int) -> list:
-    """Every process's value, on every process."""
-    import torch.distributed as dist
-
-    if world_size <= 1 or not dist.is_initialized():
-        return [value]
-    values = [None] * world_size
-    dist.all_gather_object(values, value)
-    return values
 
 
 def _report_bad_rows(bad: list[BadRow], skip: bool, source: str) -> None:
