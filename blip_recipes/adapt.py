@@ -3,7 +3,8 @@
 transformers' BLIP is used as it is, except for what `adapt_blip` swaps in, always in this order:
 
 0. `BlipForConditionalGeneration` and `BlipTextLMPredictionHead` -> subclasses whose `get_output_embeddings()` /
-   `weight` name the tied LM head, so FSDP2 shards the word embeddings and the head (two tied parameters) as one unit.
+   `weight` name the tied LM head, so FSDP2 shards the word embeddings and the head (two tied parameters) as one unit;
+   the top model also saves a standard checkpoint whatever engine gathered its weights (DeepSpeed included).
 1. `BlipVisionModel` -> `AdaptedVisionModel`, which adds three things, each off until set:
    - uint8 pixels are normalised on the encoder's own device (`image_mean`/`image_std`; float pixels pass untouched),
      so data loaders ship a quarter of the bytes and do no float work;
@@ -103,6 +104,24 @@ class BlipForConditionalGeneration(modeling_blip.BlipForConditionalGeneration):
     def get_output_embeddings(self):
         return self.text_decoder.cls.predictions
 
+    def save_pretrained(self, save_directory, *args, state_dict=None, save_original_format=False, **kwargs):
+        """The checkpoint a one-process run writes, whoever gathered the weights (found under DeepSpeed):
+
+        - tied duplicates dropped: upstream recognises tied weights by shared storage, and a gathered state dict
+          (ZeRO-2) holds copies, so the LM head's weight and bias were written beside the embeddings they are;
+        - current parameter names: upstream renames weights back to the format they were loaded from, and its
+          ZeRO-3 loader records every legacy renaming as used, so LayerNorm `weight`/`bias` were saved as
+          `gamma`/`beta`. Loading accepts both formats; stock names are what other tools expect.
+        """
+        if state_dict is not None:
+            tied = self.all_tied_weights_keys  # {tied name: the parameter it is}
+            state_dict = {
+                name: tensor for name, tensor in state_dict.items() if not (name in tied and tied[name] in state_dict)
+            }
+        return super().save_pretrained(
+            save_directory, *args, state_dict=state_dict, save_original_format=save_original_format, **kwargs
+        )
+
 
 class TiedPredictionHead(BlipTextLMPredictionHead):
     """The prediction head, exposing its decoder's (tied) weight as `weight`, as an output embedding has one."""
@@ -188,12 +207,15 @@ class Swap:
     replacement: type
     attributes: tuple[str, ...]
     forward_arguments: tuple[str, ...] | None  # None: the replacement keeps upstream's forward
+    # {method: named arguments the replacement passes to upstream's method}, which upstream must still take
+    passes: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 HEAD_SWAPS = (
     Swap(
         modeling_blip.BlipForConditionalGeneration, BlipForConditionalGeneration,
-        attributes=("text_decoder", "vision_model", "get_input_embeddings"), forward_arguments=None,
+        attributes=("text_decoder", "vision_model", "get_input_embeddings", "all_tied_weights_keys"),
+        forward_arguments=None, passes=(("save_pretrained", ("state_dict", "save_original_format")),),
     ),
     Swap(BlipTextLMPredictionHead, TiedPredictionHead, attributes=("decoder", "bias", "transform"),
          forward_arguments=None),
@@ -228,6 +250,14 @@ def _check(swap: Swap, module: torch.nn.Module, where: str) -> None:
             f"{version}: {where} ({swap.upstream.__name__}) has no {', '.join(missing)}, which "
             f"{swap.replacement.__name__} relies on; install the transformers version in setup.cfg's range"
         )
+    for method, arguments in swap.passes:
+        taken = inspect.signature(getattr(swap.upstream, method)).parameters
+        gone = [name for name in arguments if name not in taken]
+        if gone:
+            raise AdaptationError(
+                f"{version}: {swap.upstream.__name__}.{method} no longer takes {', '.join(gone)}, which "
+                f"{swap.replacement.__name__} passes; install the transformers version in setup.cfg's range"
+            )
     if swap.forward_arguments is None:
         return
     parameters = inspect.signature(swap.upstream.forward).parameters.values()

@@ -105,7 +105,7 @@ def build_datasets(
 def build_model(
     model_name_or_path: str, image_processor, revision: str = "main", torch_dtype: str = "float32",
     attn_implementation: str = "sdpa", training_mode: str | None = None, lora_r: int = 16, lora_alpha: int = 32,
-    lora_dropout: float = 0.05, lora_target_modules=("query", "key", "value"),
+    lora_dropout: float = 0.05, lora_target_modules=("query", "key", "value"), seed: int | None = None,
 ):  # fmt: skip
     """The adapted BLIP (adapt.py); with `training_mode`, made trainable as that mode says, else nothing trains."""
     model = load_model(
@@ -114,7 +114,7 @@ def build_model(
     )  # fmt: skip
     if training_mode is None:
         return model.requires_grad_(False)
-    model = apply_training_mode(model, training_mode, lora_r, lora_alpha, lora_dropout, lora_target_modules)
+    model = apply_training_mode(model, training_mode, lora_r, lora_alpha, lora_dropout, lora_target_modules, seed)
     trainable, total = parameter_counts(model)
     logger.info("training_mode=%s: %s of %s parameters train (%.2f%%)", training_mode, f"{trainable:,}",
                 f"{total:,}", 100.0 * trainable / total)  # fmt: skip
@@ -153,7 +153,7 @@ def build_trainer(recipe: Recipe, callbacks=(), data: CaptionData | None = None)
     model = build_model(
         model_args.model_name_or_path, processor.image_processor, model_args.model_revision, model_args.torch_dtype,
         model_args.attn_implementation, model_args.training_mode, model_args.lora_r, model_args.lora_alpha,
-        model_args.lora_dropout, model_args.lora_target_modules,
+        model_args.lora_dropout, model_args.lora_target_modules, training_args.seed,
     )  # fmt: skip
     check_tokenizer(processor.tokenizer, model, model_args.model_name_or_path)
     set_decoding(model, training_args.generation_num_beams, training_args.generation_max_length,

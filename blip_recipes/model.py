@@ -182,8 +182,13 @@ def apply_training_mode(
     lora_alpha: int = 32,
     lora_dropout: float = 0.05,
     lora_target_modules: list[str] | tuple[str, ...] = ("query", "key", "value"),
+    seed: int | None = None,
 ):
-    """full: everything trains. frozen_vision: the vision encoder is frozen. lora: only LoRA adapters train."""
+    """full: everything trains. frozen_vision: the vision encoder is frozen. lora: only LoRA adapters train.
+
+    `seed`: LoRA's initial adapter weights are drawn from it, right before they are made, so they do not depend on
+    how many random numbers loading drew (DeepSpeed ZeRO-3 initialises the model under its own partitioning and
+    draws differently from a one-process load: the same seed gave other adapters)."""
     if training_mode == "full":
         model.requires_grad_(True)
         return model
@@ -199,6 +204,8 @@ def apply_training_mode(
         config = LoraConfig(
             r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=list(lora_target_modules)
         )
+        if seed is not None:
+            torch.manual_seed(seed)
         try:
             return get_peft_model(model, config)
         except ValueError as error:
@@ -207,10 +214,10 @@ def apply_training_mode(
 
 
 def parameter_counts(model) -> tuple[int, int]:
-    """(trainable, total), counting tied weights once."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
+    """(trainable, total), counting tied weights once. Under DeepSpeed ZeRO-3 each process holds an empty
+    placeholder (numel 0) per parameter; `ds_numel` is the full size."""
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    return sum(size for size, trains in sizes if trains), sum(size for size, _ in sizes)
 
 
 def merge_lora(model):

@@ -71,10 +71,11 @@ class CaptionTrainer(Seq2SeqTrainer):
         self.stop_requested = lambda: False
         self.add_callback(ReplicaCheckCallback())
         logger.info(
-            "processes: world_size=%d (%s, device %s)",
+            "processes: world_size=%d (%s, device %s, engine %s)",
             self.args.world_size,
             self.args.parallel_mode.value,
             self.args.device,
+            engine_name(self.accelerator),
         )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -222,6 +223,20 @@ class ReplicaCheckCallback(TrainerCallback):
         if len(set(digests)) != 1:
             raise RuntimeError(f"model replicas differ after training: {digests}")
         logger.info("weights identical on all %d processes (sha256 %s)", args.world_size, digests[0][:16])
+
+
+def engine_name(accelerator) -> str:
+    """What actually distributes the run, as accelerate set it up (a config asking for FSDP on a CPU gets DDP)."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    if kind == DistributedType.FSDP:
+        return f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
+    return {DistributedType.NO: "none", DistributedType.MULTI_CPU: "DDP", DistributedType.MULTI_GPU: "DDP"}.get(
+        kind, str(kind.value)
+    )
 
 
 def _brief(scores: dict) -> str:

@@ -24,7 +24,7 @@ def test_two_process_training_and_evaluation(tmp_path, shapes_dir):
     )  # fmt: skip
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
-    assert len(re.findall(r"processes: world_size=2 \(distributed", log)) == 2  # both ranks, one job
+    assert len(re.findall(r"processes: world_size=2 \(distributed, device cpu:0, engine DDP\)", log)) == 2  # one job
     assert "weights identical on all 2 processes" in log
     assert "find_unused_parameters=True was specified" not in log  # no per-step graph search for unused parameters
     # Two evaluations (step 0 and final), each scored exactly once although both ranks generate and log at info.

@@ -15,7 +15,8 @@ from tests.conftest import QUICK, REPO
 PINNED_LOSSES = {
     "full": [4.7706, 4.5194, 4.3051, 4.1735, 4.1029],
     "frozen_vision": [4.7706, 4.5202, 4.3073, 4.1759, 4.1049],
-    "lora": [4.7706, 4.6088, 4.4609, 4.3957, 4.3280],
+    # Re-pinned when LoRA's adapters started being drawn from the seed right before they are made (model.py).
+    "lora": [4.7706, 4.6132, 4.4504, 4.3855, 4.3342],
 }
 
 
