@@ -57,6 +57,33 @@ def test_an_upstream_forward_argument_the_swap_would_drop_fails(monkeypatch):
         adapt_blip(plain_blip(), "sdpa")
 
 
+def test_an_upstream_method_argument_the_swap_passes_must_still_exist(monkeypatch):
+    upstream = modeling_blip.BlipForConditionalGeneration.save_pretrained
+
+    def save_pretrained(self, save_directory, state_dict=None, **kwargs):  # an upstream without save_original_format
+        return upstream(self, save_directory, state_dict=state_dict)
+
+    monkeypatch.setattr(modeling_blip.BlipForConditionalGeneration, "save_pretrained", save_pretrained)
+    with pytest.raises(AdaptationError, match="save_pretrained no longer takes save_original_format"):
+        adapt_blip(plain_blip())
+
+
+def test_a_gathered_state_dict_saves_without_tied_copies(tmp_path):
+    """A state dict of copies (as DeepSpeed gathers it) saves the tensors a one-process save_pretrained writes."""
+    from safetensors.torch import load_file
+
+    model = adapt_blip(plain_blip())
+    model.save_pretrained(tmp_path / "plain")
+    copies = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    assert "text_decoder.cls.predictions.decoder.weight" in copies
+    model.save_pretrained(tmp_path / "gathered", state_dict=copies)
+    plain, gathered = (
+        load_file(tmp_path / "plain" / "model.safetensors"),
+        load_file(tmp_path / "gathered" / "model.safetensors"),
+    )
+    assert set(plain) == set(gathered) and all(torch.equal(plain[name], gathered[name]) for name in plain)
+
+
 def test_a_renamed_upstream_class_fails():
     class RenamedAttention(modeling_blip.BlipAttention):  # what a BLIP whose vision attention class changed holds
         pass
