@@ -51,6 +51,11 @@ def load_data(recipe: Recipe, need_train: bool) -> CaptionData:
     """The recipe's splits, loaded (process 0 first: it fills the datasets cache the others read) and checked once
     per job (the processes share the image decoding; the result is cached for later runs)."""
     data_args, training = recipe.data, recipe.training
+    if data_args.streaming and need_train:  # the training split streams (build_stream); scored splits load here
+        if not wants_evaluation(training) and data_args.test_split is None:
+            return CaptionData(None, None, None)
+        data_args = dataclasses.replace(data_args, dataset_name=data_args.eval_dataset_name)
+        need_train = False
     need_eval = not need_train or wants_evaluation(training)
     with training.main_process_first(desc="loading the dataset"):
         data, bad_rows = collect_splits(data_args, training.seed, need_eval=need_eval, need_train=need_train)
@@ -100,6 +105,25 @@ def build_datasets(
     sizes = [len(d) if d else "no" for d in (datasets.train, datasets.evaluation, datasets.test)]
     logger.info("data: %s training captions, %s evaluation images, %s test images", *sizes)
     return datasets
+
+
+def build_stream(data_args, image_processor, seed: int, process_index: int = 0, num_processes: int = 1):
+    """The streaming training split (data/streaming.py): endless items, split over processes and workers."""
+    import os
+
+    from .data.streaming import CaptionStream, stream_shards
+
+    shards = stream_shards(data_args)
+    image_root = data_args.image_root
+    if image_root is None and os.path.isfile(data_args.dataset_name):  # paths in a JSON/CSV file: next to it
+        image_root = os.path.dirname(os.path.abspath(data_args.dataset_name))
+    logger.info("data: streaming %d shards of %s over %d processes, shuffle buffer %d", len(shards),
+                data_args.dataset_name, num_processes, data_args.shuffle_buffer_size)  # fmt: skip
+    return CaptionStream(
+        shards, image_transform(image_processor, data_args.image_augmentation), seed, process_index, num_processes,
+        data_args.shuffle_buffer_size, data_args.caption_preprocessing, image_root, data_args.max_image_pixels,
+        data_args.max_bad_samples_fraction,
+    )  # fmt: skip
 
 
 def build_model(
@@ -160,8 +184,14 @@ def build_trainer(recipe: Recipe, callbacks=(), data: CaptionData | None = None)
                  training_args.generation_min_length, data_args.prompt)  # fmt: skip
     if model_args.cache_vision_features:
         encode_vision_features(model, data.train, processor.image_processor, training_args, data_args.image_cache)
+    train_dataset, changes = datasets.train, {}
+    if data_args.streaming:
+        seed = training_args.data_seed or training_args.seed
+        train_dataset = build_stream(data_args, processor.image_processor, seed, training_args.process_index,
+                                     training_args.world_size)  # fmt: skip
+        changes["ignore_data_skip"] = True  # the stream restores its own position; the Trainer's skip would decode
     return CaptionTrainer(
-        model=model, args=_trainer_arguments(training_args), train_dataset=datasets.train,
+        model=model, args=_trainer_arguments(training_args, **changes), train_dataset=train_dataset,
         eval_dataset=datasets.evaluation, test_dataset=datasets.test, processing_class=processor,
         caption_collator=build_collator(processor, model, data_args.prompt, data_args.max_caption_length,
                                         data_args.pad_to_multiple_of),

@@ -275,6 +275,39 @@ class RecipeSnapshotCallback(TrainerCallback):
             shutil.copyfile(source, os.path.join(target, RECIPE_FILE))
 
 
+STREAM_POSITION_DIR = "stream_position"  # inside a checkpoint: one JSON per process, its readers' positions
+
+
+def stream_position_file(checkpoint: str, process_index: int) -> str:
+    return os.path.join(checkpoint, STREAM_POSITION_DIR, f"process-{process_index}.json")
+
+
+class StreamPositionCallback(TrainerCallback):
+    """Each checkpoint of a streaming run keeps every process's position in its stream (the StatefulDataLoader's
+    state: each reader's pass, sample and caption), so a resume continues with the next item, not a re-read."""
+
+    def on_save(self, args, state, control, train_dataloader=None, **kwargs):
+        if train_dataloader is None or not hasattr(train_dataloader, "state_dict"):
+            return
+        path = stream_position_file(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"),
+                                    args.process_index)  # fmt: skip
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as handle:
+            json.dump(train_dataloader.state_dict(), handle)
+        os.replace(path + ".tmp", path)
+
+
+def load_stream_position(checkpoint: str, process_index: int) -> dict:
+    path = stream_position_file(checkpoint, process_index)
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"resume_from_checkpoint {checkpoint}: no stream position for process {process_index} ({path}); the "
+            "checkpoint was written by a run that did not stream, or by fewer processes"
+        )
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 WRITE_FAILED_EXIT_CODE = 4
 _WRITE_FAILURES = ("No space left", "File too large", "Disk quota", "basic_ios::clear", "PytorchStreamWriter failed",
                    "file write failed")  # fmt: skip

@@ -142,6 +142,24 @@ class DataArguments:
         default=MAX_IMAGE_PIXELS,
         metadata={"help": "Images with more pixels (width x height) are bad samples: refused before decoding."},
     )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream the training split (WebDataset .tar shards: a directory, glob or file; or any source "
+            "datasets can stream) instead of loading it; needs max_steps and, to evaluate, eval_dataset_name."
+        },
+    )
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "With streaming: the dataset (any map-style source) whose eval_split/test_split is scored."},
+    )
+    shuffle_buffer_size: int = field(
+        default=1000, metadata={"help": "With streaming: samples in the shuffle buffer (references, not images)."}
+    )
+    max_bad_samples_fraction: float = field(
+        default=0.01,
+        metadata={"help": "With streaming: bad samples are skipped and counted; past this fraction the run stops."},
+    )
 
 
 @dataclass
@@ -310,6 +328,9 @@ def check_values(recipe: Recipe) -> None:
     check(0 <= data.validation_split_percentage < 100, "validation_split_percentage must be in [0, 100)")
     check(data.max_caption_length >= 4, f"max_caption_length must be at least 4 tokens, got {data.max_caption_length}")
     check(data.max_image_pixels >= 1, f"max_image_pixels must be positive, got {data.max_image_pixels}")
+    check(data.shuffle_buffer_size >= 1, f"shuffle_buffer_size must be at least 1, got {data.shuffle_buffer_size}")
+    fraction = data.max_bad_samples_fraction
+    check(0 <= fraction < 1, f"max_bad_samples_fraction must be in [0, 1), got {fraction}")
     missing = missing_trackers(training.report_to)
     names = " ".join(missing)
     check(not missing, f"report_to names {names}, which is not installed here (pip install {names})")
@@ -379,6 +400,18 @@ def check_combinations(recipe: Recipe) -> None:
             "cache_vision_features runs on one device or under DDP, not with FSDP or DeepSpeed (they shard the "
             "encoder it runs before training)",
         )
+    if data.streaming:
+        check(training.max_steps > 0, "streaming: true needs max_steps (a stream has no length to count epochs by)")
+        for key in ("image_cache", "max_train_samples"):
+            check(not getattr(data, key), f"{key} does not apply to a stream (streaming: true)")
+        check(not model.cache_vision_features, "cache_vision_features encodes a map-style split; not with streaming")
+        check(
+            data.eval_dataset_name is not None or not wants_evaluation(training),
+            "streaming: true with evaluation needs eval_dataset_name (a map-style dataset with the eval split)",
+        )
+    else:
+        stray = [key for key in ("eval_dataset_name",) if key in recipe.explicit_keys]
+        check(not stray, "eval_dataset_name only applies with streaming: true (else eval_split names the split)")
     check(
         not (training.use_cpu and (training.fsdp or _env_flag("ACCELERATE_USE_FSDP"))),
         "FSDP needs GPUs: on the CPU accelerate drops the FSDP plugin and runs plain data parallelism, which shards "

@@ -28,8 +28,10 @@ from .checkpoints import (
     PreemptionCallback,
     RecipeSnapshotCallback,
     RunLockError,
+    StreamPositionCallback,
     is_write_failure,
     latest_complete_checkpoint,
+    load_stream_position,
     lock_output_dir,
     previous_run_files,
     resolve_resume,
@@ -65,6 +67,7 @@ def setup_logging(training_args) -> None:
     ours = logging.INFO if training_args.should_log and training_args.log_level == "passive" else level
     logging.getLogger("blip_recipes").setLevel(ours)
     warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator is found.*")
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata 0.11 calls torch.set_vital
 
 
 def check_before_loading(recipe) -> str | None:
@@ -134,6 +137,8 @@ def run(recipe) -> int:
     model_args, training_args = recipe.model, recipe.training
     preemption = PreemptionCallback()
     callbacks = [preemption, RecipeSnapshotCallback()]
+    if recipe.data.streaming:
+        callbacks.append(StreamPositionCallback())
     if training_args.push_to_hub and training_args.hub_strategy == "every_save":
         callbacks.append(
             HubPushCallback(training_args.hub_model_id, training_args.hub_token, training_args.hub_private_repo)
@@ -142,6 +147,8 @@ def run(recipe) -> int:
         resume = check_before_loading(recipe)
         set_seed(training_args.seed)
         trainer = build_trainer(recipe, callbacks=callbacks)
+        if resume is not None and recipe.data.streaming:
+            trainer.stream_position = load_stream_position(resume, training_args.process_index)
     except LOAD_ERRORS as error:
         preemption.restore_signal_handler()
         logger.error("%s", error)
@@ -151,6 +158,9 @@ def run(recipe) -> int:
     try:
         try:
             train_result = trainer.train(resume_from_checkpoint=resume)
+        except DataError as error:  # a stream past max_bad_samples_fraction (raised in a DataLoader worker)
+            logger.error("%s", str(error).strip().splitlines()[-1].removeprefix("blip_recipes.data.sources."))
+            return 2
         finally:
             preemption.restore_signal_handler()
         detach_vision_features(trainer.model)  # evaluation runs the encoder on pixels; free the store

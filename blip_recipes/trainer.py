@@ -67,6 +67,7 @@ class CaptionTrainer(Seq2SeqTrainer):
         self.caption_collator = caption_collator
         self.test_dataset = test_dataset
         self.evaluation_layout = evaluation_layout
+        self.stream_position = None  # a streaming run's position to resume from (checkpoints.load_stream_position)
         # Polled between caption batches and before scoring; True stops the evaluation (EvaluationInterrupted).
         self.stop_requested = lambda: False
         self.add_callback(ReplicaCheckCallback())
@@ -77,6 +78,28 @@ class CaptionTrainer(Seq2SeqTrainer):
             self.args.device,
             engine_name(self.accelerator),
         )
+
+    def get_train_dataloader(self):
+        """A CaptionStream gets a StatefulDataLoader that accelerate does not wrap: the stream already splits itself
+        over processes (accelerate would make every process read every sample), and its position is saved with
+        each checkpoint (StreamPositionCallback) and restored here on resume."""
+        from .data.streaming import CaptionStream
+
+        if not isinstance(self.train_dataset, CaptionStream):
+            return super().get_train_dataloader()
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        args = self.args
+        workers = args.dataloader_num_workers
+        prefetch = args.dataloader_prefetch_factor if workers else None
+        loader = StatefulDataLoader(
+            self.train_dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator, num_workers=workers,
+            pin_memory=args.dataloader_pin_memory, prefetch_factor=prefetch,
+            persistent_workers=args.dataloader_persistent_workers and workers > 0,
+        )  # fmt: skip
+        if self.stream_position is not None:
+            loader.load_state_dict(self.stream_position)
+        return loader
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Weights and processor as the Trainer writes them (safetensors), arguments as JSON instead of a pickle, and

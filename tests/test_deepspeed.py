@@ -20,7 +20,7 @@ from tests.conftest import QUICK, REPO, read_json, read_jsonl, run_cli
 pytest.importorskip("deepspeed", reason="pip install -e .[deepspeed] (make test installs it)")
 
 STAGES = ["zero2", "zero3"]
-PORTS = {"zero2": 29641, "zero3": 29643}
+PORTS = {"zero2": 29641, "zero3": 29651}
 
 
 def launch(stage: str, recipe: str, output_dir, *args, port_offset: int = 0):
