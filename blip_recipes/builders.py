@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .choices import GENERATION_DEFAULTS
 from .collator import CaptionCollator
 from .config import Recipe, wants_evaluation
 from .data import (
@@ -184,7 +185,13 @@ def build_trainer(recipe: Recipe, callbacks=(), data: CaptionData | None = None)
                  training_args.generation_min_length, data_args.prompt)  # fmt: skip
     if model_args.cache_vision_features:
         encode_vision_features(model, data.train, processor.image_processor, training_args, data_args.image_cache)
-    train_dataset, changes = datasets.train, {}
+    train_dataset, changes, scst = datasets.train, {}, None
+    collator = build_collator(processor, model, data_args.prompt, data_args.max_caption_length,
+                              data_args.pad_to_multiple_of)  # fmt: skip
+    if training_args.training_objective == "scst":  # one item per image; the loss samples its captions
+        train_dataset = CaptionEvalDataset(data.train, datasets.train.transform, datasets.train.cache,
+                                           model_args.cache_vision_features)  # fmt: skip
+        scst = build_scst_loss(data.train, processor.tokenizer, collator, training_args)
     if data_args.streaming:
         seed = training_args.data_seed or training_args.seed
         train_dataset = build_stream(data_args, processor.image_processor, seed, training_args.process_index,
@@ -193,9 +200,22 @@ def build_trainer(recipe: Recipe, callbacks=(), data: CaptionData | None = None)
     return CaptionTrainer(
         model=model, args=_trainer_arguments(training_args, **changes), train_dataset=train_dataset,
         eval_dataset=datasets.evaluation, test_dataset=datasets.test, processing_class=processor,
-        caption_collator=build_collator(processor, model, data_args.prompt, data_args.max_caption_length,
-                                        data_args.pad_to_multiple_of),
-        callbacks=list(callbacks),
+        caption_collator=collator, callbacks=list(callbacks), scst=scst,
+    )  # fmt: skip
+
+
+def build_scst_loss(split: CaptionSplit, tokenizer, collator: CaptionCollator, training_args):
+    """The self-critical loss over `split`'s images (rewards against each image's references, scst.py)."""
+    from .scst import SelfCriticalLoss
+
+    logger.info("training_objective=scst: %d samples per image, %s baseline, reward weights CIDEr-D %g / BLEU-4 %g",
+                training_args.scst_num_samples, training_args.scst_baseline,
+                *training_args.scst_reward_weights)  # fmt: skip
+    return SelfCriticalLoss(
+        [record.captions for record in split.records], tokenizer, collator.prompt_ids,
+        num_samples=training_args.scst_num_samples, baseline=training_args.scst_baseline,
+        max_length=training_args.generation_max_length or GENERATION_DEFAULTS.max_length,
+        min_length=training_args.generation_min_length, reward_weights=training_args.scst_reward_weights,
     )  # fmt: skip
 
 

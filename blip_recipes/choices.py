@@ -14,6 +14,8 @@ CaptionPreprocessing = typing.Literal["none", "blip"]
 ImageAugmentation = typing.Literal["none", "blip"]
 # The Trainer's other strategies (checkpoint, all_checkpoints) upload optimizer state; publishing is hub.py's job.
 HubStrategy = typing.Literal["end", "every_save"]
+TrainingObjective = typing.Literal["cross_entropy", "scst"]
+ScstBaseline = typing.Literal["greedy", "mean"]
 
 TRAINING_MODES: tuple[str, ...] = typing.get_args(TrainingMode)
 TORCH_DTYPES: tuple[str, ...] = typing.get_args(TorchDtype)

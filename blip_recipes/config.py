@@ -20,8 +20,10 @@ from .choices import (
     CaptionPreprocessing,
     HubStrategy,
     ImageAugmentation,
+    ScstBaseline,
     TorchDtype,
     TrainingMode,
+    TrainingObjective,
 )
 from .metrics import DEFAULT_METRICS, METRIC_FAMILIES, metric_keys
 from .transforms import MAX_IMAGE_PIXELS
@@ -194,6 +196,28 @@ class CaptionTrainingArguments(Seq2SeqTrainingArguments):
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow a new run to replace an earlier run's files in output_dir."}
     )
+    training_objective: TrainingObjective = field(
+        default="cross_entropy",
+        metadata={
+            "help": "cross_entropy (next-token loss on the references) | scst (self-critical training: optimise "
+            "CIDEr-D of sampled captions; start from a model that already captions)."
+        },
+    )
+    scst_num_samples: int = field(default=5, metadata={"help": "scst: captions sampled per image and step."})
+    scst_baseline: ScstBaseline = field(
+        default="greedy",
+        metadata={"help": "scst: greedy (the greedy caption's reward) | mean (mean reward of the other samples)."},
+    )
+    scst_reward_weights: list[float] = field(
+        default_factory=lambda: [1.0, 0.0], metadata={"help": "scst: weights of CIDEr-D and BLEU-4 in the reward."}
+    )
+    ema_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "Keep an exponential moving average of the trainable weights (e.g. 0.999), evaluated and saved "
+            "in their place; null: off."
+        },
+    )
     predict_with_generate: bool = field(default=True, metadata={"help": "Evaluation always generates captions."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "The collator needs every field."})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Trackers, e.g. tensorboard."})
@@ -328,6 +352,14 @@ def check_values(recipe: Recipe) -> None:
     check(0 <= data.validation_split_percentage < 100, "validation_split_percentage must be in [0, 100)")
     check(data.max_caption_length >= 4, f"max_caption_length must be at least 4 tokens, got {data.max_caption_length}")
     check(data.max_image_pixels >= 1, f"max_image_pixels must be positive, got {data.max_image_pixels}")
+    check(training.scst_num_samples >= 1, f"scst_num_samples must be at least 1, got {training.scst_num_samples}")
+    weights = training.scst_reward_weights
+    check(
+        len(weights) == 2 and all(math.isfinite(w) and w >= 0 for w in weights) and sum(weights) > 0,
+        f"scst_reward_weights must be two non-negative weights (CIDEr-D, BLEU-4), not both 0, got {weights}",
+    )
+    decay = training.ema_decay
+    check(decay is None or 0 < decay < 1, f"ema_decay must be in (0, 1) or null, got {decay}")
     check(data.shuffle_buffer_size >= 1, f"shuffle_buffer_size must be at least 1, got {data.shuffle_buffer_size}")
     fraction = data.max_bad_samples_fraction
     check(0 <= fraction < 1, f"max_bad_samples_fraction must be in [0, 1), got {fraction}")
@@ -400,6 +432,21 @@ def check_combinations(recipe: Recipe) -> None:
             "cache_vision_features runs on one device or under DDP, not with FSDP or DeepSpeed (they shard the "
             "encoder it runs before training)",
         )
+    scst_keys = sorted(key for key in recipe.explicit_keys if key.startswith("scst_"))
+    check(
+        training.training_objective == "scst" or not scst_keys,
+        f"{', '.join(scst_keys)} only apply to training_objective: scst",
+    )
+    if training.training_objective == "scst":
+        check(not data.streaming, "training_objective scst needs each image's references: a map-style train split")
+        check(
+            training.scst_baseline != "mean" or training.scst_num_samples >= 2,
+            "scst_baseline mean is the mean reward of an image's other samples: scst_num_samples must be at least 2",
+        )
+    if training.training_objective == "scst" or training.ema_decay is not None:
+        sharded = training.fsdp or training.deepspeed
+        sharded = sharded or _env_flag("ACCELERATE_USE_FSDP") or _env_flag("ACCELERATE_USE_DEEPSPEED")
+        check(not sharded, "training_objective scst and ema_decay run on one device or under DDP (tested there)")
     if data.streaming:
         check(training.max_steps > 0, "streaming: true needs max_steps (a stream has no length to count epochs by)")
         for key in ("image_cache", "max_train_samples"):

@@ -31,7 +31,6 @@ from .checkpoints import (
     StreamPositionCallback,
     is_write_failure,
     latest_complete_checkpoint,
-    load_stream_position,
     lock_output_dir,
     previous_run_files,
     resolve_resume,
@@ -147,8 +146,6 @@ def run(recipe) -> int:
         resume = check_before_loading(recipe)
         set_seed(training_args.seed)
         trainer = build_trainer(recipe, callbacks=callbacks)
-        if resume is not None and recipe.data.streaming:
-            trainer.stream_position = load_stream_position(resume, training_args.process_index)
     except LOAD_ERRORS as error:
         preemption.restore_signal_handler()
         logger.error("%s", error)
@@ -212,17 +209,18 @@ def evaluate_after_training(trainer, recipe) -> dict | None:
 
 
 def save_outputs(trainer, merge: bool, train_metrics: dict) -> None:
-    """The trained model (with processor and decoding settings), training metrics and state; the merged model too
-    when asked (LoRA)."""
-    trainer.save_model()
+    """The trained model (with processor and decoding settings; the weight average with ema_decay), training metrics
+    and state; the merged model too when asked (LoRA)."""
+    with trainer.ema_weights():
+        trainer.save_model()
+        if merge and trainer.is_world_process_zero():
+            merged_dir = os.path.join(trainer.args.output_dir, "merged")
+            merge_lora(trainer.model).save_pretrained(merged_dir)
+            trainer.processing_class.save_pretrained(merged_dir)
+            logger.info("merged LoRA model written to %s", merged_dir)
     trainer.log_metrics("train", train_metrics)
     trainer.save_metrics("train", train_metrics)
     trainer.save_state()
-    if merge and trainer.is_world_process_zero():
-        merged_dir = os.path.join(trainer.args.output_dir, "merged")
-        merge_lora(trainer.model).save_pretrained(merged_dir)
-        trainer.processing_class.save_pretrained(merged_dir)
-        logger.info("merged LoRA model written to %s", merged_dir)
 
 
 def final_evaluation(trainer) -> dict[str, dict]:

@@ -1,5 +1,6 @@
 """The one Trainer every recipe uses: Seq2SeqTrainer + a token-level caption loss + caption-generating evaluation."""
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -56,7 +57,8 @@ class CaptionTrainer(Seq2SeqTrainer):
     output_dir/evaluations/<prefix>-step-N (training); "flat" writes straight into output_dir (standalone evaluate).
     """
 
-    def __init__(self, *args, caption_collator, test_dataset=None, evaluation_layout: str = "per_step", **kwargs):
+    def __init__(self, *args, caption_collator, test_dataset=None, evaluation_layout: str = "per_step", scst=None,
+                 **kwargs):  # fmt: skip
         if evaluation_layout not in ("per_step", "flat"):
             raise ValueError(f"evaluation_layout must be per_step or flat, got {evaluation_layout!r}")
         training_args = kwargs["args"]
@@ -68,6 +70,17 @@ class CaptionTrainer(Seq2SeqTrainer):
         self.test_dataset = test_dataset
         self.evaluation_layout = evaluation_layout
         self.stream_position = None  # a streaming run's position to resume from (checkpoints.load_stream_position)
+        # training_objective scst: compute_loss is the self-critical loss (scst.py); it averages over the step's
+        # samples itself, so the Trainer divides by gradient_accumulation_steps.
+        self.scst = scst
+        if scst is not None:
+            self.loss_is_scaled_for_ga = False
+        self.ema = None
+        if training_args.ema_decay is not None:
+            from .ema import WeightAverage
+
+            self.ema = WeightAverage(training_args.ema_decay)
+            self.add_callback(self.ema)
         # Polled between caption batches and before scoring; True stops the evaluation (EvaluationInterrupted).
         self.stop_requested = lambda: False
         self.add_callback(ReplicaCheckCallback())
@@ -78,6 +91,35 @@ class CaptionTrainer(Seq2SeqTrainer):
             self.args.device,
             engine_name(self.accelerator),
         )
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """Resuming also restores what the Trainer does not checkpoint: the weight average and a stream's
+        position."""
+        if isinstance(resume_from_checkpoint, str):
+            if self.ema is not None:
+                self.ema.load(resume_from_checkpoint)
+            from .data.streaming import CaptionStream
+
+            if isinstance(self.train_dataset, CaptionStream):
+                from .checkpoints import load_stream_position
+
+                self.stream_position = load_stream_position(resume_from_checkpoint, self.args.process_index)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.scst is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return self.scst(model, inputs, self.accelerator.autocast)
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """SCST's per-step statistics (mean reward, baseline, sampled length, share at max length) beside the loss."""
+        if self.scst is not None and "loss" in logs:
+            logs = {**logs, **self.scst.pop_statistics()}
+        super().log(logs, *args, **kwargs)
+
+    def ema_weights(self):
+        """A block in which the model holds the weight average (ema_decay), else the raw weights."""
+        return self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext()
 
     def get_train_dataloader(self):
         """A CaptionStream gets a StatefulDataLoader that accelerate does not wrap: the stream already splits itself
@@ -165,6 +207,10 @@ class CaptionTrainer(Seq2SeqTrainer):
         return generated
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        with self.ema_weights():
+            return self._generate_and_score(eval_dataset, metric_key_prefix)
+
+    def _generate_and_score(self, eval_dataset, metric_key_prefix: str) -> dict[str, float]:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         self._memory_tracker.start()
         start_time = time.time()

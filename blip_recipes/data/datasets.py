@@ -59,12 +59,15 @@ def _pixels(split: CaptionSplit, transform: ImageTransform, cache, position: int
 
 
 class CaptionEvalDataset(torch.utils.data.Dataset):
-    """One item per image, with every reference."""
+    """One item per image, with every reference (evaluation, and self-critical training). With `vision_features`
+    an item names its image's row in the vision-features store instead of carrying pixels."""
 
-    def __init__(self, split: CaptionSplit, transform: ImageTransform, cache: ResizedImageCache | None = None):
+    def __init__(self, split: CaptionSplit, transform: ImageTransform, cache: ResizedImageCache | None = None,
+                 vision_features: bool = False):  # fmt: skip
         self.split = split
         self.transform = transform
         self.cache = cache
+        self.vision_features = vision_features
 
     def __len__(self) -> int:
         return len(self.split.records)
@@ -73,6 +76,8 @@ class CaptionEvalDataset(torch.utils.data.Dataset):
         return self.split.records[index]
 
     def __getitem__(self, index: int) -> dict:
+        if self.vision_features:
+            return {VISION_FEATURES_ROW: index, "index": index}
         return {"pixel_values": _pixels(self.split, self.transform, self.cache, index), "index": index}
 
     def load_image(self, index: int):
