@@ -1,6 +1,7 @@
 """streaming: true: WebDataset shards and a streamed JSONL file, split over processes and DataLoader workers, every
 sample exactly once per pass, exact resume mid-stream, bad samples counted as they are met."""
 
+import glob
 import io
 import json
 import logging
@@ -250,6 +251,14 @@ def test_two_processes_stream_disjoint_shards(tmp_path, shapes_shards):
         # All 240 samples of pass 0 used (the next item would start pass 1), each image decoded once.
         assert (dataset_state["pass"], dataset_state["sample"], dataset_state["caption"]) == (0, 240, 0)
         assert dataset_state["read"] == 240 and dataset_state["bad"] == 0
+    # Which samples those were, by key: the readers' pass-0 samples, disjoint and together all 480.
+    shards = [TarShard(path) for path in sorted(glob.glob(os.path.join(shapes_shards, "*.tar")))]
+    keys = [
+        [sample.key for sample in CaptionStream(shards, TRANSFORM, seed=42, num_processes=2).references(0, reader, 2)]
+        for reader in (0, 1)
+    ]
+    assert len(keys[0]) == len(keys[1]) == 240 and not set(keys[0]) & set(keys[1])
+    assert sorted(keys[0] + keys[1]) == sorted(f"{n:05d}" for n in range(480))
     assert read_json(output_dir / "eval_results.json")["eval_cider"] > 0
 
 
