@@ -234,7 +234,8 @@ FIXED_ON_RESUME = frozenset({
     "skip_bad_samples", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
     "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio", "weight_decay", "optim", "optim_args",
     "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "label_smoothing_factor", "seed", "data_seed",
-    "bf16", "fp16", "dataloader_drop_last", "train_sampling_strategy", "neftune_noise_alpha",
+    "bf16", "fp16", "dataloader_drop_last", "train_sampling_strategy", "neftune_noise_alpha", "training_objective",
+    "scst_num_samples", "scst_baseline", "scst_reward_weights", "streaming", "shuffle_buffer_size",
 })  # fmt: skip
 RECIPE_FILE = "recipe.yaml"
 

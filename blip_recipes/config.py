@@ -443,6 +443,11 @@ def check_combinations(recipe: Recipe) -> None:
             training.scst_baseline != "mean" or training.scst_num_samples >= 2,
             "scst_baseline mean is the mean reward of an image's other samples: scst_num_samples must be at least 2",
         )
+    check(
+        training.ema_decay is None or not training.load_best_model_at_end,
+        "ema_decay with load_best_model_at_end: evaluations score the average, but the best checkpoint holds raw "
+        "weights; use one of them",
+    )
     if training.training_objective == "scst" or training.ema_decay is not None:
         sharded = training.fsdp or training.deepspeed
         sharded = sharded or _env_flag("ACCELERATE_USE_FSDP") or _env_flag("ACCELERATE_USE_DEEPSPEED")

@@ -31,6 +31,7 @@ from .checkpoints import (
     StreamPositionCallback,
     is_write_failure,
     latest_complete_checkpoint,
+    load_stream_position,
     lock_output_dir,
     previous_run_files,
     resolve_resume,
@@ -38,6 +39,7 @@ from .checkpoints import (
 )
 from .config import RecipeError, wants_evaluation
 from .data import DataError
+from .ema import EMA_FILE
 from .hub import HubPushCallback, metric_results, publish_run
 from .metrics import METRIC_KEYS, MetricsError, check_metric_requirements
 from .model import ModelError, check_model_source, merge_lora
@@ -87,6 +89,12 @@ def check_before_loading(recipe) -> str | None:
                 + "\n".join(changed)
                 + "\nResume with the recorded values, or start a new run in another output_dir."
             )
+    if resume is not None:  # what CaptionTrainer.train restores beside the Trainer's own state
+        if recipe.data.streaming:
+            load_stream_position(resume, training_args.process_index)
+        if training_args.ema_decay is not None and not os.path.isfile(os.path.join(resume, EMA_FILE)):
+            raise RecipeError(f"resume_from_checkpoint {resume}: no {EMA_FILE}, but this recipe sets ema_decay (the "
+                              "checkpoint's run had none); resume without ema_decay or start a new run")  # fmt: skip
     existing = previous_run_files(training_args.output_dir)
     if existing and resume is None and not training_args.overwrite_output_dir:
         raise RecipeError(

@@ -153,6 +153,31 @@ def test_scst_keys_need_scst_and_the_mean_baseline_two_samples(tmp_path):
         quick_recipe(tmp_path, "--training_objective", "scst", "--scst_baseline", "mean", "--scst_num_samples", "1")
     with pytest.raises(RecipeError, match="ema_decay must be in"):
         quick_recipe(tmp_path, "--ema_decay", "1.5")
+    with pytest.raises(RecipeError, match="ema_decay with load_best_model_at_end"):
+        quick_recipe(tmp_path, "--ema_decay", "0.9", "--load_best_model_at_end", "true", "--metric_for_best_model",
+                     "cider", "--eval_strategy", "steps", "--save_strategy", "steps")  # fmt: skip
+
+
+@pytest.mark.parametrize("keys", [["--training_objective", "scst"], ["--ema_decay", "0.9"]], ids=["scst", "ema"])
+def test_scst_and_ema_are_refused_under_deepspeed_and_fsdp(tmp_path, monkeypatch, keys):
+    from blip_recipes.config import RecipeError
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(RecipeError, match="run on one device or under DDP"):
+        quick_recipe(tmp_path, *keys)
+
+
+def test_resuming_with_ema_needs_the_average_in_the_checkpoint(tmp_path):
+    from blip_recipes.config import RecipeError
+    from blip_recipes.train import check_before_loading
+
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 3}')
+    recipe = quick_recipe(tmp_path, "--ema_decay", "0.9", "--resume_from_checkpoint", "true")
+    with pytest.raises(RecipeError, match="no ema.safetensors, but this recipe sets ema_decay"):
+        check_before_loading(recipe)
 
 
 def test_scst_under_ddp(tmp_path, captioning_model):

@@ -270,6 +270,21 @@ def test_streaming_needs_max_steps_and_an_eval_source(tmp_path, shapes_shards):
     assert no_eval.returncode == 2 and "needs eval_dataset_name" in no_eval.stderr
 
 
+@pytest.mark.parametrize("keys, message", [
+    (["--image_cache", "true"], "image_cache does not apply to a stream"),
+    (["--max_train_samples", "5"], "max_train_samples does not apply to a stream"),
+    (["--training_mode", "frozen_vision", "--cache_vision_features", "true"], "cache_vision_features encodes"),
+    (["--training_objective", "scst"], "training_objective scst needs each image's references"),
+])  # fmt: skip
+def test_what_does_not_apply_to_a_stream_is_refused(tmp_path, keys, message):
+    from blip_recipes.config import RecipeError
+    from blip_recipes.recipe_parser import parse_recipe
+
+    arguments = streaming_arguments("shards/*.tar", tmp_path, "--max_steps", "2", *keys)
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe([os.path.join(REPO, arguments[0]), *arguments[1:]])
+
+
 def test_an_imagefolder_streams_through_datasets(shapes_dir):
     """builtin:shapes is an imagefolder (metadata.jsonl beside the PNGs): streamed, its images are read undecoded
     from the rows and decoded by the stream."""
