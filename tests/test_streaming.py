@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from blip_recipes.data.sources import DataError
-from blip_recipes.data.streaming import CaptionStream, DatasetShard, TarShard, write_shards
+from blip_recipes.data.streaming import CaptionStream, TarShard, write_shards
 from blip_recipes.transforms import ImageTransform
 from tests.conftest import QUICK, REPO, read_json, run_cli
 
@@ -73,6 +73,22 @@ def test_every_sample_exactly_once_per_pass(tmp_path, shard_count, processes, wo
     assert sorted(order) == sorted(f"s{n:04d}" for n in range(40))
     assert order != [sample.key for sample in stream(0).references(1, 0, 1)]
     assert order == [sample.key for sample in stream(0).references(0, 0, 1)]
+
+
+def test_shards_are_named_by_directory_glob_or_brace_list(tmp_path):
+    from blip_recipes.data.streaming import expand_braces, find_shards
+
+    paths = write_shards(numbered_samples(6), str(tmp_path), samples_per_shard=2)
+    assert find_shards(str(tmp_path)) == paths
+    assert find_shards(str(tmp_path / "shard-*.tar")) == paths
+    assert find_shards(str(tmp_path / "shard-{00000..00002}.tar")) == paths
+    assert find_shards(str(tmp_path / "shard-{00000,00002}.tar")) == [paths[0], paths[2]]
+    assert expand_braces("a-{08..10}-{x,y}.tar") == ["a-08-x.tar", "a-08-y.tar", "a-09-x.tar", "a-09-y.tar",
+                                                     "a-10-x.tar", "a-10-y.tar"]  # fmt: skip
+    with pytest.raises(DataError, match=r"1 of 4 shards do not exist, e.g. .*shard-00003.tar"):
+        find_shards(str(tmp_path / "shard-{00000..00003}.tar"))
+    with pytest.raises(DataError, match="the pattern matches no file"):
+        find_shards(str(tmp_path / "nothing-*.tar"))
 
 
 def test_a_resumed_stream_yields_what_an_uninterrupted_one_does(tmp_path):
@@ -149,7 +165,10 @@ class tarfile_without:
 
 
 def test_a_jsonl_file_streams_through_datasets(tmp_path):
-    import datasets
+    """Image paths relative to the JSONL file, a list of captions per row; build_stream as a recipe gets it."""
+    from blip_recipes.builders import build_stream
+    from blip_recipes.config import DataArguments
+    from blip_recipes.model import load_processor
 
     (tmp_path / "images").mkdir()
     rows = []
@@ -157,9 +176,9 @@ def test_a_jsonl_file_streams_through_datasets(tmp_path):
         (tmp_path / "images" / f"{key}.{extension}").write_bytes(image)
         rows.append({"image": f"images/{key}.{extension}", "text": captions})
     (tmp_path / "captions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    dataset = datasets.load_dataset("json", data_files={"train": str(tmp_path / "captions.jsonl")}, streaming=True)
-    shard = DatasetShard(dataset["train"], 0, 1, "captions.jsonl", "image", "text")
-    stream = CaptionStream([shard], TRANSFORM, seed=1, image_root=str(tmp_path), buffer_size=3)
+    processor = load_processor("builtin:tiny-blip")
+    data_args = DataArguments(dataset_name=str(tmp_path / "captions.jsonl"), streaming=True, shuffle_buffer_size=3)
+    stream = build_stream(data_args, processor.image_processor, seed=1)
     captions = [item["caption"] for _, item in zip(range(20), stream)]
     assert Counter(sample_of(caption) for caption in captions) == {n: 2 for n in range(10)}
 

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import random
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -112,9 +113,36 @@ class DatasetShard:
                          values.get(self.caption_column))  # fmt: skip
 
 
+_BRACES = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """WebDataset's shard-list notation: `shard-{000..099}.tar` (zero-padded ranges) and `{a,b}` alternatives."""
+    match = _BRACES.search(pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    numbers = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numbers:
+        first, last = numbers.groups()
+        choices = [str(n).zfill(len(first)) for n in range(int(first), int(last) + 1)]
+    else:
+        choices = body.split(",")
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
+
+
 def find_shards(dataset_name: str) -> list[str] | None:
-    """The .tar shards `dataset_name` names (a directory holding them, a glob, or one file), sorted; else None."""
+    """The .tar shards `dataset_name` names (a directory holding them, a glob, a brace list such as
+    `shard-{000..099}.tar`, or one file), sorted; else None."""
     path = os.path.expanduser(dataset_name)
+    if "{" in path and path.endswith(".tar"):
+        found = expand_braces(path)
+        missing = [name for name in found if not os.path.isfile(name)]
+        if missing:
+            raise DataError(f"dataset_name {dataset_name}: {len(missing)} of {len(found)} shards do not exist, e.g. "
+                            f"{missing[0]}")  # fmt: skip
+        return found
     if os.path.isdir(path):
         found = sorted(glob.glob(os.path.join(path, "*.tar")))
         return found or None
