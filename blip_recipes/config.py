@@ -147,8 +147,8 @@ class DataArguments:
     streaming: bool = field(
         default=False,
         metadata={
-            "help": "Stream the training split (WebDataset .tar shards: a directory, glob, {000..099} list or file; or "
-            "any source datasets can stream) instead of loading it; needs max_steps and, to evaluate, "
+            "help": "Stream the training split (WebDataset .tar shards: a directory, glob, {000..099} list or "
+            "file; or any source datasets can stream) instead of loading it; needs max_steps and, to evaluate, "
             "eval_dataset_name."
         },
     )
