@@ -3,7 +3,8 @@
     python benchmarks/scst.py --quick                 # the tiny builtin model on builtin:shapes, CPU, ~1 min
     python benchmarks/scst.py --model DIR --json FILE  # any captioning model (e.g. a BLIP-base run) on a GPU
 
-An SCST step on B images samples B x K captions and (greedy baseline) B greedy captions without gradients, scores
+An SCST step on B images samples B x K captions (multinomial, or the K beams of a beam search) and (greedy
+baseline) B greedy captions without gradients, scores
 them (CIDEr-D in process), then runs one teacher-forced pass with gradients over the B x K samples; a cross-entropy
 step runs one pass over B (image, caption) pairs. Reported per configuration: steps/s, training images/s and, for
 SCST, sampled captions/s, over `--steps` timed steps after `--warmup`.
@@ -20,8 +21,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def timed_run(model: str, output_dir: str, objective: str, baseline: str, batch: int, samples: int, warmup: int,
-              steps: int) -> dict:  # fmt: skip
+def timed_run(model: str, output_dir: str, objective: str, baseline: str, sampling: str, batch: int, samples: int,
+              warmup: int, steps: int) -> dict:  # fmt: skip
     from transformers import TrainerCallback
 
     from blip_recipes.builders import build_trainer
@@ -34,7 +35,7 @@ def timed_run(model: str, output_dir: str, objective: str, baseline: str, batch:
                  "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "1000",
                  "--dataloader_num_workers", "0", "--training_objective", objective]  # fmt: skip
     if objective == "scst":
-        arguments += ["--scst_baseline", baseline, "--scst_num_samples", str(samples)]
+        arguments += ["--scst_baseline", baseline, "--scst_sampling", sampling, "--scst_num_samples", str(samples)]
     trainer = build_trainer(parse_recipe(arguments))
     stamps = []
 
@@ -49,7 +50,7 @@ def timed_run(model: str, output_dir: str, objective: str, baseline: str, batch:
     result = {"objective": objective, "batch_images": batch, "steps_per_second": round(rate, 3),
               "images_per_second": round(rate * batch, 1)}  # fmt: skip
     if objective == "scst":
-        result.update(baseline=baseline, samples_per_image=samples,
+        result.update(baseline=baseline, sampling=sampling, samples_per_image=samples,
                       sampled_captions_per_second=round(rate * batch * samples, 1))  # fmt: skip
     return result
 
@@ -83,9 +84,11 @@ def main() -> int:
             trainer.train()
             trainer.save_model()
         results = []
-        for objective, baseline in (("cross_entropy", None), ("scst", "greedy"), ("scst", "mean")):
-            result = timed_run(model, os.path.join(directory, f"{objective}-{baseline}"), objective, baseline,
-                               args.batch, args.samples, args.warmup, args.steps)  # fmt: skip
+        configurations = [("cross_entropy", None, None), ("scst", "greedy", "multinomial"),
+                          ("scst", "mean", "multinomial"), ("scst", "mean", "beam")]  # fmt: skip
+        for objective, baseline, sampling in configurations:
+            result = timed_run(model, os.path.join(directory, f"{objective}-{baseline}-{sampling}"), objective,
+                               baseline, sampling, args.batch, args.samples, args.warmup, args.steps)  # fmt: skip
             results.append(result)
             print(json.dumps(result), flush=True)
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs",

@@ -208,14 +208,15 @@ def build_scst_loss(split: CaptionSplit, tokenizer, collator: CaptionCollator, t
     """The self-critical loss over `split`'s images (rewards against each image's references, scst.py)."""
     from .scst import SelfCriticalLoss
 
-    logger.info("training_objective=scst: %d samples per image, %s baseline, reward weights CIDEr-D %g / BLEU-4 %g",
-                training_args.scst_num_samples, training_args.scst_baseline,
+    logger.info("training_objective=scst: %d %s samples per image, %s baseline, reward weights CIDEr-D %g / BLEU-4 %g",
+                training_args.scst_num_samples, training_args.scst_sampling, training_args.scst_baseline,
                 *training_args.scst_reward_weights)  # fmt: skip
     return SelfCriticalLoss(
         [record.captions for record in split.records], tokenizer, collator.prompt_ids,
         num_samples=training_args.scst_num_samples, baseline=training_args.scst_baseline,
         max_length=training_args.generation_max_length or GENERATION_DEFAULTS.max_length,
         min_length=training_args.generation_min_length, reward_weights=training_args.scst_reward_weights,
+        sampling=training_args.scst_sampling,
     )  # fmt: skip
 
 

@@ -235,7 +235,7 @@ FIXED_ON_RESUME = frozenset({
     "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio", "weight_decay", "optim", "optim_args",
     "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "label_smoothing_factor", "seed", "data_seed",
     "bf16", "fp16", "dataloader_drop_last", "train_sampling_strategy", "neftune_noise_alpha", "training_objective",
-    "scst_num_samples", "scst_baseline", "scst_reward_weights", "streaming", "shuffle_buffer_size",
+    "scst_num_samples", "scst_baseline", "scst_sampling", "scst_reward_weights", "streaming", "shuffle_buffer_size",
 })  # fmt: skip
 RECIPE_FILE = "recipe.yaml"
 

@@ -16,6 +16,7 @@ ImageAugmentation = typing.Literal["none", "blip"]
 HubStrategy = typing.Literal["end", "every_save"]
 TrainingObjective = typing.Literal["cross_entropy", "scst"]
 ScstBaseline = typing.Literal["greedy", "mean"]
+ScstSampling = typing.Literal["multinomial", "beam"]
 
 TRAINING_MODES: tuple[str, ...] = typing.get_args(TrainingMode)
 TORCH_DTYPES: tuple[str, ...] = typing.get_args(TorchDtype)

@@ -21,6 +21,7 @@ from .choices import (
     HubStrategy,
     ImageAugmentation,
     ScstBaseline,
+    ScstSampling,
     TorchDtype,
     TrainingMode,
     TrainingObjective,
@@ -208,6 +209,10 @@ class CaptionTrainingArguments(Seq2SeqTrainingArguments):
     scst_baseline: ScstBaseline = field(
         default="greedy",
         metadata={"help": "scst: greedy (the greedy caption's reward) | mean (mean reward of the other samples)."},
+    )
+    scst_sampling: ScstSampling = field(
+        default="multinomial",
+        metadata={"help": "scst: multinomial samples | beam (the finished beams of a beam search that wide)."},
     )
     scst_reward_weights: list[float] = field(
         default_factory=lambda: [1.0, 0.0], metadata={"help": "scst: weights of CIDEr-D and BLEU-4 in the reward."}

@@ -1,7 +1,9 @@
 """Self-critical sequence training (Rennie et al. 2017): `training_objective: scst` optimises CIDEr-D directly.
 
-Per training image, without gradients and with the image encoded once: `num_samples` captions drawn from the model
-(multinomial, the recipe's prompt and max length) and, for the `greedy` baseline, the greedy caption. Each sample's
+Per training image, without gradients and with the image encoded once: `num_samples` captions from the model (the
+recipe's prompt and max length): multinomial draws (Rennie et al.), or with `scst_sampling: beam` the finished
+beams of a beam search that wide (Cornia et al. 2020, "Meshed-Memory Transformer for Image Captioning": the
+captions a beam-search evaluation chooses among); and, for the `greedy` baseline, the greedy caption. Each sample's
 reward is its CIDEr-D against all of the image's references (plus an optional BLEU-4 share), with document
 frequencies from the training references (rewards.py). The baseline is the greedy caption's reward (`greedy`,
 Rennie et al.) or the mean reward of the image's other samples (`mean`, the "new self-critical" variant). Then, with
@@ -19,8 +21,10 @@ from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache
 
-from .adapt import unwrap_blip
+from .adapt import CACHE_ARGUMENT, unwrap_blip
+from .evaluation import BeamSharedCrossAttentionCache
 from .metrics import ptb_tokenize
 from .rewards import CiderD, bleu4, simple_tokenize
 
@@ -29,8 +33,10 @@ logger = logging.getLogger(__name__)
 
 @torch.no_grad()
 def sample_captions(model, pixel_values, prefix_ids, num_samples: int, max_length: int, min_length: int,
-                    greedy: bool):  # fmt: skip
-    """(sampled new tokens [images x num_samples, T], greedy new tokens [images, T'] or None); one encoder pass."""
+                    greedy: bool, sampling: str = "multinomial"):  # fmt: skip
+    """(sampled new tokens [images x num_samples, T], greedy new tokens [images, T'] or None); one encoder pass.
+
+    `sampling`: multinomial draws, or the `num_samples` finished beams of a beam search of that width."""
     blip = unwrap_blip(model)
     was_training = blip.training
     blip.eval()  # no dropout while drawing the samples and the baseline
@@ -40,10 +46,17 @@ def sample_captions(model, pixel_values, prefix_ids, num_samples: int, max_lengt
         common = dict(eos_token_id=text_config.sep_token_id, pad_token_id=text_config.pad_token_id,
                       bos_token_id=text_config.bos_token_id, max_length=max_length, min_length=min_length,
                       use_cache=True)  # fmt: skip
-        sampled = blip.text_decoder.generate(
-            input_ids=prefix_ids, encoder_hidden_states=image_embeds, do_sample=True, top_k=0, top_p=1.0,
-            temperature=1.0, num_return_sequences=num_samples, num_beams=1, **common,
-        )  # fmt: skip
+        if sampling == "beam":
+            cache = {CACHE_ARGUMENT: BeamSharedCrossAttentionCache(DynamicCache(), DynamicCache())}
+            sampled = blip.text_decoder.generate(
+                input_ids=prefix_ids, encoder_hidden_states=image_embeds, do_sample=False, num_beams=num_samples,
+                num_return_sequences=num_samples, **common, **cache,
+            )  # fmt: skip
+        else:
+            sampled = blip.text_decoder.generate(
+                input_ids=prefix_ids, encoder_hidden_states=image_embeds, do_sample=True, top_k=0, top_p=1.0,
+                temperature=1.0, num_return_sequences=num_samples, num_beams=1, **common,
+            )  # fmt: skip
         baseline = None
         if greedy:
             baseline = blip.text_decoder.generate(input_ids=prefix_ids, encoder_hidden_states=image_embeds,
@@ -86,7 +99,7 @@ class SelfCriticalLoss:
 
     def __init__(self, references: list[list[str]], tokenizer, prefix_ids, num_samples: int = 5,
                  baseline: str = "greedy", max_length: int = 30, min_length: int = 0,
-                 reward_weights=(1.0, 0.0)):  # fmt: skip
+                 reward_weights=(1.0, 0.0), sampling: str = "multinomial"):  # fmt: skip
         if baseline not in ("greedy", "mean"):
             raise ValueError(f"scst_baseline must be greedy or mean, got {baseline!r}")
         if baseline == "mean" and num_samples < 2:
@@ -97,7 +110,9 @@ class SelfCriticalLoss:
         self.cider = CiderD(self.references)
         self.tokenizer = tokenizer
         self.prefix_ids = prefix_ids  # callable(batch_size, device) -> [DEC] + prompt ids
-        self.num_samples, self.baseline = num_samples, baseline
+        if sampling not in ("multinomial", "beam"):
+            raise ValueError(f"scst_sampling must be multinomial or beam, got {sampling!r}")
+        self.num_samples, self.baseline, self.sampling = num_samples, baseline, sampling
         self.max_length, self.min_length = max_length, min_length
         self.cider_weight, self.bleu_weight = float(reward_weights[0]), float(reward_weights[1])
         self.totals = defaultdict(float)  # per-step statistics, averaged and reset at each log
@@ -121,7 +136,7 @@ class SelfCriticalLoss:
         prefix = self.prefix_ids(len(indices), pixel_values.device)
         with autocast():
             sampled, greedy = sample_captions(model, pixel_values, prefix, k, self.max_length, self.min_length,
-                                              greedy=self.baseline == "greedy")  # fmt: skip
+                                              greedy=self.baseline == "greedy", sampling=self.sampling)  # fmt: skip
         sep = unwrap_blip(model).config.text_config.sep_token_id
         per_sample = [image for image in indices for _ in range(k)]
         rewards = self.rewards(sampled, per_sample).view(len(indices), k)

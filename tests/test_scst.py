@@ -90,6 +90,25 @@ def test_the_gradient_raises_above_baseline_samples_and_lowers_the_others(tiny_m
     assert after[0] > before[0] and after[1] < before[1]
 
 
+def test_beam_samples_are_the_beams_of_the_evaluation_search(captioning_model):
+    """scst_sampling beam: the K finished beams, best first; the first is the caption a K-beam evaluation writes."""
+    from blip_recipes.evaluation import generate_caption_ids
+    from blip_recipes.model import load_model
+    from blip_recipes.scst import sample_captions
+
+    model = load_model(captioning_model, image_mean=[0.5] * 3, image_std=[0.25] * 3)
+    torch.manual_seed(3)
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    prefix = torch.full((2, 1), model.config.text_config.bos_token_id)
+    beams, _ = sample_captions(model, pixels, prefix, 4, 20, 3, greedy=False, sampling="beam")
+    best = generate_caption_ids(model, pixels, prefix, num_beams=4, max_length=20, min_length=3)
+    assert beams.shape[0] == 8
+    for image in range(2):
+        first = beams[4 * image].tolist()
+        assert first[: best.shape[1]] == best[image].tolist()
+        assert len({tuple(row.tolist()) for row in beams[4 * image : 4 * image + 4]}) == 4  # four different captions
+
+
 def quick_recipe(output_dir, *extra, recipe="full"):
     return parse_recipe([os.path.join(REPO, "recipes", "shapes", f"{recipe}.yaml"), "--output_dir", str(output_dir),
                          *QUICK, *extra])  # fmt: skip
