@@ -431,10 +431,8 @@ def check_combinations(recipe: Recipe) -> None:
             f"cache_vision_features computes each image's features once: image_augmentation must be none, got "
             f"{data.image_augmentation!r}",
         )
-        sharded = training.fsdp or training.deepspeed
-        sharded = sharded or _env_flag("ACCELERATE_USE_FSDP") or _env_flag("ACCELERATE_USE_DEEPSPEED")
         check(
-            not sharded,
+            not _sharded(training),
             "cache_vision_features runs on one device or under DDP, not with FSDP or DeepSpeed (they shard the "
             "encoder it runs before training)",
         )
@@ -455,9 +453,10 @@ def check_combinations(recipe: Recipe) -> None:
         "weights; use one of them",
     )
     if training.training_objective == "scst" or training.ema_decay is not None:
-        sharded = training.fsdp or training.deepspeed
-        sharded = sharded or _env_flag("ACCELERATE_USE_FSDP") or _env_flag("ACCELERATE_USE_DEEPSPEED")
-        check(not sharded, "training_objective scst and ema_decay run on one device or under DDP (tested there)")
+        check(
+            not _sharded(training),
+            "training_objective scst and ema_decay run on one device or under DDP (tested there)",
+        )
     if data.streaming:
         check(training.max_steps > 0, "streaming: true needs max_steps (a stream has no length to count epochs by)")
         for key in ("image_cache", "max_train_samples"):
@@ -468,12 +467,23 @@ def check_combinations(recipe: Recipe) -> None:
             "streaming: true with evaluation needs eval_dataset_name (a map-style dataset with the eval split)",
         )
     else:
-        stray = [key for key in ("eval_dataset_name",) if key in recipe.explicit_keys]
-        check(not stray, "eval_dataset_name only applies with streaming: true (else eval_split names the split)")
+        check(
+            "eval_dataset_name" not in recipe.explicit_keys,
+            "eval_dataset_name only applies with streaming: true (else eval_split names the split)",
+        )
     check(
         not (training.use_cpu and (training.fsdp or _env_flag("ACCELERATE_USE_FSDP"))),
         "FSDP needs GPUs: on the CPU accelerate drops the FSDP plugin and runs plain data parallelism, which shards "
         "nothing; on a CPU use accelerate_configs/multi_gpu.yaml (DDP over gloo) or DeepSpeed",
+    )
+
+
+def _sharded(training: CaptionTrainingArguments) -> bool:
+    """FSDP or DeepSpeed, asked for in the recipe or by `accelerate launch` (its environment)."""
+    return (
+        bool(training.fsdp or training.deepspeed)
+        or _env_flag("ACCELERATE_USE_FSDP")
+        or _env_flag("ACCELERATE_USE_DEEPSPEED")
     )
 
 

@@ -177,12 +177,18 @@ def test_scst_keys_need_scst_and_the_mean_baseline_two_samples(tmp_path):
                      "cider", "--eval_strategy", "steps", "--save_strategy", "steps")  # fmt: skip
 
 
-@pytest.mark.parametrize("keys", [["--training_objective", "scst"], ["--ema_decay", "0.9"]], ids=["scst", "ema"])
-def test_scst_and_ema_are_refused_under_deepspeed_and_fsdp(tmp_path, monkeypatch, keys):
+@pytest.mark.parametrize("keys, message", [
+    (["--training_objective", "scst"], "training_objective scst and ema_decay run on one device or under DDP"),
+    (["--ema_decay", "0.9"], "training_objective scst and ema_decay run on one device or under DDP"),
+    (["--training_mode", "frozen_vision", "--cache_vision_features", "true"], "cache_vision_features runs on one"),
+], ids=["scst", "ema", "vision-features"])  # fmt: skip
+@pytest.mark.parametrize("engine", ["ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"])
+def test_what_is_tested_only_unsharded_is_refused_under_deepspeed_and_fsdp(tmp_path, monkeypatch, keys, message,
+                                                                          engine):  # fmt: skip
     from blip_recipes.config import RecipeError
 
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(RecipeError, match="run on one device or under DDP"):
+    monkeypatch.setenv(engine, "true")
+    with pytest.raises(RecipeError, match=message):
         quick_recipe(tmp_path, *keys)
 
 
