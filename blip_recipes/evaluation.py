@@ -67,6 +67,13 @@ def _fsdp_root(model):
 
 def _generate(blip, pixel_values, prefix_ids, num_beams, max_length, min_length) -> torch.Tensor:
     image_embeds = blip.vision_model(pixel_values=pixel_values).last_hidden_state
+    return decode(blip, image_embeds, prefix_ids, max_length, min_length, num_beams=num_beams)
+
+
+def decode(blip, image_embeds, prefix_ids, max_length: int, min_length: int, num_beams: int = 1,
+           **search) -> torch.Tensor:  # fmt: skip
+    """New tokens after `prefix_ids` from BLIP's text decoder over already encoded images: greedy, beam search (with
+    the beam-shared cross-attention cache), or whatever `search` asks of `generate` (sampling, several sequences)."""
     text_config = blip.config.text_config
     cache = BeamSharedCrossAttentionCache(DynamicCache(), DynamicCache()) if num_beams > 1 else None
     # No encoder_attention_mask: every image token is real, and without a mask SDPA can use its fastest kernel.
@@ -79,9 +86,8 @@ def _generate(blip, pixel_values, prefix_ids, num_beams, max_length, min_length)
         num_beams=num_beams,
         max_length=max_length,
         min_length=min_length,
-        do_sample=False,
         use_cache=True,
-        **{CACHE_ARGUMENT: cache},
+        **{"do_sample": False, CACHE_ARGUMENT: cache, **search},
     )
     return output[:, prefix_ids.shape[1] :]
 

@@ -21,10 +21,9 @@ from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicCache
 
-from .adapt import CACHE_ARGUMENT, unwrap_blip
-from .evaluation import BeamSharedCrossAttentionCache
+from .adapt import unwrap_blip
+from .evaluation import decode
 from .metrics import ptb_tokenize
 from .rewards import CiderD, bleu4, simple_tokenize
 
@@ -42,27 +41,15 @@ def sample_captions(model, pixel_values, prefix_ids, num_samples: int, max_lengt
     blip.eval()  # no dropout while drawing the samples and the baseline
     try:
         image_embeds = blip.vision_model(pixel_values=pixel_values).last_hidden_state
-        text_config = blip.config.text_config
-        common = dict(eos_token_id=text_config.sep_token_id, pad_token_id=text_config.pad_token_id,
-                      bos_token_id=text_config.bos_token_id, max_length=max_length, min_length=min_length,
-                      use_cache=True)  # fmt: skip
+        lengths = (max_length, min_length)
         if sampling == "beam":
-            cache = {CACHE_ARGUMENT: BeamSharedCrossAttentionCache(DynamicCache(), DynamicCache())}
-            sampled = blip.text_decoder.generate(
-                input_ids=prefix_ids, encoder_hidden_states=image_embeds, do_sample=False, num_beams=num_samples,
-                num_return_sequences=num_samples, **common, **cache,
-            )  # fmt: skip
+            sampled = decode(blip, image_embeds, prefix_ids, *lengths, num_beams=num_samples,
+                             num_return_sequences=num_samples)  # fmt: skip
         else:
-            sampled = blip.text_decoder.generate(
-                input_ids=prefix_ids, encoder_hidden_states=image_embeds, do_sample=True, top_k=0, top_p=1.0,
-                temperature=1.0, num_return_sequences=num_samples, num_beams=1, **common,
-            )  # fmt: skip
-        baseline = None
-        if greedy:
-            baseline = blip.text_decoder.generate(input_ids=prefix_ids, encoder_hidden_states=image_embeds,
-                                                  do_sample=False, num_beams=1, **common)  # fmt: skip
-            baseline = baseline[:, prefix_ids.shape[1] :]
-        return sampled[:, prefix_ids.shape[1] :], baseline
+            sampled = decode(blip, image_embeds, prefix_ids, *lengths, do_sample=True, top_k=0, top_p=1.0,
+                             temperature=1.0, num_return_sequences=num_samples)  # fmt: skip
+        baseline = decode(blip, image_embeds, prefix_ids, *lengths) if greedy else None
+        return sampled, baseline
     finally:
         blip.train(was_training)
 

@@ -47,7 +47,7 @@ def _load_raw_splits(source: str, data_args) -> tuple[dict, str | None]:
             return load_coco_karpathy_file(source), os.path.dirname(os.path.abspath(source))
         if is_coco_captions_file(source):
             return load_coco_captions_file(source), os.path.dirname(os.path.abspath(source))
-        builder = {".json": "json", ".jsonl": "json", ".csv": "csv"}.get(os.path.splitext(source)[1].lower())
+        builder = file_builder(source)
         if builder is None:
             raise DataError(f"{source}: unsupported data file; use .json, .jsonl or .csv (or a directory)")
         if builder == "json":
@@ -89,6 +89,11 @@ def _load_raw_splits(source: str, data_args) -> tuple[dict, str | None]:
         )
     loaded = datasets.load_dataset(source, data_args.dataset_config_name, revision=data_args.dataset_revision)
     return dict(loaded), None
+
+
+def file_builder(path: str) -> str | None:
+    """The `datasets` builder that reads a data file of this kind (json for .json/.jsonl, csv), or None."""
+    return {".json": "json", ".jsonl": "json", ".csv": "csv"}.get(os.path.splitext(path)[1].lower())
 
 
 def _split_files(directory: str) -> dict[str, str]:

@@ -163,11 +163,11 @@ def stream_shards(data_args) -> list:
         return [TarShard(path) for path in tar_files]
     import datasets
 
-    from .sources import _resolve_source
+    from .sources import _resolve_source, file_builder
 
     source = _resolve_source(data_args.dataset_name)
     if os.path.isfile(source):
-        builder = {".json": "json", ".jsonl": "json", ".csv": "csv"}.get(os.path.splitext(source)[1].lower())
+        builder = file_builder(source)
         if builder is None:
             raise DataError(f"{source}: cannot stream this file; use .tar shards, .json, .jsonl or .csv")
         loaded = datasets.load_dataset(builder, data_files={"train": source}, streaming=True)
