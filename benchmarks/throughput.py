@@ -20,6 +20,7 @@ import tempfile
 import time
 
 import torch
+import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,11 +32,13 @@ WORDS = (
 )
 
 
-def write_jpegs(directory: str, count: int, seed: int = 0) -> list[dict]:
-    """Photo-like 640x480 JPEGs (smooth gradients, shapes, mild noise) and ~24-token captions."""
+def write_jpegs(directory: str, count: int, seed: int = 0, captions_per_image: int = 1) -> list[dict]:
+    """Photo-like 640x480 JPEGs (smooth gradients, shapes, mild noise), each with `captions_per_image` ~24-token
+    captions (rows: {"image": path, "captions": [...]})."""
     from concurrent.futures import ProcessPoolExecutor
 
-    chunks = [(directory, start, min(count, start + 256), seed + start) for start in range(0, count, 256)]
+    chunks = [(directory, start, min(count, start + 256), seed + start, captions_per_image)
+              for start in range(0, count, 256)]  # fmt: skip
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
         return [row for rows in pool.map(_write_jpeg_chunk, chunks) for row in rows]
 
@@ -44,7 +47,7 @@ def _write_jpeg_chunk(arguments) -> list[dict]:
     import numpy as np
     from PIL import Image, ImageDraw, ImageFilter
 
-    directory, first, last, seed = arguments
+    directory, first, last, seed, captions_per_image = arguments
     rng = random.Random(seed)
     noise = np.random.default_rng(seed)
     rows = []
@@ -62,9 +65,23 @@ def _write_jpeg_chunk(arguments) -> list[dict]:
             draw.ellipse((x0, y0, x0 + rng.randrange(30, 200), y0 + rng.randrange(30, 200)), fill=color)
         path = os.path.join(directory, f"{index:06d}.jpg")
         image.filter(ImageFilter.SMOOTH).save(path, quality=90)
-        caption = " ".join(rng.choice(WORDS) for _ in range(rng.randint(19, 25)))
-        rows.append({"image": path, "text": caption})
+        captions = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(19, 25))) for _ in range(captions_per_image)]
+        rows.append({"image": path, "captions": captions})
     return rows
+
+
+def blip_sized_tokenizer():
+    """A WordPiece tokenizer with BLIP-base's vocabulary size (bert-base's 30,522 + [DEC], here padded with [unused]
+    tokens around the caption words) and [DEC] as bos, so the recipe path's tokenizer check accepts the model."""
+    from transformers import BertTokenizer
+
+    tiny = build_tiny_tokenizer().get_vocab()
+    words = sorted(tiny, key=tiny.get) + WORDS  # [PAD] stays id 0, as the model config says
+    words = [word for word in dict.fromkeys(words) if word != "[DEC]"]
+    words += [f"[unused{index}]" for index in range(30522 - len(words))]
+    vocab = {token: index for index, token in enumerate(words + ["[DEC]"])}
+    # BLIP's tokenizer pads to 512 under padding="max_length", as in the notebook.
+    return BertTokenizer(vocab=vocab, do_lower_case=True, bos_token="[DEC]", model_max_length=512)
 
 
 def write_model(directory: str, vision_layers: int, text_layers: int) -> None:
@@ -72,8 +89,7 @@ def write_model(directory: str, vision_layers: int, text_layers: int) -> None:
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-    tokenizer = build_tiny_tokenizer()
-    tokenizer.model_max_length = 512  # BLIP's tokenizer pads to 512 under padding="max_length", as in the notebook
+    tokenizer = blip_sized_tokenizer()
     text = {
         "vocab_size": 30524,
         "hidden_size": 768,
@@ -95,20 +111,25 @@ def write_model(directory: str, vision_layers: int, text_layers: int) -> None:
     processor.save_pretrained(directory)
 
 
-def training_flops_per_image(vision_layers, text_layers, tokens, mode, image_tokens=577, width=768, vocab=30524):
-    """Matmul FLOPs of one training image (forward x3 where gradients flow, x1 for a frozen encoder)."""
+def training_flops_per_image(
+    vision_layers, text_layers, tokens, mode, image_tokens=577, width=768, vocab=30524, captions_per_image=1
+):
+    """Matmul FLOPs of one training caption row (forward x3 where gradients flow, x1 for a frozen encoder). A
+    `+grouped` mode shares the encoder and the cross-attention key/value projections among `captions_per_image`."""
+    options = mode.split("+")[1:]
+    share = captions_per_image if "grouped" in options else 1
     mlp = 2 * width * 4 * width
     vision_layer = image_tokens * (4 * width * width + mlp) + 2 * image_tokens * image_tokens * width
     text_layer = tokens * (4 * width * width + mlp)  # self-attention projections + MLP
     text_layer += 2 * tokens * tokens * width  # self-attention scores and values
-    text_layer += tokens * 2 * width * width + image_tokens * 2 * width * width  # cross q/o, k/v over the image
+    text_layer += tokens * 2 * width * width + image_tokens * 2 * width * width / share  # cross q/o, k/v (image)
     text_layer += 2 * tokens * image_tokens * width  # cross-attention scores and values
     head = tokens * (width * width + width * vocab)
-    vision = 2 * vision_layers * vision_layer
+    vision = 2 * vision_layers * vision_layer / share
     text = 2 * (text_layers * text_layer + head)
-    if mode.endswith("+features"):  # the encoder ran before training
+    if "features" in options:  # the encoder ran before training
         return 3 * text
-    vision_factor = 1 if mode == "frozen_vision" else 3
+    vision_factor = 1 if mode.startswith("frozen_vision") else 3
     return vision_factor * vision + 3 * text
 
 
@@ -289,6 +310,7 @@ def run_recipe(
     compile_model,
     image_cache,
     vision_features=False,
+    grouped=False,
     profile_steps=0,
     profile_dir=None,
     extra=(),
@@ -296,6 +318,7 @@ def run_recipe(
     """This project's path: the shared recipe trainer with its defaults for the device (what recipes set).
 
     With `vision_features` the frozen encoder runs once per image before training (timed apart: it logs its time).
+    With `grouped` (group_captions_by_image) each batch holds all captions of its images, each image encoded once.
     """
     from blip_recipes.builders import build_trainer
     from blip_recipes.recipe_parser import parse_recipe
@@ -315,21 +338,27 @@ def run_recipe(
         argv += ["--torch_compile_mode", "reduce-overhead"]
     if vision_features:
         argv += ["--cache_vision_features", "true", "--per_device_eval_batch_size", "256"]
+    if grouped:
+        argv += ["--group_captions_by_image", "true"]
     argv += list(extra)
     if workers > 0:
         argv += ["--dataloader_prefetch_factor", "4"]
     table = ImageTable(rows, "image", None)
-    records = [ImageRecord(row=i, image_id=str(i), captions=[row["text"]]) for i, row in enumerate(rows)]
+    records = [ImageRecord(row=i, image_id=str(i), captions=row["captions"]) for i, row in enumerate(rows)]
     data = CaptionData(train=CaptionSplit("train", table, records), evaluation=None, test=None)
     callback = trainer_stopwatch(warmup, device, steps)
     callbacks = [callback]
     if profile_steps:
-        label = f"{mode}{'-features' if vision_features else ''}{'-compiled' if compile_model else ''}"
+        label = f"{mode}{'-features' if vision_features else ''}{'-grouped' if grouped else ''}" \
+                f"{'-compiled' if compile_model else ''}"  # fmt: skip
         callbacks.append(profiler_callback(warmup + steps, profile_steps, device, label, profile_dir))
         argv[argv.index("--max_steps") + 1] = str(warmup + steps + profile_steps)
     trainer = build_trainer(parse_recipe(argv), callbacks=callbacks, data=data)  # logs the encode pass's time
     reset_peak(device)
     trainer.train()
+    captions, images = trainer.shared_images
+    if images:
+        print(f"  grouped: {captions} caption rows on {images} image encodings ({captions / images:.2f} per image)")
     return steps * batch_size / callback.watch.elapsed, batch_size, peak_gib(device)
 
 
@@ -343,7 +372,7 @@ def run_data_pipeline(model_dir, rows, batch_size, workers, batches):
     from blip_recipes.transforms import ImageTransform
 
     processor = load_processor(model_dir)
-    records = [ImageRecord(row=i, image_id=str(i), captions=[row["text"]]) for i, row in enumerate(rows)]
+    records = [ImageRecord(row=i, image_id=str(i), captions=row["captions"]) for i, row in enumerate(rows)]
     dataset = CaptionTrainDataset(CaptionSplit("train", ImageTable(rows, "image", None), records),
                                   ImageTransform(384, 384, processor.image_processor.resample))  # fmt: skip
     collator = CaptionCollator(processor.tokenizer, processor.tokenizer.bos_token_id)
@@ -416,8 +445,11 @@ def main():
     parser.add_argument(
         "--modes",
         default="full,frozen_vision,lora,frozen_vision+features",
-        help="recipe modes to time; MODE+features caches the frozen encoder's output (cache_vision_features)",
+        help="recipe modes to time: MODE[+features][+grouped][@BATCH]; +features caches the frozen encoder's output "
+        "(cache_vision_features), +grouped sets group_captions_by_image, @BATCH overrides --batch-size",
     )
+    parser.add_argument("--captions-per-image", type=int, default=1, help="captions written per image (COCO: 5)")
+    parser.add_argument("--time-budget", type=float, default=None, help="start no loop after this many seconds")
     parser.add_argument("--recipe-args", default="", help="extra recipe keys for the project path, '--key value ...'")
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many steps after the timed ones")
     parser.add_argument("--profile-dir", default=None, help="write each profile table here")
@@ -433,6 +465,8 @@ def main():
     parser.add_argument("--skip-pipeline", action="store_true", help="do not time the input pipeline alone")
     parser.add_argument("--skip-stock", action="store_true")
     parser.add_argument("--generation-images", type=int, default=0, help="also time beam-search captioning")
+    parser.add_argument("--generation-attention", default="eager,sdpa", help="attention implementations to use")
+    parser.add_argument("--generation-batch-sizes", default=None, help="captioning batch sizes (GPU: 256, CPU: 8)")
     parser.add_argument("--json", default=None, help="write all numbers here")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -446,8 +480,10 @@ def main():
     workers = args.workers if args.workers is not None else (0 if quick or not cuda else min(14, os.cpu_count() - 1))
     compile_model = args.compile if args.compile is not None else (cuda and not quick)
     modes = [mode for mode in args.modes.split(",") if mode]
-    needed = max(batch, stock_batch) * (warmup + steps + 1)
-    count = args.images or min(needed, 4096)
+    captions_per_image = args.captions_per_image
+    batches = [int(name.partition("@")[2] or batch) for name in modes]
+    needed = max(batch, stock_batch, *batches) * (warmup + steps + 1)
+    count = args.images or min(-(-needed // captions_per_image), 4096)
     torch.set_float32_matmul_precision("high")
     encode_log = logging.getLogger("blip_recipes.vision_features")  # its "encoded N images in S s" line, on stdout
     encode_log.setLevel(logging.INFO)
@@ -455,22 +491,27 @@ def main():
 
     work = tempfile.mkdtemp(prefix="blip-throughput-")
     started = time.time()
-    print(f"device={device} layers={layers}+{layers} images={count} steps={steps} warmup={warmup} workers={workers} "
-          f"compile={compile_model}", flush=True)  # fmt: skip
+    print(f"device={device} layers={layers}+{layers} images={count} captions_per_image={captions_per_image} "
+          f"steps={steps} warmup={warmup} workers={workers} compile={compile_model}", flush=True)  # fmt: skip
     os.makedirs(os.path.join(work, "jpeg"))
-    rows = write_jpegs(os.path.join(work, "jpeg"), count)
+    rows = write_jpegs(os.path.join(work, "jpeg"), count, captions_per_image=captions_per_image)
+    pairs = [{"image": row["image"], "text": caption} for row in rows for caption in row["captions"]]
     write_model(os.path.join(work, "model"), layers, layers)
     model_dir = os.path.join(work, "model")
     peak_tflops = measure_peak_tflops(device)
     results = []
 
-    def record(name, mode, images_per_s, batch_size, memory):
-        flops = training_flops_per_image(layers, layers, 24, mode)
+    def record(name, mode, images_per_s, batch_size, memory, seconds=None):
+        """images_per_s: training items (caption rows) per second, as in every earlier result file."""
+        flops = training_flops_per_image(layers, layers, 24, mode, captions_per_image=captions_per_image)
         mfu = images_per_s * flops / (peak_tflops * 1e12) if peak_tflops else None
         results.append({"loop": name, "mode": mode, "batch": batch_size, "images_per_s": images_per_s,
-                        "peak_gib": memory, "mfu": mfu, "gflop_per_image": flops / 1e9})  # fmt: skip
+                        "caption_samples_per_s": images_per_s, "captions_per_image": captions_per_image,
+                        "distinct_images_per_s": images_per_s / captions_per_image if "grouped" in mode else None,
+                        "peak_gib": memory, "mfu": mfu, "gflop_per_image": flops / 1e9,
+                        "loop_seconds": seconds})  # fmt: skip
         print(
-            f"  {name:<46} {images_per_s:9.1f} img/s  (batch {batch_size}, {time.time() - started:.0f}s)", flush=True
+            f"  {name:<64} {images_per_s:9.1f} img/s  (batch {batch_size}, {time.time() - started:.0f}s)", flush=True
         )
         save()
 
@@ -481,43 +522,64 @@ def main():
                            "layers": layers, "steps": steps, "warmup": warmup, "workers": workers,
                            "compile": compile_model, "peak_tflops": peak_tflops, "results": results,
                            "data_pipeline_images_per_s": pipeline, "generation": generation,
-                           "torch": torch.__version__}, handle, indent=2)  # fmt: skip
+                           "captions_per_image": captions_per_image, "skipped": skipped,
+                           "torch": torch.__version__, "transformers": transformers.__version__},
+                          handle, indent=2)  # fmt: skip
 
     generation = {}
     pipeline = None
+    skipped = []
+
+    def in_budget(name):
+        if args.time_budget is None or time.time() - started < args.time_budget:
+            return True
+        skipped.append(name)
+        print(f"  {name}: skipped (--time-budget {args.time_budget:.0f} s spent)", flush=True)
+        return False
+
     if not args.quick and not args.skip_pipeline:
         pipeline = run_data_pipeline(model_dir, rows, batch, workers, batches=steps)
         print(f"  data pipeline alone: {pipeline:.0f} img/s ({workers} workers)", flush=True)
 
     if not args.skip_notebook:
-        record("notebook loop", "full", *run_notebook(model_dir, rows, device, steps, warmup))
+        record("notebook loop", "full", *run_notebook(model_dir, pairs, device, steps, warmup))
     if not args.skip_stock:
-        stock = run_stock_trainer(model_dir, rows, device, steps, warmup, stock_batch, workers, f"{work}/stock")
+        stock = run_stock_trainer(model_dir, pairs, device, steps, warmup, stock_batch, workers, f"{work}/stock")
         record("stock HF Trainer", "full", *stock)
-    common = (model_dir, rows, device, steps, warmup, batch, workers)
     if args.uncached_full:
-        jpeg = run_recipe(*common, "full", f"{work}/jpeg", compile_model, image_cache=False)
+        jpeg = run_recipe(model_dir, rows, device, steps, warmup, batch, workers, "full", f"{work}/jpeg",
+                          compile_model, image_cache=False)  # fmt: skip
         record("blip-recipes full (JPEG each step)", "full", *jpeg)
-    for name in modes:
-        mode, _, option = name.partition("+")
-        result = run_recipe(*common, mode, f"{work}/{name}", compile_model, image_cache=args.image_cache,
-                            vision_features=option == "features", profile_steps=args.profile_steps,
+    for name, mode_batch in zip(modes, batches):
+        name = name.partition("@")[0]
+        if not in_budget(name):
+            continue
+        mode, *options = name.split("+")
+        begun = time.time()
+        result = run_recipe(model_dir, rows, device, steps, warmup, mode_batch, workers, mode, f"{work}/{name}",
+                            compile_model, image_cache=args.image_cache, vision_features="features" in options,
+                            grouped="grouped" in options, profile_steps=args.profile_steps,
                             profile_dir=args.profile_dir, extra=args.recipe_args.split())  # fmt: skip
-        label = f"blip-recipes {mode}" + (" + cached features" if option == "features" else "")
-        record(label, mode + ("+features" if option == "features" else ""), *result)
-    if args.generation_images:
-        for attention in ("eager", "sdpa"):
-            seconds, done = run_generation(model_dir, device, args.generation_images, 256 if cuda else 8, 3, 20,
-                                           attention)  # fmt: skip
-            generation[attention] = {"images": done, "seconds": seconds, "images_per_s": done / seconds}
-            print(f"  generation {attention}: {done} images, beam 3, 20 new tokens: {seconds:.2f} s", flush=True)
+        label = f"blip-recipes {mode}" + (" + cached features" if "features" in options else "")
+        label += " + grouped captions" if "grouped" in options else ""
+        record(label, name, *result, seconds=time.time() - begun)
+    generation_batches = [int(size) for size in (args.generation_batch_sizes or ("256" if cuda else "8")).split(",")]
+    for attention in args.generation_attention.split(",") if args.generation_images else ():
+        for size in generation_batches:
+            if not in_budget(f"generation {attention} batch {size}"):
+                continue
+            seconds, done = run_generation(model_dir, device, args.generation_images, size, 3, 20, attention)
+            key = attention if size == generation_batches[0] else f"{attention}-batch-{size}"
+            generation[key] = {"images": done, "seconds": seconds, "images_per_s": done / seconds, "batch": size}
+            print(f"  generation {attention}, batch {size}: {done} images, beam 3, 20 new tokens: {seconds:.2f} s",
+                  flush=True)  # fmt: skip
             save()
 
     print()
-    print(f"{'loop':<46} {'batch':>5} {'images/s':>9} {'peak GiB':>9} {'MFU':>6}")
+    print(f"{'loop':<64} {'batch':>5} {'images/s':>9} {'peak GiB':>9} {'MFU':>6}")
     for row in results:
         mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
-        print(f"{row['loop']:<46} {row['batch']:>5} {row['images_per_s']:>9.1f} {row['peak_gib']:>9.2f} {mfu:>6}")
+        print(f"{row['loop']:<64} {row['batch']:>5} {row['images_per_s']:>9.1f} {row['peak_gib']:>9.2f} {mfu:>6}")
     if peak_tflops:
         full_gflop = training_flops_per_image(layers, layers, 24, "full") / 1e9
         print(f"(MFU against a measured bf16 matmul peak of {peak_tflops:.0f} TFLOP/s; full fine-tuning is "

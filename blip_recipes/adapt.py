@@ -4,7 +4,9 @@ transformers' BLIP is used as it is, except for what `adapt_blip` swaps in, alwa
 
 0. `BlipForConditionalGeneration` and `BlipTextLMPredictionHead` -> subclasses whose `get_output_embeddings()` /
    `weight` name the tied LM head, so FSDP2 shards the word embeddings and the head (two tied parameters) as one unit;
-   the top model also saves a standard checkpoint whatever engine gathered its weights (DeepSpeed included).
+   the top model also saves a standard checkpoint whatever engine gathered its weights (DeepSpeed included), and its
+   forward takes `image_index` (group_captions_by_image): the batch's distinct images are encoded once and each
+   caption row names its image (`SharedImages`; SDPA cross-attention also projects keys/values once per image).
 1. `BlipVisionModel` -> `AdaptedVisionModel`, which adds three things, each off until set:
    - uint8 pixels are normalised on the encoder's own device (`image_mean`/`image_std`; float pixels pass untouched),
      so data loaders ship a quarter of the bytes and do no float work;
@@ -92,6 +94,35 @@ def _look_up(store: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return store.index_select(0, rows.to(store.device)).to(rows.device, non_blocking=True)
 
 
+@dataclass(frozen=True)
+class SharedImages:
+    """The encoder's output for a batch's distinct images and, per caption row, which of them it describes.
+
+    Passed where the text decoder takes `encoder_hidden_states`; upstream's text stack only hands it on to the
+    cross-attention (BlipTextSdpaSelfAttention), which projects keys and values once per image. Gradients of all
+    captions of an image add up in its one encoder pass: the same function as encoding the image once per caption, at
+    a fraction of the encoder's and the cross-attention projections' work.
+
+    `image_index` is (caption rows,): row i describes states[image_index[i]]; or (images, captions per image) when
+    each image has that many consecutive rows (the collator says so when a batch is laid out that way): then the
+    cross-attention attends each image's caption rows as one longer query sequence, copying no keys or values.
+    """
+
+    states: torch.Tensor  # (images, image tokens, width)
+    image_index: torch.Tensor  # (caption rows,) or (images, captions per image), long
+
+    @property
+    def captions_per_image(self) -> int | None:
+        return self.image_index.shape[1] if self.image_index.dim() == 2 else None
+
+    def rows(self, per_image: torch.Tensor) -> torch.Tensor:
+        """(images, ...) -> (caption rows, ...), as a product with a one-hot matrix: its backward sums each image's
+        rows with another matrix product (index_select's backward is an atomic scatter-add, slow in bf16)."""
+        index, images = self.image_index.reshape(-1), per_image.shape[0]
+        one_hot = (index[:, None] == torch.arange(images, device=index.device)).to(per_image.dtype)
+        return (one_hot @ per_image.reshape(images, -1)).view(index.shape[0], *per_image.shape[1:])
+
+
 class BlipForConditionalGeneration(modeling_blip.BlipForConditionalGeneration):
     """BLIP whose get_output_embeddings() names the text decoder's prediction head (upstream's returns None).
 
@@ -103,6 +134,26 @@ class BlipForConditionalGeneration(modeling_blip.BlipForConditionalGeneration):
 
     def get_output_embeddings(self):
         return self.text_decoder.cls.predictions
+
+    def forward(self, pixel_values, input_ids=None, attention_mask=None, labels=None, image_index=None, **kwargs):
+        """Upstream's forward, or with `image_index` (the collator's, group_captions_by_image) one encoder pass over
+        the batch's distinct images (`pixel_values` holds each once) shared by the caption rows that name them."""
+        if image_index is None:
+            return super().forward(
+                pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs
+            )
+        image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        encoder_hidden_states = SharedImages(image_embeds, image_index)
+        cross_attention = self.text_decoder.bert.encoder.layer[0].crossattention.self
+        if not isinstance(cross_attention, BlipTextSdpaSelfAttention):  # eager: upstream wants a row per caption
+            encoder_hidden_states = encoder_hidden_states.rows(image_embeds)
+        outputs = self.text_decoder(
+            input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
+            labels=labels, reduction="mean", use_cache=False, **kwargs,
+        )  # fmt: skip
+        return modeling_blip.BlipForConditionalGenerationModelOutput(
+            loss=outputs.loss, logits=outputs.logits, image_embeds=image_embeds, last_hidden_state=image_embeds
+        )
 
     def save_pretrained(self, save_directory, *args, state_dict=None, save_original_format=False, **kwargs):
         """The checkpoint a one-process run writes, whoever gathered the weights (found under DeepSpeed):
@@ -165,9 +216,17 @@ class BlipTextSdpaSelfAttention(BlipTextSelfAttention):
         query = self.query(hidden_states).view(*input_shape, -1, self.attention_head_size).transpose(1, 2)
         is_cross_attention = encoder_hidden_states is not None
         mask = encoder_attention_mask if is_cross_attention else attention_mask
-        key, value = self._keys_and_values(hidden_states, encoder_hidden_states, cache)
+        shared = encoder_hidden_states if isinstance(encoder_hidden_states, SharedImages) else None
+        # Each image's caption rows consecutive and equally many, no mask: its rows' queries attend its keys as one.
+        fold = shared is not None and shared.captions_per_image is not None and mask is None and cache is None
+        key, value = self._keys_and_values(hidden_states, encoder_hidden_states, cache, per_row=not fold)
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(query.dtype)
+        if fold:
+            rows, heads, length, size = query.shape
+            images, per_image = shared.image_index.shape
+            query = query.view(images, per_image, heads, length, size).transpose(1, 2)
+            query = query.reshape(images, heads, per_image * length, size)
         context = F.scaled_dot_product_attention(
             query,
             key,
@@ -176,10 +235,14 @@ class BlipTextSdpaSelfAttention(BlipTextSelfAttention):
             dropout_p=self.dropout.p if self.training else 0.0,
             scale=1.0 / math.sqrt(self.attention_head_size),
         )
-        context = context.transpose(1, 2).reshape(*input_shape, self.all_head_size)
+        if fold:
+            context = context.view(images, heads, per_image, length, size).transpose(1, 2)
+        context = context.transpose(-3, -2).reshape(*input_shape, self.all_head_size)
         return context, None
 
-    def _keys_and_values(self, hidden_states, encoder_hidden_states, cache):
+    def _keys_and_values(self, hidden_states, encoder_hidden_states, cache, per_row: bool = True):
+        """Keys and values, from the cache where it has them. SharedImages: projected once per image, then one row
+        per caption (`per_row`) or per image."""
         is_cross_attention = encoder_hidden_states is not None
         layer_cache, cross_cached = cache, False
         if isinstance(cache, EncoderDecoderCache):
@@ -188,9 +251,14 @@ class BlipTextSdpaSelfAttention(BlipTextSelfAttention):
         if cross_cached:
             return layer_cache.layers[self.layer_idx].keys, layer_cache.layers[self.layer_idx].values
         source = encoder_hidden_states if is_cross_attention else hidden_states
-        kv_shape = (*source.shape[:-1], -1, self.attention_head_size)
-        key = self.key(source).view(kv_shape).transpose(1, 2)
-        value = self.value(source).view(kv_shape).transpose(1, 2)
+        shared = source if isinstance(source, SharedImages) else None
+        if shared is not None:
+            source = shared.states
+        key, value = self.key(source), self.value(source)
+        if shared is not None and per_row:
+            key, value = shared.rows(key), shared.rows(value)
+        kv_shape = (*key.shape[:-1], -1, self.attention_head_size)
+        key, value = key.view(kv_shape).transpose(1, 2), value.view(kv_shape).transpose(1, 2)
         if layer_cache is not None:
             key, value = layer_cache.update(key, value, self.layer_idx)
             if is_cross_attention and isinstance(cache, EncoderDecoderCache):
@@ -215,7 +283,11 @@ HEAD_SWAPS = (
     Swap(
         modeling_blip.BlipForConditionalGeneration, BlipForConditionalGeneration,
         attributes=("text_decoder", "vision_model", "get_input_embeddings", "all_tied_weights_keys"),
-        forward_arguments=None, passes=(("save_pretrained", ("state_dict", "save_original_format")),),
+        forward_arguments=None,
+        passes=(
+            ("save_pretrained", ("state_dict", "save_original_format")),
+            ("forward", ("pixel_values", "input_ids", "attention_mask", "labels")),
+        ),
     ),
     Swap(BlipTextLMPredictionHead, TiedPredictionHead, attributes=("decoder", "bias", "transform"),
          forward_arguments=None),

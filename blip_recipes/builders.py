@@ -84,9 +84,10 @@ def resized_image_cache(split: CaptionSplit | None, transform: ImageTransform, e
 def build_datasets(
     data: CaptionData, image_processor, caption_preprocessing: str = "none", image_augmentation: str = "none",
     image_cache: bool = False, vision_features: bool = False, workers: int | None = None,
-    main_process_first=nullcontext,
+    main_process_first=nullcontext, group_by_image: bool = False,
 ) -> CaptionDatasets:  # fmt: skip
-    """Training pairs (pixels, or rows of the vision-features store) and one-item-per-image evaluation sets."""
+    """Training pairs (pixels, or rows of the vision-features store; naming their image with `group_by_image`) and
+    one-item-per-image evaluation sets."""
     plain = image_transform(image_processor)
 
     def evaluation_set(split):
@@ -101,7 +102,8 @@ def build_datasets(
         pixels = None if vision_features else resized_image_cache(
             data.train, augmented, image_cache, workers, main_process_first
         )  # fmt: skip
-        train = CaptionTrainDataset(data.train, augmented, caption_preprocessing, pixels, vision_features)
+        train = CaptionTrainDataset(data.train, augmented, caption_preprocessing, pixels, vision_features,
+                                    group_by_image)  # fmt: skip
     datasets = CaptionDatasets(train, evaluation_set(data.evaluation), evaluation_set(data.test))
     sizes = [len(d) if d else "no" for d in (datasets.train, datasets.evaluation, datasets.test)]
     logger.info("data: %s training captions, %s evaluation images, %s test images", *sizes)
@@ -173,7 +175,7 @@ def build_trainer(recipe: Recipe, callbacks=(), data: CaptionData | None = None)
     datasets = build_datasets(
         data, processor.image_processor, data_args.caption_preprocessing, data_args.image_augmentation,
         data_args.image_cache, model_args.cache_vision_features, data_args.preprocessing_num_workers,
-        training_args.main_process_first,
+        training_args.main_process_first, training_args.group_captions_by_image,
     )  # fmt: skip
     model = build_model(
         model_args.model_name_or_path, processor.image_processor, model_args.model_revision, model_args.torch_dtype,

@@ -8,11 +8,15 @@ Three things differ from the notebook (`processor(..., padding="max_length")`, `
 - the first token is the decoder's bos `[DEC]`, as `BlipForConditionalGeneration.generate` feeds it (the
   processor emits `[CLS]`, so a model trained on raw processor output is trained on a prefix it never sees later);
 - labels are -100 on padding and on the prompt, so only caption tokens (and the closing [SEP]) are learned.
+
+Items that name their image (IMAGE_POSITION, group_captions_by_image) put each distinct image of the batch in once,
+and `image_index` says which of them each caption row describes (adapt.SharedImages): (rows,), or (images, captions
+per image) when each image's rows are consecutive and equally many.
 """
 
 import torch
 
-from .data import VISION_FEATURES_ROW
+from .data import IMAGE_POSITION, VISION_FEATURES_ROW
 
 
 class CaptionCollator:
@@ -34,15 +38,36 @@ class CaptionCollator:
         self.prompt_length = len(self.prompt_token_ids)
 
     def __call__(self, features: list[dict]) -> dict:
-        if VISION_FEATURES_ROW in features[0]:
-            # Rows of the vision-features store, passed where the model expects its images (adapt.is_feature_rows).
-            rows = [f[VISION_FEATURES_ROW] for f in features]
-            batch = {"pixel_values": torch.tensor(rows, dtype=torch.long)}
+        image_index = None
+        if IMAGE_POSITION in features[0]:  # each distinct image once, in order of first appearance
+            first_items = {}
+            for feature in features:
+                first_items.setdefault(feature[IMAGE_POSITION], feature)
+            row_of = {position: row for row, position in enumerate(first_items)}
+            image_index = torch.tensor([row_of[feature[IMAGE_POSITION]] for feature in features], dtype=torch.long)
+            images, rows = len(first_items), len(features)
+            if rows % images == 0 and image_index.tolist() == [row // (rows // images) for row in range(rows)]:
+                image_index = image_index.view(images, rows // images)  # consecutive, equally many: SharedImages
+            batch = self._images(list(first_items.values()))
         else:
-            batch = {"pixel_values": torch.stack([f["pixel_values"] for f in features])}
+            batch = self._images(features)
         if "caption" not in features[0]:  # evaluation: images only, plus their positions in the eval set
             batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
             return batch
+        batch.update(self._captions(features))
+        if image_index is not None:
+            batch["image_index"] = image_index
+        return batch
+
+    @staticmethod
+    def _images(features: list[dict]) -> dict:
+        if VISION_FEATURES_ROW in features[0]:
+            # Rows of the vision-features store, passed where the model expects its images (adapt.is_feature_rows).
+            rows = [f[VISION_FEATURES_ROW] for f in features]
+            return {"pixel_values": torch.tensor(rows, dtype=torch.long)}
+        return {"pixel_values": torch.stack([f["pixel_values"] for f in features])}
+
+    def _captions(self, features: list[dict]) -> dict:
         encoded = self.tokenizer(
             [self.prompt + f["caption"] for f in features],
             padding="longest",
@@ -56,8 +81,7 @@ class CaptionCollator:
         input_ids[:, 0] = self.bos_token_id
         labels = input_ids.masked_fill(encoded["attention_mask"] == 0, -100)
         labels[:, : 1 + self.prompt_length] = -100
-        batch.update(input_ids=input_ids, attention_mask=encoded["attention_mask"], labels=labels)
-        return batch
+        return {"input_ids": input_ids, "attention_mask": encoded["attention_mask"], "labels": labels}
 
     def prompt_ids(self, batch_size: int, device=None) -> torch.Tensor:
         """Decoder prefix for generation: [DEC] + prompt tokens, one row per image."""

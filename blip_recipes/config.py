@@ -217,6 +217,14 @@ class CaptionTrainingArguments(Seq2SeqTrainingArguments):
     scst_reward_weights: list[float] = field(
         default_factory=lambda: [1.0, 0.0], metadata={"help": "scst: weights of CIDEr-D and BLEU-4 in the reward."}
     )
+    group_captions_by_image: bool = field(
+        default=False,
+        metadata={
+            "help": "Put all captions of an image in one batch and encode the image once for them (its encoder pass "
+            "and cross-attention keys/values serve every caption). Changes the batches: an image's captions share "
+            "its batch and its augmentation. Needs several captions per image to pay."
+        },
+    )
     ema_decay: float | None = field(
         default=None,
         metadata={
@@ -456,6 +464,17 @@ def check_combinations(recipe: Recipe) -> None:
         check(
             not _sharded(training),
             "training_objective scst and ema_decay run on one device or under DDP (tested there)",
+        )
+    if training.group_captions_by_image:
+        check(not data.streaming, "group_captions_by_image orders a map-style split's captions by image; not with "
+              "streaming")  # fmt: skip
+        check(
+            training.training_objective == "cross_entropy",
+            "group_captions_by_image applies to training_objective cross_entropy (scst already samples per image)",
+        )
+        check(
+            not _sharded(training),
+            "group_captions_by_image runs on one device or under DDP (tested there), not with FSDP or DeepSpeed",
         )
     if data.streaming:
         check(training.max_steps > 0, "streaming: true needs max_steps (a stream has no length to count epochs by)")

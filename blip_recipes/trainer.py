@@ -17,6 +17,7 @@ from transformers.training_args import ParallelMode
 
 from .adapt import unwrap_blip
 from .choices import GENERATION_DEFAULTS
+from .data import CaptionTrainDataset, ImageGroupedSampler
 from .distributed import gather_from_all
 from .evaluation import decode_captions, generate_caption_ids, score_and_write
 
@@ -69,6 +70,7 @@ class CaptionTrainer(Seq2SeqTrainer):
         self.caption_collator = caption_collator
         self.test_dataset = test_dataset
         self.evaluation_layout = evaluation_layout
+        self.shared_images = [0, 0]  # caption rows, images encoded for them (group_captions_by_image)
         self.stream_position = None  # a streaming run's position to resume from (checkpoints.load_stream_position)
         # training_objective scst: compute_loss is the self-critical loss (scst.py); it averages over the step's
         # samples itself, so the Trainer divides by gradient_accumulation_steps.
@@ -104,9 +106,17 @@ class CaptionTrainer(Seq2SeqTrainer):
                 from .checkpoints import load_stream_position
 
                 self.stream_position = load_stream_position(resume_from_checkpoint, self.args.process_index)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        captions, images = self.shared_images
+        if images:
+            logger.info("group_captions_by_image: %d caption rows trained on %d image encodings (%.2f per image) on "
+                        "process %d", captions, images, captions / images, self.args.process_index)  # fmt: skip
+        return output
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "image_index" in inputs:  # group_captions_by_image: shapes only, known on the host (no GPU sync)
+            self.shared_images[0] += inputs["image_index"].numel()
+            self.shared_images[1] += inputs["pixel_values"].shape[0]
         if self.scst is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         return self.scst(model, inputs, self.accelerator.autocast)
@@ -120,6 +130,14 @@ class CaptionTrainer(Seq2SeqTrainer):
     def ema_weights(self):
         """A block in which the model holds the weight average (ema_decay), else the raw weights."""
         return self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext()
+
+    def _get_train_sampler(self, train_dataset=None):
+        """group_captions_by_image: each image's captions next to each other, images in a seeded order per epoch."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.group_captions_by_image and isinstance(dataset, CaptionTrainDataset):
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return ImageGroupedSampler(dataset.image_positions, seed)
+        return super()._get_train_sampler(train_dataset)
 
     def get_train_dataloader(self):
         """A CaptionStream gets a StatefulDataLoader that accelerate does not wrap: the stream already splits itself

@@ -53,13 +53,14 @@ def test_two_process_training_and_evaluation(tmp_path, shapes_dir):
 
 
 def test_two_processes_share_one_feature_store(tmp_path, shapes_dir):
-    """cache_vision_features under DDP: each process encodes half the images, both train on the whole store."""
+    """cache_vision_features under DDP: each process encodes half the images, both train on the whole store;
+    group_captions_by_image: each process's batches keep an image's captions together."""
     output_dir = tmp_path / "ddp-features"
     launcher = two_process_launcher(port=29519)
     result = run_cli(
         ["train", "recipes/shapes/frozen_vision.yaml", "--output_dir", str(output_dir), "--max_steps", "6",
          *QUICK, "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32",
-         "--log_level", "info", "--log_level_replica", "info"],
+         "--group_captions_by_image", "true", "--log_level", "info", "--log_level_replica", "info"],
         launcher=launcher,
     )  # fmt: skip
     log = result.stdout + result.stderr
@@ -68,6 +69,11 @@ def test_two_processes_share_one_feature_store(tmp_path, shapes_dir):
     assert len(re.findall(r"encoding 480 training images once \(240 on this process\)", log)) == 2
     assert "weights identical on all 2 processes" in log
     assert read_json(output_dir / "trainer_state.json")["global_step"] == 6
+    # 6 steps x 8 captions per process, 3 captions per image: 16 images if every image's captions shared a batch,
+    # up to one more per batch where an image's captions straddle two.
+    for process in (0, 1):
+        found = re.search(rf"48 caption rows trained on (\d+) image encodings \(.*\) on process {process}", log)
+        assert found and 16 <= int(found.group(1)) <= 16 + 6, log[-3000:]
 
 
 def test_two_machines_started_in_the_unlucky_order(tmp_path):

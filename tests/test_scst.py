@@ -181,7 +181,8 @@ def test_scst_keys_need_scst_and_the_mean_baseline_two_samples(tmp_path):
     (["--training_objective", "scst"], "training_objective scst and ema_decay run on one device or under DDP"),
     (["--ema_decay", "0.9"], "training_objective scst and ema_decay run on one device or under DDP"),
     (["--training_mode", "frozen_vision", "--cache_vision_features", "true"], "cache_vision_features runs on one"),
-], ids=["scst", "ema", "vision-features"])  # fmt: skip
+    (["--group_captions_by_image", "true"], "group_captions_by_image runs on one device or under DDP"),
+], ids=["scst", "ema", "vision-features", "group-captions"])  # fmt: skip
 @pytest.mark.parametrize("engine", ["ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"])
 def test_what_is_tested_only_unsharded_is_refused_under_deepspeed_and_fsdp(tmp_path, monkeypatch, keys, message,
                                                                           engine):  # fmt: skip

@@ -11,6 +11,9 @@ from .records import CaptionSplit, ImageRecord
 # The item key under which a training item names its image's row in the vision-features store (vision_features.py)
 # instead of carrying pixels; CaptionCollator reads it.
 VISION_FEATURES_ROW = "vision_features_row"
+# With group_captions_by_image, the item key naming the item's image (its position in the split): CaptionCollator
+# puts each image of a batch in it once, and the model encodes it once for all its captions (adapt.SharedImages).
+IMAGE_POSITION = "image_position"
 
 _BLIP_PUNCTUATION = re.compile(r"([.!\"()*#:;~])")
 
@@ -27,16 +30,21 @@ class CaptionTrainDataset(torch.utils.data.Dataset):
 
     With `vision_features` an item names its image's row in the vision-features store (VISION_FEATURES_ROW) instead
     of carrying pixels: the features were computed once (vision_features.py) and the model looks them up.
+
+    With `group_by_image` (group_captions_by_image) an item also names its image (IMAGE_POSITION), and consecutive
+    items of one image share one decoded (and augmented) image: ImageGroupedSampler puts them next to each other.
     """
 
     def __init__(
         self, split: CaptionSplit, transform: ImageTransform, caption_preprocessing: str = "none",
-        cache: ResizedImageCache | None = None, vision_features: bool = False,
+        cache: ResizedImageCache | None = None, vision_features: bool = False, group_by_image: bool = False,
     ):  # fmt: skip
         self.split = split
         self.transform = transform
         self.cache = cache
         self.vision_features = vision_features
+        self.group_by_image = group_by_image
+        self._last_image = (None, None)  # (position, pixels) of the item before, with group_by_image
         clean = blip_caption if caption_preprocessing == "blip" else (lambda caption: caption)
         self.pairs = [
             (position, clean(caption)) for position, record in enumerate(split.records) for caption in record.captions
@@ -45,11 +53,50 @@ class CaptionTrainDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    @property
+    def image_positions(self) -> list[int]:
+        """Each item's image (its position in the split), in item order."""
+        return [position for position, _ in self.pairs]
+
     def __getitem__(self, index: int) -> dict:
         position, caption = self.pairs[index]
         if self.vision_features:
-            return {VISION_FEATURES_ROW: position, "caption": caption}
-        return {"pixel_values": _pixels(self.split, self.transform, self.cache, position), "caption": caption}
+            item = {VISION_FEATURES_ROW: position, "caption": caption}
+        elif self.group_by_image:
+            if self._last_image[0] != position:
+                self._last_image = (position, _pixels(self.split, self.transform, self.cache, position))
+            item = {"pixel_values": self._last_image[1], "caption": caption}
+        else:
+            return {"pixel_values": _pixels(self.split, self.transform, self.cache, position), "caption": caption}
+        if self.group_by_image:
+            item[IMAGE_POSITION] = position
+        return item
+
+
+class ImageGroupedSampler(torch.utils.data.Sampler):
+    """Every item once per epoch, the images in a seeded random order and each image's items next to each other, so
+    that a batch holds all captions of most of its images (group_captions_by_image). An image whose captions straddle
+    two batches is encoded in both; the order depends only on the seed and the epoch, so a resume skips to the same
+    place."""
+
+    def __init__(self, image_positions: list[int], seed: int):
+        self.seed, self.epoch = seed, 0
+        self.items_by_image: dict[int, list[int]] = {}
+        for index, position in enumerate(image_positions):
+            self.items_by_image.setdefault(position, []).append(index)
+        self.length = len(image_positions)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        images = list(self.items_by_image.values())
+        for image in torch.randperm(len(images), generator=generator).tolist():
+            yield from images[image]
 
 
 def _pixels(split: CaptionSplit, transform: ImageTransform, cache, position: int) -> torch.Tensor:
