@@ -8,7 +8,8 @@ reward is its CIDEr-D against all of the image's references (plus an optional BL
 frequencies from the training references (rewards.py). The baseline is the greedy caption's reward (`greedy`,
 Rennie et al.) or the mean reward of the image's other samples (`mean`, the "new self-critical" variant). Then, with
 gradients, one teacher-forced pass over the samples gives each sample's log-probability (its tokens up to and
-including [SEP]), and the loss is
+including [SEP]); it too encodes each image once and projects its cross-attention keys/values once for its samples
+(adapt.SharedImages). The loss is
 
     -(reward - baseline) x log p(sample), averaged over the step's samples,
 
@@ -69,12 +70,14 @@ def baseline_rewards(rewards: torch.Tensor, greedy_rewards: torch.Tensor | None,
     return (rewards.sum(dim=1, keepdim=True) - rewards) / (count - 1)
 
 
-def sequence_log_probs(model, pixel_values, prefix_ids, new_tokens, mask) -> torch.Tensor:
+def sequence_log_probs(model, pixel_values, prefix_ids, new_tokens, mask, image_index=None) -> torch.Tensor:
     """log p(new tokens | image, prefix) per row, summed over the tokens `mask` keeps, with gradients: one
-    teacher-forced pass through `model` itself (so DDP synchronises the gradients)."""
+    teacher-forced pass through `model` itself (so DDP synchronises the gradients). With `image_index`, row i is a
+    caption of pixel_values[image_index[i]] (adapt.SharedImages), else of pixel_values[i]."""
     sequences = torch.cat([prefix_ids, new_tokens], dim=1)
     attention = torch.cat([torch.ones_like(prefix_ids), mask], dim=1)
-    logits = model(pixel_values=pixel_values, input_ids=sequences, attention_mask=attention).logits
+    shared = {} if image_index is None else {"image_index": image_index}
+    logits = model(pixel_values=pixel_values, input_ids=sequences, attention_mask=attention, **shared).logits
     start = prefix_ids.shape[1] - 1  # the logit at position t predicts token t + 1
     predicted = logits[:, start : start + new_tokens.shape[1], :].float()
     token_log_probs = F.log_softmax(predicted, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
@@ -131,9 +134,11 @@ class SelfCriticalLoss:
         baseline = baseline_rewards(rewards, greedy_rewards, self.baseline)
         advantage = (rewards - baseline).reshape(-1).to(pixel_values.device)
         mask = caption_mask(sampled, sep)
+        # Each image's k samples are consecutive rows: the (images, k) layout encodes it once for them.
+        image_index = torch.arange(len(indices), device=pixel_values.device).repeat_interleave(k).view(-1, k)
         with autocast():
-            log_probs = sequence_log_probs(model, pixel_values.repeat_interleave(k, dim=0),
-                                           prefix.repeat_interleave(k, dim=0), sampled, mask)  # fmt: skip
+            log_probs = sequence_log_probs(model, pixel_values, prefix.repeat_interleave(k, dim=0), sampled, mask,
+                                           image_index)  # fmt: skip
         loss = -(advantage * log_probs).mean()
 
         lengths = mask.sum(dim=1).float()

@@ -90,6 +90,32 @@ def test_the_gradient_raises_above_baseline_samples_and_lowers_the_others(tiny_m
     assert after[0] > before[0] and after[1] < before[1]
 
 
+def test_the_teacher_forced_pass_encodes_each_image_once_for_its_samples(tiny_model_dir):
+    """SelfCriticalLoss passes the (images, samples) index: the same log-probabilities and gradients as one image copy
+    per sample."""
+    from blip_recipes.model import load_model
+
+    model = load_model(tiny_model_dir, image_mean=[0.5] * 3, image_std=[0.25] * 3)
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    bos, sep = model.config.text_config.bos_token_id, model.config.text_config.sep_token_id
+    prefix = torch.full((6, 1), bos)
+    samples = torch.randint(5, 40, (6, 5))
+    samples[:, 3] = sep
+    mask = caption_mask(samples, sep)
+    advantage = torch.randn(6)
+    results = []
+    for pixels, index in ((images.repeat_interleave(3, dim=0), None), (images, torch.tensor([[0, 0, 0], [1, 1, 1]]))):
+        model.zero_grad(set_to_none=True)
+        log_probs = sequence_log_probs(model, pixels, prefix, samples, mask, index)
+        (-(advantage * log_probs).mean()).backward()
+        results.append((log_probs.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (copies, copy_grads), (shared, shared_grads) = results
+    torch.testing.assert_close(shared, copies, rtol=1e-5, atol=1e-6)
+    for name, gradient in copy_grads.items():
+        torch.testing.assert_close(shared_grads[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_beam_samples_are_the_beams_of_the_evaluation_search(captioning_model):
     """scst_sampling beam: the K finished beams, best first; the first is the caption a K-beam evaluation writes."""
     from blip_recipes.evaluation import generate_caption_ids
@@ -153,6 +179,11 @@ def test_scst_trains_only_what_the_mode_trains(tmp_path, captioning_model, mode,
                           recipe=mode)  # fmt: skip
     trainer = build_trainer(recipe)
     before = {n: p.detach().clone() for n, p in unwrap_blip(trainer.model).named_parameters()}
+    encoded = []
+    unwrap_blip(trainer.model).vision_model.embeddings.register_forward_pre_hook(
+        lambda module, args, kwargs: encoded.append(len(kwargs.get("pixel_values", args[0] if args else None))),
+        with_kwargs=True,
+    )
     trainer.train()
     changed = {n for n, p in unwrap_blip(trainer.model).named_parameters() if not torch.equal(p, before[n])}
     assert changed
@@ -161,6 +192,8 @@ def test_scst_trains_only_what_the_mode_trains(tmp_path, captioning_model, mode,
     else:
         assert not any(name.startswith("vision_model.") for name in changed)
         assert any(name.startswith("text_decoder.") for name in changed)
+        # Each step encodes its 8 images once to sample and once for the teacher-forced pass, not once per sample.
+        assert encoded == [8, 8] * 3
 
 
 def test_scst_keys_need_scst_and_the_mean_baseline_two_samples(tmp_path):
