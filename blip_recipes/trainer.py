@@ -136,7 +136,7 @@ class CaptionTrainer(Seq2SeqTrainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.group_captions_by_image and isinstance(dataset, CaptionTrainDataset):
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            return ImageGroupedSampler(dataset.image_positions, seed)
+            return ImageGroupedSampler(dataset.image_positions, seed, self._train_batch_size)
         return super()._get_train_sampler(train_dataset)
 
     def get_train_dataloader(self):

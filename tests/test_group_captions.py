@@ -133,6 +133,23 @@ def test_sampler_keeps_an_images_captions_together_and_is_seeded_per_epoch():
     assert len(orders) > 1
 
 
+def test_sampler_fills_whole_batches_with_equally_captioned_images():
+    """COCO-like counts (most images 5 captions, a few 6 or 7), batch 20: 92 of the 95 five-caption images fill 23
+    batches of 4 whole images each; the rest (47 items) fill 2 mixed batches and a last partial one, at the end."""
+    counts = [5] * 95 + [6] * 3 + [7] * 2
+    positions = [image for image, count in enumerate(counts) for _ in range(count)]
+    for epoch in (0, 1):
+        sampler = ImageGroupedSampler(positions, seed=3, batch_size=20)
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert sorted(order) == list(range(len(positions)))
+        batches = [[positions[i] for i in order[start : start + 20]] for start in range(0, len(order), 20)]
+        whole = [b for b in batches if len(b) == 20 and all(b.count(image) == counts[image] == 5 for image in b)
+                 and all(b[i] == b[i - 1] or i % 5 == 0 for i in range(1, 20))]  # fmt: skip
+        assert len(batches) == 26 and len(whole) == 23
+        assert len(batches[-1]) == 7  # the partial block is last: every other block is aligned with a batch
+
+
 def train(tmp_path, mode, extra=(), strip=False):
     recipe = parse_recipe([os.path.join(REPO, "recipes", "shapes", f"{mode}.yaml"), "--output_dir", str(tmp_path),
                            *QUICK, "--max_train_samples", "40", "--num_train_epochs", "2", "--warmup_steps", "0",

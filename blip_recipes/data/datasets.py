@@ -74,13 +74,20 @@ class CaptionTrainDataset(torch.utils.data.Dataset):
 
 
 class ImageGroupedSampler(torch.utils.data.Sampler):
-    """Every item once per epoch, the images in a seeded random order and each image's items next to each other, so
-    that a batch holds all captions of most of its images (group_captions_by_image). An image whose captions straddle
-    two batches is encoded in both; the order depends only on the seed and the epoch, so a resume skips to the same
-    place."""
+    """Every item once per epoch, each image's items next to each other, in an order that depends only on the seed and
+    the epoch (so a resume skips to the same place): group_captions_by_image.
 
-    def __init__(self, image_positions: list[int], seed: int):
-        self.seed, self.epoch = seed, 0
+    With `batch_size`, the epoch is laid out in blocks of exactly that many items: images with equally many captions,
+    where that count divides the batch size (COCO: 5 captions, batch 160 -> 32 images), fill blocks of their own, in
+    which every image's captions are in one batch, equally many and consecutive, so the cross-attention attends them
+    without copying keys/values (adapt.SharedImages). The other images (COCO's few with 6 or 7 captions, and each
+    count's last partial block) fill blocks in which an image may straddle two batches (it is encoded in both).
+    Blocks come in a seeded random order, the last partial one at the end of the epoch, so that every block stays
+    aligned with a batch. Without `batch_size`: the images in a seeded random order.
+    """
+
+    def __init__(self, image_positions: list[int], seed: int, batch_size: int | None = None):
+        self.seed, self.epoch, self.batch_size = seed, 0, batch_size
         self.items_by_image: dict[int, list[int]] = {}
         for index, position in enumerate(image_positions):
             self.items_by_image.setdefault(position, []).append(index)
@@ -95,8 +102,36 @@ class ImageGroupedSampler(torch.utils.data.Sampler):
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         images = list(self.items_by_image.values())
-        for image in torch.randperm(len(images), generator=generator).tolist():
-            yield from images[image]
+        images = [images[i] for i in torch.randperm(len(images), generator=generator).tolist()]
+        if self.batch_size is None:
+            for items in images:
+                yield from items
+            return
+        blocks, others = _image_blocks(images, self.batch_size)
+        rows = [item for items in others for item in items]
+        full = len(rows) - len(rows) % self.batch_size
+        blocks += [rows[start : start + self.batch_size] for start in range(0, full, self.batch_size)]
+        for block in torch.randperm(len(blocks), generator=generator).tolist():
+            yield from blocks[block]
+        yield from rows[full:]
+
+
+def _image_blocks(images: list[list[int]], batch_size: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Blocks of `batch_size` items, each of whole images with one caption count; and the images left over."""
+    by_count: dict[int, list[list[int]]] = {}
+    for items in images:
+        by_count.setdefault(len(items), []).append(items)
+    blocks, others = [], []
+    for count, group in by_count.items():
+        if batch_size % count:
+            others += group
+            continue
+        per_block = batch_size // count
+        whole = len(group) - len(group) % per_block
+        blocks += [[item for items in group[start : start + per_block] for item in items]
+                   for start in range(0, whole, per_block)]  # fmt: skip
+        others += group[whole:]
+    return blocks, others
 
 
 def _pixels(split: CaptionSplit, transform: ImageTransform, cache, position: int) -> torch.Tensor:
