@@ -132,7 +132,8 @@ class CaptionTrainer(Seq2SeqTrainer):
         return self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext()
 
     def _get_train_sampler(self, train_dataset=None):
-        """group_captions_by_image: each image's captions next to each other, images in a seeded order per epoch."""
+        """group_captions_by_image: each image's captions next to each other, in batch-sized blocks of whole images
+        where caption counts allow (ImageGroupedSampler), in a seeded order per epoch."""
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.group_captions_by_image and isinstance(dataset, CaptionTrainDataset):
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
