@@ -53,6 +53,20 @@ def run_cli(args, cwd=REPO, timeout=600, env=None, launcher=None):
     )
 
 
+def encoder_calls(model) -> list[int]:
+    """Images per run of the model's vision encoder (its patch embedding), appended as the encoder runs: a feature
+    lookup or a shared image is not a run."""
+    from blip_recipes.adapt import unwrap_blip
+
+    calls = []
+
+    def count(module, args, kwargs):
+        calls.append(len(kwargs.get("pixel_values", args[0] if args else None)))
+
+    unwrap_blip(model).vision_model.embeddings.register_forward_pre_hook(count, with_kwargs=True)
+    return calls
+
+
 def read_json(path):
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)

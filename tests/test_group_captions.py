@@ -15,7 +15,7 @@ from blip_recipes.data import IMAGE_POSITION, VISION_FEATURES_ROW, ImageGroupedS
 from blip_recipes.model import apply_training_mode, load_model, load_processor, unwrap_blip
 from blip_recipes.recipe_parser import parse_recipe
 from blip_recipes.trainer import caption_loss
-from tests.conftest import QUICK, REPO
+from tests.conftest import QUICK, REPO, encoder_calls
 
 # Six caption rows of three images, in an order a batch can have (rows of one image need not be adjacent).
 ROW_IMAGES = [0, 1, 0, 2, 2, 2]
@@ -160,13 +160,9 @@ def train(tmp_path, mode, extra=(), strip=False):
         collator = trainer.data_collator
         trainer.data_collator = lambda items: collator([{k: v for k, v in i.items() if k != IMAGE_POSITION}
                                                         for i in items])  # fmt: skip
-    encoded = [0]
-    unwrap_blip(trainer.model).vision_model.embeddings.register_forward_pre_hook(
-        lambda module, args, kwargs: encoded.__setitem__(0, encoded[0] + len(kwargs.get("pixel_values", args[0]))),
-        with_kwargs=True,
-    )
+    calls = encoder_calls(trainer.model)
     trainer.train()
-    return trainer, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], encoded[0]
+    return trainer, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], sum(calls)
 
 
 @pytest.mark.parametrize("mode,batch", [("full", 16), ("lora", 16), ("full", 15)])

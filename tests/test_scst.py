@@ -17,7 +17,7 @@ from blip_recipes.model import unwrap_blip
 from blip_recipes.recipe_parser import parse_recipe
 from blip_recipes.rewards import CiderD, bleu4, simple_tokenize
 from blip_recipes.scst import baseline_rewards, caption_mask, sequence_log_probs
-from tests.conftest import QUICK, REPO, read_json, run_cli
+from tests.conftest import QUICK, REPO, encoder_calls, read_json, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -179,11 +179,7 @@ def test_scst_trains_only_what_the_mode_trains(tmp_path, captioning_model, mode,
                           recipe=mode)  # fmt: skip
     trainer = build_trainer(recipe)
     before = {n: p.detach().clone() for n, p in unwrap_blip(trainer.model).named_parameters()}
-    encoded = []
-    unwrap_blip(trainer.model).vision_model.embeddings.register_forward_pre_hook(
-        lambda module, args, kwargs: encoded.append(len(kwargs.get("pixel_values", args[0] if args else None))),
-        with_kwargs=True,
-    )
+    encoded = encoder_calls(trainer.model)
     trainer.train()
     changed = {n for n, p in unwrap_blip(trainer.model).named_parameters() if not torch.equal(p, before[n])}
     assert changed

@@ -11,21 +11,10 @@ from blip_recipes.config import RecipeError
 from blip_recipes.model import unwrap_blip
 from blip_recipes.recipe_parser import parse_recipe
 from blip_recipes.vision_features import VisionFeaturesError, choose_store_device, encode_images
-from tests.conftest import QUICK, REPO
+from tests.conftest import QUICK, REPO, encoder_calls
 
 TWO_EPOCHS = ["--max_train_samples", "64", "--num_train_epochs", "2", "--warmup_steps", "0", "--do_eval", "true",
               "--max_eval_samples", "16"]  # fmt: skip
-
-
-def count_encoded_images(model) -> list[int]:
-    """A counter of images that went through the vision encoder's patch embedding (i.e. the encoder really ran)."""
-    seen = [0]
-
-    def count(module, args, kwargs):
-        seen[0] += len(kwargs.get("pixel_values", args[0] if args else None))
-
-    unwrap_blip(model).vision_model.embeddings.register_forward_pre_hook(count, with_kwargs=True)
-    return seen
 
 
 def train(mode, tmp_path, extra=()):
@@ -33,10 +22,10 @@ def train(mode, tmp_path, extra=()):
                            *QUICK, *TWO_EPOCHS, *extra])  # fmt: skip
     set_seed(recipe.training.seed)  # as main() does: LoRA's initial weights come from the global RNG
     trainer = build_trainer(recipe)
-    seen = count_encoded_images(trainer.model)
+    calls = encoder_calls(trainer.model)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return trainer, losses, seen[0]
+    return trainer, losses, sum(calls)
 
 
 def test_cached_features_give_the_same_training_and_encode_each_image_once(tmp_path):
