@@ -13,10 +13,11 @@ SCST, sampled captions/s, over `--steps` timed steps after `--warmup`.
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
+
+from report import write_report
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -91,13 +92,8 @@ def main() -> int:
                                baseline, sampling, args.batch, args.samples, args.warmup, args.steps)  # fmt: skip
             results.append(result)
             print(json.dumps(result), flush=True)
-    report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "torch": torch.__version__, "model": args.model or "builtin:tiny-blip (60 cross-entropy steps)",
-              "results": results}  # fmt: skip
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2)
+    write_report(args.json, results, device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                 model=args.model or "builtin:tiny-blip (60 cross-entropy steps)")  # fmt: skip
     return 0
 
 

@@ -28,6 +28,7 @@ import tempfile
 import time
 
 import numpy as np
+from report import write_report
 
 SIZE = 384  # BLIP-base's image size
 BATCH = 32
@@ -137,9 +138,6 @@ def main() -> int:
     if args.run:  # a child process: one path
         print(json.dumps(run_path(args.run, args.data, args.workers, args.images)))
         return 0
-    import platform
-
-    import torch
 
     with tempfile.TemporaryDirectory() as directory:
         started = time.perf_counter()
@@ -155,14 +153,7 @@ def main() -> int:
             result = json.loads(output.stdout.strip().splitlines()[-1])
             results.append(result)
             print(json.dumps(result))
-    report = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "torch": torch.__version__,
-        "results": results,
-    }
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2)
+    write_report(args.json, results)
     return 0
 
 

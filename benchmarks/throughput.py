@@ -9,7 +9,6 @@ training images per second of wall time, data loading included. Prints a table, 
 """
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -23,6 +22,8 @@ import torch
 import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from report import write_report  # noqa: E402
 
 from blip_recipes.builtin import build_tiny_tokenizer  # noqa: E402
 from blip_recipes.data import CaptionData, CaptionSplit, ImageRecord, ImageTable  # noqa: E402
@@ -516,15 +517,11 @@ def main():
         save()
 
     def save():
-        if args.json:
-            with open(args.json, "w") as handle:
-                json.dump({"device": str(device), "gpu": torch.cuda.get_device_name() if cuda else None,
-                           "layers": layers, "steps": steps, "warmup": warmup, "workers": workers,
-                           "compile": compile_model, "peak_tflops": peak_tflops, "results": results,
-                           "data_pipeline_images_per_s": pipeline, "generation": generation,
-                           "captions_per_image": captions_per_image, "skipped": skipped,
-                           "torch": torch.__version__, "transformers": transformers.__version__},
-                          handle, indent=2)  # fmt: skip
+        write_report(args.json, results, device=str(device), gpu=torch.cuda.get_device_name() if cuda else None,
+                     layers=layers, steps=steps, warmup=warmup, workers=workers, compile=compile_model,
+                     peak_tflops=peak_tflops, data_pipeline_images_per_s=pipeline, generation=generation,
+                     captions_per_image=captions_per_image, skipped=skipped,
+                     transformers=transformers.__version__)  # fmt: skip
 
     generation = {}
     pipeline = None
