@@ -400,6 +400,7 @@ def run_generation(model_dir, device, images, batch_size, beams, new_tokens, att
     from blip_recipes.model import load_model
 
     model = load_model(model_dir, attn_implementation=attention).to(device).eval()
+    reset_peak(device)
     prefix = torch.full((batch_size, 1), model.config.text_config.bos_token_id, dtype=torch.long, device=device)
     pixels = torch.randn(batch_size, 3, 384, 384, device=device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -415,7 +416,7 @@ def run_generation(model_dir, device, images, batch_size, beams, new_tokens, att
             generate_caption_ids(model, pixels, prefix, num_beams=beams, max_length=length, min_length=length)
         if device.type == "cuda":
             torch.cuda.synchronize()
-    return time.perf_counter() - start, batches * batch_size
+    return time.perf_counter() - start, batches * batch_size, peak_gib(device)
 
 
 def measure_peak_tflops(device):
@@ -565,11 +566,13 @@ def main():
         for size in generation_batches:
             if not in_budget(f"generation {attention} batch {size}"):
                 continue
-            seconds, done = run_generation(model_dir, device, args.generation_images, size, 3, 20, attention)
+            seconds, done, memory = run_generation(model_dir, device, args.generation_images, size, 3, 20, attention)
             key = attention if size == generation_batches[0] else f"{attention}-batch-{size}"
-            generation[key] = {"images": done, "seconds": seconds, "images_per_s": done / seconds, "batch": size}
-            print(f"  generation {attention}, batch {size}: {done} images, beam 3, 20 new tokens: {seconds:.2f} s",
-                  flush=True)  # fmt: skip
+            generation[key] = {"images": done, "seconds": seconds, "images_per_s": done / seconds, "batch": size,
+                               "peak_gib": memory}  # fmt: skip
+            peak = f", peak {memory:.2f} GiB" if cuda else ""
+            print(f"  generation {attention}, batch {size}: {done} images, beam 3, 20 new tokens: "
+                  f"{seconds:.2f} s{peak}", flush=True)  # fmt: skip
             save()
 
     print()

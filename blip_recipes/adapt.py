@@ -7,6 +7,8 @@ transformers' BLIP is used as it is, except for what `adapt_blip` swaps in, alwa
    the top model also saves a standard checkpoint whatever engine gathered its weights (DeepSpeed included), and its
    forward takes `image_index` (group_captions_by_image): the batch's distinct images are encoded once and each
    caption row names its image (`SharedImages`; SDPA cross-attention also projects keys/values once per image).
+   Generation (evaluation.decode) hands the decoder SharedImages too: beams and samples share their image's
+   cross-attention keys/values and cache.
 1. `BlipVisionModel` -> `AdaptedVisionModel`, which adds three things, each off until set:
    - uint8 pixels are normalised on the encoder's own device (`image_mean`/`image_std`; float pixels pass untouched),
      so data loaders ship a quarter of the bytes and do no float work;
@@ -104,12 +106,18 @@ class SharedImages:
     a fraction of the encoder's and the cross-attention projections' work.
 
     `image_index` is (caption rows,): row i describes states[image_index[i]]; or (images, captions per image) when
-    each image has that many consecutive rows (the collator says so when a batch is laid out that way): then the
-    cross-attention attends each image's caption rows as one longer query sequence, copying no keys or values.
+    each image has that many consecutive rows (the collator says so when a batch is laid out that way; generation's
+    beams and samples always are): then the cross-attention attends each image's rows as one longer query sequence,
+    copying no keys or values, and a key/value cache keeps them once per image.
     """
 
     states: torch.Tensor  # (images, image tokens, width)
     image_index: torch.Tensor  # (caption rows,) or (images, captions per image), long
+
+    @staticmethod
+    def consecutive(images: int, per_image: int, device) -> torch.Tensor:
+        """The (images, per_image) index of `per_image` consecutive rows per image."""
+        return torch.arange(images, device=device).repeat_interleave(per_image).view(images, per_image)
 
     @property
     def captions_per_image(self) -> int | None:
@@ -144,8 +152,7 @@ class BlipForConditionalGeneration(modeling_blip.BlipForConditionalGeneration):
             )
         image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state
         encoder_hidden_states = SharedImages(image_embeds, image_index)
-        cross_attention = self.text_decoder.bert.encoder.layer[0].crossattention.self
-        if not isinstance(cross_attention, BlipTextSdpaSelfAttention):  # eager: upstream wants a row per caption
+        if not takes_shared_images(self):  # eager: upstream wants a row per caption
             encoder_hidden_states = encoder_hidden_states.rows(image_embeds)
         outputs = self.text_decoder(
             input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
@@ -218,7 +225,8 @@ class BlipTextSdpaSelfAttention(BlipTextSelfAttention):
         mask = encoder_attention_mask if is_cross_attention else attention_mask
         shared = encoder_hidden_states if isinstance(encoder_hidden_states, SharedImages) else None
         # Each image's caption rows consecutive and equally many, no mask: its rows' queries attend its keys as one.
-        fold = shared is not None and shared.captions_per_image is not None and mask is None and cache is None
+        # With a cache (generation: rows are beams or samples) the cache keeps one image's keys/values once too.
+        fold = shared is not None and shared.captions_per_image is not None and mask is None
         key, value = self._keys_and_values(hidden_states, encoder_hidden_states, cache, per_row=not fold)
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(query.dtype)
@@ -264,6 +272,11 @@ class BlipTextSdpaSelfAttention(BlipTextSelfAttention):
             if is_cross_attention and isinstance(cache, EncoderDecoderCache):
                 cache.is_updated[self.layer_idx] = True
         return key, value
+
+
+def takes_shared_images(blip) -> bool:
+    """Whether BLIP's text cross-attention takes SharedImages: the SDPA module does; eager wants a row per caption."""
+    return isinstance(blip.text_decoder.bert.encoder.layer[0].crossattention.self, BlipTextSdpaSelfAttention)
 
 
 @dataclass(frozen=True)

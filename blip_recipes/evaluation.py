@@ -8,7 +8,7 @@ import os
 import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-from .adapt import CACHE_ARGUMENT, unwrap_blip
+from .adapt import CACHE_ARGUMENT, SharedImages, takes_shared_images, unwrap_blip
 from .choices import GENERATION_DEFAULTS
 from .metrics import MetricsError, score_captions
 from .model import check_model_source, check_tokenizer, decoding_settings, load_model, load_processor
@@ -20,8 +20,9 @@ logger = logging.getLogger(__name__)
 class BeamSharedCrossAttentionCache(EncoderDecoderCache):
     """Beam search reorders every cached tensor at every step. The cross-attention keys and values of all beams of
     one image are the same (they attend to the same image) and beams are only ever reordered within their image, so
-    reordering them changes nothing: skipping it is exact and saves copying beams x image tokens x width x layers
-    (16 GB per step for BLIP-base at 256 images x 3 beams)."""
+    the cross-attention part is never reordered: with SDPA it holds one row per image (decode hands the decoder
+    SharedImages), which a reorder by beam would break; with eager attention one row per beam, where reordering
+    changes nothing and would copy beams x image tokens x width x layers per step."""
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         self.self_attention_cache.reorder_cache(beam_idx)
@@ -73,13 +74,22 @@ def _generate(blip, pixel_values, prefix_ids, num_beams, max_length, min_length)
 def decode(blip, image_embeds, prefix_ids, max_length: int, min_length: int, num_beams: int = 1,
            **search) -> torch.Tensor:  # fmt: skip
     """New tokens after `prefix_ids` from BLIP's text decoder over already encoded images: greedy, beam search (with
-    the beam-shared cross-attention cache), or whatever `search` asks of `generate` (sampling, several sequences)."""
+    the beam-shared cross-attention cache), or whatever `search` asks of `generate` (sampling, several sequences).
+    With several beams or sequences per image, SDPA cross-attention projects each image's keys/values once."""
     text_config = blip.config.text_config
-    cache = BeamSharedCrossAttentionCache(DynamicCache(), DynamicCache()) if num_beams > 1 else None
+    rows_per_image = max(num_beams, search.get("num_return_sequences", 1))
+    cache = BeamSharedCrossAttentionCache(DynamicCache(), DynamicCache()) if rows_per_image > 1 else None
+    encoder_hidden_states = image_embeds
+    if rows_per_image > 1 and takes_shared_images(blip):
+        # generate() repeats every tensor argument once per beam or sample; SharedImages is not a tensor, so each image
+        # stays one row and the SDPA cross-attention projects and caches its keys/values once for all its beams or
+        # samples (1/rows_per_image of that work and of the cross-attention cache), attending them as before.
+        index = SharedImages.consecutive(image_embeds.shape[0], rows_per_image, image_embeds.device)
+        encoder_hidden_states = SharedImages(image_embeds, index)
     # No encoder_attention_mask: every image token is real, and without a mask SDPA can use its fastest kernel.
     output = blip.text_decoder.generate(
         input_ids=prefix_ids,
-        encoder_hidden_states=image_embeds,
+        encoder_hidden_states=encoder_hidden_states,
         eos_token_id=text_config.sep_token_id,
         pad_token_id=text_config.pad_token_id,
         bos_token_id=text_config.bos_token_id,

@@ -1,15 +1,15 @@
 """Self-critical sequence training (Rennie et al. 2017): `training_objective: scst` optimises CIDEr-D directly.
 
-Per training image, without gradients and with the image encoded once: `num_samples` captions from the model (the
-recipe's prompt and max length): multinomial draws (Rennie et al.), or with `scst_sampling: beam` the finished
-beams of a beam search that wide (Cornia et al. 2020, "Meshed-Memory Transformer for Image Captioning": the
-captions a beam-search evaluation chooses among); and, for the `greedy` baseline, the greedy caption. Each sample's
-reward is its CIDEr-D against all of the image's references (plus an optional BLEU-4 share), with document
-frequencies from the training references (rewards.py). The baseline is the greedy caption's reward (`greedy`,
-Rennie et al.) or the mean reward of the image's other samples (`mean`, the "new self-critical" variant). Then, with
-gradients, one teacher-forced pass over the samples gives each sample's log-probability (its tokens up to and
-including [SEP]); it too encodes each image once and projects its cross-attention keys/values once for its samples
-(adapt.SharedImages). The loss is
+Per training image, without gradients, with the image encoded once and its cross-attention keys/values projected
+once for all its samples (evaluation.decode): `num_samples` captions from the model (the recipe's prompt and max
+length): multinomial draws (Rennie et al.), or with `scst_sampling: beam` the finished beams of a beam search that
+wide (Cornia et al. 2020, "Meshed-Memory Transformer for Image Captioning": the captions a beam-search evaluation
+chooses among); and, for the `greedy` baseline, the greedy caption. Each sample's reward is its CIDEr-D against all
+of the image's references (plus an optional BLEU-4 share), with document frequencies from the training references
+(rewards.py). The baseline is the greedy caption's reward (`greedy`, Rennie et al.) or the mean reward of the
+image's other samples (`mean`, the "new self-critical" variant). Then, with gradients, one teacher-forced pass over
+the samples gives each sample's log-probability (its tokens up to and including [SEP]); it too encodes each image
+once and projects its cross-attention keys/values once for its samples (adapt.SharedImages). The loss is
 
     -(reward - baseline) x log p(sample), averaged over the step's samples,
 
@@ -23,7 +23,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from .adapt import unwrap_blip
+from .adapt import SharedImages, unwrap_blip
 from .evaluation import decode
 from .metrics import ptb_tokenize
 from .rewards import CiderD, bleu4, simple_tokenize
@@ -135,7 +135,7 @@ class SelfCriticalLoss:
         advantage = (rewards - baseline).reshape(-1).to(pixel_values.device)
         mask = caption_mask(sampled, sep)
         # Each image's k samples are consecutive rows: the (images, k) layout encodes it once for them.
-        image_index = torch.arange(len(indices), device=pixel_values.device).repeat_interleave(k).view(-1, k)
+        image_index = SharedImages.consecutive(len(indices), k, pixel_values.device)
         with autocast():
             log_probs = sequence_log_probs(model, pixel_values, prefix.repeat_interleave(k, dim=0), sampled, mask,
                                            image_index)  # fmt: skip
