@@ -111,15 +111,15 @@ def test_generation_encodes_each_image_once_not_once_per_beam():
 
 
 @pytest.mark.parametrize(
-    "search",
+    "search, rows_per_image",
     [
-        {"num_beams": 3},
-        {"num_beams": 3, "num_return_sequences": 3},
-        {"do_sample": True, "top_k": 0, "num_return_sequences": 4},
+        ({"num_beams": 3}, 3),
+        ({"num_beams": 3, "num_return_sequences": 3}, 3),
+        ({"do_sample": True, "top_k": 0, "num_return_sequences": 4}, 4),
     ],
     ids=["beams", "all-beams", "samples"],
 )
-def test_generation_projects_and_caches_image_keys_once_for_all_beams_and_samples(search):
+def test_generation_projects_and_caches_image_keys_once_for_all_beams_and_samples(search, rows_per_image):
     """decode() hands SDPA cross-attention each image once (SharedImages): keys/values are projected and cached per
     image, not per beam or sample, and the tokens are eager attention's (which gets one image copy per row)."""
     from blip_recipes.adapt import CACHE_ARGUMENT
@@ -140,9 +140,8 @@ def test_generation_projects_and_caches_image_keys_once_for_all_beams_and_sample
         with torch.no_grad():
             image_embeds = model.vision_model(pixel_values=pixels).last_hidden_state
             captions.append(decode(model, image_embeds, prefix, max_length=14, min_length=5, **search))
-    rows = max(search.get("num_beams", 1), search["num_return_sequences"] if "do_sample" in search else 1)
     assert captions[0].shape[0] == 3 * search.get("num_return_sequences", 1)
     assert torch.equal(captions[1], captions[0])
-    assert projected == [3]  # the three images' keys, once, though 3 x rows decoder rows attend them
+    assert projected == [3]  # the three images' keys, once, though 3 x rows_per_image decoder rows attend them
     assert caches[-1].cross_attention_cache.layers[attention.layer_idx].keys.shape[0] == 3
-    assert caches[-1].self_attention_cache.layers[0].keys.shape[0] == 3 * rows
+    assert caches[-1].self_attention_cache.layers[0].keys.shape[0] == 3 * rows_per_image
