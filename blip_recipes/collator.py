@@ -16,6 +16,7 @@ per image) when each image's rows are consecutive and equally many.
 
 import torch
 
+from .adapt import SharedImages
 from .data import IMAGE_POSITION, VISION_FEATURES_ROW
 
 
@@ -45,9 +46,10 @@ class CaptionCollator:
                 first_items.setdefault(feature[IMAGE_POSITION], feature)
             row_of = {position: row for row, position in enumerate(first_items)}
             image_index = torch.tensor([row_of[feature[IMAGE_POSITION]] for feature in features], dtype=torch.long)
-            images, rows = len(first_items), len(features)
-            if rows % images == 0 and image_index.tolist() == [row // (rows // images) for row in range(rows)]:
-                image_index = image_index.view(images, rows // images)  # consecutive, equally many: SharedImages
+            images, per_image = len(first_items), len(features) // len(first_items)
+            consecutive = SharedImages.consecutive(images, per_image, image_index.device)
+            if consecutive.numel() == len(features) and torch.equal(image_index, consecutive.view(-1)):
+                image_index = consecutive  # each image's rows consecutive and equally many: the folded layout
             batch = self._images(list(first_items.values()))
         else:
             batch = self._images(features)

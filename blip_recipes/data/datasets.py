@@ -61,13 +61,14 @@ class CaptionTrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         position, caption = self.pairs[index]
         if self.vision_features:
-            item = {VISION_FEATURES_ROW: position, "caption": caption}
+            item = {VISION_FEATURES_ROW: position}
         elif self.group_by_image:
             if self._last_image[0] != position:
                 self._last_image = (position, _pixels(self.split, self.transform, self.cache, position))
-            item = {"pixel_values": self._last_image[1], "caption": caption}
+            item = {"pixel_values": self._last_image[1]}
         else:
-            return {"pixel_values": _pixels(self.split, self.transform, self.cache, position), "caption": caption}
+            item = {"pixel_values": _pixels(self.split, self.transform, self.cache, position)}
+        item["caption"] = caption
         if self.group_by_image:
             item[IMAGE_POSITION] = position
         return item
