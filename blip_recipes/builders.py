@@ -26,13 +26,16 @@ from .data import (
 from .data.records import check_images, collect_splits, drop_bad_rows
 from .model import (
     apply_training_mode,
+    check_decoding,
     check_model_source,
     check_tokenizer,
     decoding_settings,
     load_model,
     load_processor,
     parameter_counts,
+    recipe_decoding,
     set_decoding,
+    text_positions,
 )
 from .trainer import CaptionTrainer
 from .transforms import ImageTransform
@@ -171,6 +174,10 @@ def build_trainer(recipe: Recipe, callbacks=(), data: CaptionData | None = None)
     model_args, data_args, training_args = recipe.model, recipe.data, recipe.training
     with training_args.main_process_first(desc="loading the processor"):  # process 0 generates builtin:tiny-blip
         processor = load_processor(model_args.model_name_or_path, model_args.model_revision)
+    decoding = recipe_decoding(training_args.generation_num_beams, training_args.generation_max_length,
+                               training_args.generation_min_length, data_args.prompt)  # fmt: skip
+    # The prompt's tokens against the lengths now, before any image is decoded; the decoder's positions once loaded.
+    check_decoding(processor.tokenizer, decoding, data_args.max_caption_length)
     data = data if data is not None else load_data(recipe, need_train=True)
     datasets = build_datasets(
         data, processor.image_processor, data_args.caption_preprocessing, data_args.image_augmentation,
@@ -183,8 +190,8 @@ def build_trainer(recipe: Recipe, callbacks=(), data: CaptionData | None = None)
         model_args.lora_dropout, model_args.lora_target_modules, training_args.seed,
     )  # fmt: skip
     check_tokenizer(processor.tokenizer, model, model_args.model_name_or_path)
-    set_decoding(model, training_args.generation_num_beams, training_args.generation_max_length,
-                 training_args.generation_min_length, data_args.prompt)  # fmt: skip
+    check_decoding(processor.tokenizer, decoding, data_args.max_caption_length, text_positions(model))
+    set_decoding(model, **decoding)
     if model_args.cache_vision_features:
         encode_vision_features(model, data.train, processor.image_processor, training_args, data_args.image_cache)
     train_dataset, changes, scst = datasets.train, {}, None
@@ -266,6 +273,8 @@ def build_evaluator(
         "min_length": training_args.generation_min_length,
     }
     decoding.update({key: saved[key] for key in unset})  # fmt: skip
+    decoding = recipe_decoding(**decoding)
+    check_decoding(processor.tokenizer, decoding, max_positions=text_positions(model))
     logger.info("decoding: %s", ", ".join(f"{key}={value!r}" for key, value in decoding.items()))
     args = _trainer_arguments(
         training_args, generation_num_beams=decoding["num_beams"], generation_max_length=decoding["max_length"],

@@ -112,7 +112,7 @@ def _captioner_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--num_beams", type=int, default=None, help="default: the beams saved with the model")
     parser.add_argument("--max_length", type=int, default=None, help="default: the max length saved with the model")
     parser.add_argument("--min_length", type=int, default=None, help="default: the min length saved with the model")
-    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    parser.add_argument("--device", type=_device, default=None, help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument(
         "--max_image_pixels", type=_positive_int, default=MAX_IMAGE_PIXELS,
         help="images declaring more pixels are refused before decoding (default: %(default)s)",
@@ -128,6 +128,61 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65_535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    """A device this machine has: `cuda` on a CPU-only machine is an argument error, not a traceback at load."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cpu":
+        return text
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    count = torch.accelerator.device_count() if accelerator is not None else 0
+    if accelerator is None or accelerator.type != device.type or (device.index or 0) >= count:
+        here = f"{count} {accelerator.type} device(s)" if accelerator is not None else "no accelerator, only cpu"
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {here}")
+    return text
+
+
+def _unwritable(path: str) -> str | None:
+    """Why a file cannot be written at `path` (None when it can): a directory there, or a folder that cannot be
+    created or written to (tried by writing: permission bits say nothing for root or on /proc)."""
+    import tempfile
+
+    if os.path.isdir(path):
+        return "is a directory"
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".blip-recipes-probe-"):
+            pass
+    except OSError as error:
+        return f"{folder} is not writable ({error.strerror or error})"
+    return None
 
 
 def _captioner(args):
@@ -174,6 +229,10 @@ def caption_command(argv: list[str]) -> int:
     if not files:
         print("error: no images found", file=sys.stderr)
         return 2
+    problem = args.output and _unwritable(args.output)
+    if problem:  # before the model loads and the images are captioned, not after
+        print(f"error: --output {args.output}: {problem}", file=sys.stderr)
+        return 2
     captioner = _captioner(args)
     if captioner is None:
         return 2
@@ -204,8 +263,8 @@ def serve_command(argv: list[str]) -> int:
         "Needs the serve extra: pip install 'blip-recipes[serve]'.",
     )
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max_upload_mb", type=float, default=20.0, help="larger uploads get 413")
+    parser.add_argument("--port", type=_port, default=8000)
+    parser.add_argument("--max_upload_mb", type=_positive_float, default=20.0, help="larger uploads get 413")
     args = parser.parse_args(argv)
     try:
         import fastapi  # noqa: F401

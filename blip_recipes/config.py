@@ -345,10 +345,38 @@ def check_values(recipe: Recipe) -> None:
         check(1 <= size <= MAX_BATCH_SIZE, f"{key} must be between 1 and {MAX_BATCH_SIZE}, got {size}")
     steps = training.gradient_accumulation_steps
     check(steps >= 1, f"gradient_accumulation_steps must be at least 1, got {steps}")
+    # The Trainer reads max_steps <= 0 as "train num_train_epochs" except 0 itself, which trains no step at all.
+    check(
+        training.max_steps == -1 or training.max_steps > 0,
+        f"max_steps must be a positive number of optimizer steps, or -1 to train num_train_epochs, got "
+        f"{training.max_steps}",
+    )
     check(
         training.max_steps > 0 or (math.isfinite(training.num_train_epochs) and training.num_train_epochs > 0),
         f"num_train_epochs must be positive (or set max_steps), got {training.num_train_epochs}",
     )
+    check_optimizer_values(training, check)
+    for key in ("logging_steps", "eval_steps", "save_steps"):
+        value = getattr(training, key)  # below 1: a fraction of the run's steps
+        check(value is None or (math.isfinite(value) and value > 0), f"{key} must be positive, got {value}")
+    limit = training.save_total_limit
+    check(
+        limit is None or limit >= 1,
+        f"save_total_limit must be at least 1 (null keeps every checkpoint; save_strategy no saves none), got {limit}",
+    )
+    for key in ("seed", "data_seed"):
+        value = getattr(training, key)
+        check(value is None or 0 <= value < 2**32, f"{key} must be in [0, 2**32), got {value}")
+    workers = training.dataloader_num_workers
+    check(workers >= 0, f"dataloader_num_workers must be 0 (load in the training process) or more, got {workers}")
+    check(training.caption_grid_size >= 0, f"caption_grid_size must be 0 (no grid) or more, got "
+          f"{training.caption_grid_size}")  # fmt: skip
+    if training.torch_compile_mode is not None:
+        modes = torch_compile_modes()
+        check(
+            training.torch_compile_mode in modes,
+            f"torch_compile_mode must be one of {', '.join(modes)} (or null), got {training.torch_compile_mode!r}",
+        )
     smoothing = training.label_smoothing_factor
     check(0 <= smoothing < 1, f"label_smoothing_factor must be in [0, 1), got {smoothing}")
     beams = training.generation_num_beams
@@ -380,6 +408,30 @@ def check_values(recipe: Recipe) -> None:
     missing = missing_trackers(training.report_to)
     names = " ".join(missing)
     check(not missing, f"report_to names {names}, which is not installed here (pip install {names})")
+
+
+def check_optimizer_values(training: CaptionTrainingArguments, check) -> None:
+    """What torch's optimizers and clipping would reject only once training starts (or silently ignore: a NaN or
+    negative max_grad_norm turns clipping off), with the key named."""
+    decay = training.weight_decay
+    check(math.isfinite(decay) and decay >= 0, f"weight_decay must be 0 or more, got {decay}")
+    for key in ("adam_beta1", "adam_beta2"):
+        beta = getattr(training, key)
+        check(0 <= beta < 1, f"{key} must be in [0, 1), got {beta}")
+    epsilon = training.adam_epsilon
+    check(math.isfinite(epsilon) and epsilon >= 0, f"adam_epsilon must be 0 or more, got {epsilon}")
+    norm = training.max_grad_norm
+    check(
+        norm is not None and math.isfinite(norm) and norm >= 0,
+        f"max_grad_norm must be 0 (no clipping) or more, got {norm}",
+    )
+
+
+def torch_compile_modes() -> list[str]:
+    """The modes this torch's torch.compile accepts (its own list; imported only when a recipe names one)."""
+    from torch._inductor import list_mode_options
+
+    return list(list_mode_options())
 
 
 def missing_trackers(report_to) -> list[str]:

@@ -11,7 +11,15 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from .adapt import CACHE_ARGUMENT, SharedImages, takes_shared_images, unwrap_blip
 from .choices import GENERATION_DEFAULTS
 from .metrics import MetricsError, score_captions
-from .model import check_model_source, check_tokenizer, decoding_settings, load_model, load_processor
+from .model import (
+    check_decoding,
+    check_model_source,
+    check_tokenizer,
+    decoding_settings,
+    load_model,
+    load_processor,
+    text_positions,
+)
 from .transforms import ImageTransform
 
 logger = logging.getLogger(__name__)
@@ -128,6 +136,8 @@ class Captioner:
         self.model.to(self.device).eval()
         given = {"num_beams": num_beams, "max_length": max_length, "min_length": min_length, "prompt": prompt}
         self.decoding = {**decoding_settings(self.model), **{k: v for k, v in given.items() if v is not None}}
+        check_decoding(self.processor.tokenizer, self.decoding, max_positions=text_positions(self.model),
+                       keys={key: f"--{key}" for key in self.decoding})  # fmt: skip
         self.transform = ImageTransform(
             image_processor.size["height"], image_processor.size["width"], image_processor.resample
         )

@@ -143,17 +143,74 @@ def load_model(
     return adapt_blip(model, attn_implementation, image_mean, image_std)
 
 
-def set_decoding(model, num_beams: int | None, max_length: int | None, min_length: int, prompt: str) -> None:
-    """Record how this model captions in its generation config, which every saved output carries (full, adapter,
-    merged, pushed), so `caption`, `serve` and `evaluate` decode as the recipe evaluated."""
+def set_decoding(model, num_beams: int, max_length: int, min_length: int, prompt: str) -> None:
+    """Record how this model captions (recipe_decoding's settings) in its generation config, which every saved
+    output carries (full, adapter, merged, pushed), so `caption`, `serve` and `evaluate` decode as the recipe
+    evaluated."""
     config = unwrap_blip(model).generation_config
-    config.num_beams = num_beams or 1
-    config.max_length = max_length or GENERATION_DEFAULTS.max_length
-    config.min_length = min_length
+    config.num_beams, config.max_length, config.min_length = num_beams, max_length, min_length
     setattr(config, PROMPT_KEY, prompt)
     # A config marked as derived from the model config is rebuilt from known fields on load, dropping the prompt:
     # these settings are the recipe's own (tests/test_decoding_settings.py reloads them).
     config._from_model_config = False
+
+
+RECIPE_DECODING_KEYS = {
+    "num_beams": "generation_num_beams", "max_length": "generation_max_length",
+    "min_length": "generation_min_length", "prompt": "prompt",
+}  # fmt: skip
+
+
+def recipe_decoding(num_beams: int | None, max_length: int | None, min_length: int, prompt: str) -> dict:
+    """A recipe's decoding settings as evaluation uses them (null beams: greedy; null max_length: the default)."""
+    return {
+        "prompt": prompt,
+        "num_beams": num_beams or 1,
+        "max_length": max_length or GENERATION_DEFAULTS.max_length,
+        "min_length": min_length,
+    }
+
+
+def text_positions(model) -> int:
+    """How many token positions BLIP's text decoder has (512 for the published models)."""
+    return unwrap_blip(model).config.text_config.max_position_embeddings
+
+
+def check_decoding(
+    tokenizer, decoding: dict, max_caption_length: int | None = None, max_positions: int | None = None,
+    keys: dict = RECIPE_DECODING_KEYS,
+) -> None:  # fmt: skip
+    """Decoding settings {num_beams, max_length, min_length, prompt} (and the training captions' token budget) that
+    cannot work with this tokenizer and text decoder fail here, naming the key (`keys`: how the caller spells them),
+    instead of inside generate() at the first evaluation or as a training step whose labels are all masked.
+
+    Lengths count the decoder prefix, [DEC] + the prompt's tokens, as generation does."""
+    num_beams, max_length, min_length, prompt = (decoding[key] for key in ("num_beams", "max_length", "min_length",
+                                                                           "prompt"))  # fmt: skip
+    if num_beams < 1:
+        raise ModelError(f"{keys['num_beams']} must be at least 1, got {num_beams}")
+    if min_length < 0:
+        raise ModelError(f"{keys['min_length']} must not be negative, got {min_length}")
+    if max_length <= min_length:
+        raise ModelError(f"{keys['max_length']} ({max_length}) must exceed {keys['min_length']} ({min_length})")
+    prefix = 1 + (len(tokenizer(prompt, add_special_tokens=False).input_ids) if prompt else 0)
+    prompt_words = f"[DEC] and the {keys['prompt']} {prompt!r} ({prefix - 1} tokens)" if prompt else "[DEC]"
+    if max_length <= prefix:
+        raise ModelError(
+            f"{keys['max_length']} {max_length} leaves no room for a caption after {prompt_words}: lengths count "
+            f"them; set it above {prefix}"
+        )
+    # A training caption is [DEC] + prompt + caption + [SEP], truncated to max_caption_length: without room for one
+    # caption token and [SEP], every label is masked and the loss is 0/0.
+    if max_caption_length is not None and max_caption_length < prefix + 2:
+        raise ModelError(
+            f"max_caption_length {max_caption_length} leaves no caption token to learn after {prompt_words}; "
+            f"set it to at least {prefix + 2}"
+        )
+    if max_positions is not None:
+        for key, value in ((keys["max_length"], max_length), ("max_caption_length", max_caption_length)):
+            if value is not None and value > max_positions:
+                raise ModelError(f"{key} {value} exceeds the text decoder's {max_positions} token positions")
 
 
 def decoding_settings(model) -> dict:

@@ -174,14 +174,25 @@ def parse_recipe(argv: list[str], parser=None, defaults=None, machine: dict | No
 
 
 def _underscored(argv: list[str]) -> list[str]:
-    """--learning-rate -> --learning_rate (values untouched)."""
+    """--learning-rate -> --learning_rate (values untouched); `--key -1e-8` -> `--key=-1e-8`, since argparse takes
+    only plain negative numbers (-1, -0.5) for values and would read -1e-8 or -inf as an option."""
     out = []
     for token in argv:
         if token.startswith("--") and len(token) > 2:
             key, sep, value = token[2:].partition("=")
             token = "--" + key.replace("-", "_") + sep + value
+        elif _is_negative_number(token) and out and out[-1].startswith("--") and "=" not in out[-1]:
+            token = f"{out.pop()}={token}"
         out.append(token)
     return out
+
+
+def _is_negative_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return token.startswith("-")
 
 
 def _unknown_key(key: str, known, where: str, flag: str = "") -> RecipeError:

@@ -110,3 +110,13 @@ def test_missing_recipe_file_is_named(tmp_path):
 def test_cli_value_missing(tmp_path):
     with pytest.raises(RecipeError, match="--learning_rate needs a value"):
         parse_recipe([write(tmp_path, ""), "--learning_rate"])
+
+
+def test_negative_numbers_in_any_notation_are_values_not_options(tmp_path):
+    """argparse alone takes -1 and -0.5 as values but reads -1e-8 and -inf as unknown options."""
+    path = write(tmp_path, "training_mode: full\n")
+    recipe = parse_recipe([path, "--prompt", "-5", "--max_steps", "-1"])
+    assert recipe.data.prompt == "-5" and recipe.training.max_steps == -1
+    for value in ("-1e-8", "-inf", "-1E+2"):
+        with pytest.raises(RecipeError, match=f"adam_epsilon must be 0 or more, got {float(value)}"):
+            parse_recipe([path, "--adam_epsilon", value])

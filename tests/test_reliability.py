@@ -86,6 +86,25 @@ def test_a_token_copied_into_another_key_by_an_alias_is_refused(tmp_path):
         (["--training_mode", "lora", "--lora_alpha", "0"], "lora_alpha must be positive, got 0"),
         (["--report_to", "wandb"], r"report_to names wandb, which is not installed here \(pip install wandb\)"),
         (["--max_image_pixels", "0"], "max_image_pixels must be positive"),
+        # torch's optimizer would reject these only when training starts, with a traceback
+        (["--weight_decay", "-0.1"], "weight_decay must be 0 or more, got -0.1"),
+        (["--adam_beta1", "1"], r"adam_beta1 must be in \[0, 1\), got 1.0"),
+        (["--adam_beta2", "-0.5"], r"adam_beta2 must be in \[0, 1\), got -0.5"),
+        (["--adam_epsilon", "-1e-8"], "adam_epsilon must be 0 or more"),
+        (["--dataloader_num_workers", "-1"], "dataloader_num_workers must be 0 .* or more, got -1"),
+        (["--torch_compile_mode", "fastest"], "torch_compile_mode must be one of default, .*reduce-overhead.*, got"),
+        # the Trainer would silently do something else: no clipping, no logging, no training, every checkpoint kept
+        (["--max_grad_norm", "nan"], r"max_grad_norm must be 0 \(no clipping\) or more, got nan"),
+        (["--max_grad_norm", "-1"], "max_grad_norm must be 0"),
+        (["--logging_steps", "-3"], "logging_steps must be positive, got -3"),
+        (["--eval_steps", "0"], "eval_steps must be positive, got 0"),
+        (["--save_steps", "-2"], "save_steps must be positive, got -2"),
+        (["--max_steps", "0"], "max_steps must be a positive number of optimizer steps, or -1 .*, got 0"),
+        (["--max_steps", "-5"], "max_steps must be a positive number"),
+        (["--save_total_limit", "0"], r"save_total_limit must be at least 1 \(null keeps every checkpoint"),
+        (["--seed", "-1"], r"seed must be in \[0, 2\*\*32\), got -1"),
+        (["--data_seed", str(2**32)], "data_seed must be in"),
+        (["--caption_grid_size", "-1"], r"caption_grid_size must be 0 \(no grid\) or more, got -1"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(arguments, message):
@@ -104,6 +123,14 @@ def test_duplicate_keys_and_non_utf8_recipes_are_refused(tmp_path):
         parse_recipe([write(tmp_path, "learning_rate: 1.0e-4\nseed: 1\nlearning_rate: 2.0e-4\n")])
     with pytest.raises(RecipeError, match=r"not UTF-8 text \(byte 0xe9 at position 12\)"):
         parse_recipe([write(tmp_path, b"prompt: 'caf\xe9'\n", "latin1.yaml")])
+
+
+def test_optimizer_and_schedule_values_at_their_limits_are_accepted():
+    recipe = parse_recipe([os.path.join(REPO, "recipes", "shapes", "full.yaml"), "--weight_decay", "0",
+                           "--adam_beta1", "0", "--max_grad_norm", "0", "--max_steps", "-1", "--eval_steps", "0.1",
+                           "--save_total_limit", "null", "--seed", "0", "--caption_grid_size", "0",
+                           "--torch_compile_mode", "max-autotune"])  # fmt: skip
+    assert recipe.training.max_grad_norm == 0 and recipe.training.eval_steps == 0.1
 
 
 def test_caption_batch_size_must_be_positive(tiny_model_dir, shapes_dir):
@@ -134,6 +161,62 @@ def test_unusable_output_dirs_and_model_paths_are_named(tmp_path):
     assert f"model_name_or_path {missing}: no such directory" in train_error(tmp_path, "--model_name_or_path", missing)
     log = train_error(tmp_path, "--model_name_or_path", "someone/not-cached-blip")  # the tests run offline
     assert "not in the local cache while offline" in log
+
+
+LONG_PROMPT = " ".join(["a"] * 30)  # 30 tokens: with [DEC], more than generation_max_length 20 holds
+
+
+def test_a_prompt_or_length_the_text_decoder_cannot_hold_is_refused_before_training(tmp_path):
+    # Before the data loads: the missing dataset would be the error otherwise.
+    log = train_error(tmp_path, "--prompt", LONG_PROMPT, "--dataset_name", str(tmp_path / "no-such-data"))
+    assert "generation_max_length 20 leaves no room for a caption after [DEC] and the prompt 'a a" in log
+    assert "(30 tokens): lengths count them; set it above 31" in log
+    log = train_error(tmp_path, "--prompt", "a b c d e f", "--max_caption_length", "8")
+    assert ("max_caption_length 8 leaves no caption token to learn after [DEC] and the prompt 'a b c d e f' "
+            "(6 tokens); set it to at least 9") in log  # fmt: skip
+    log = train_error(tmp_path, "--generation_max_length", "100", "--generation_min_length", "70")
+    assert "generation_max_length 100 exceeds the text decoder's 64 token positions" in log  # builtin:tiny-blip
+
+
+def command_error(capsys, *arguments) -> str:
+    """blip_recipes.cli.main in this process: exit code 2 and its message, no traceback."""
+    from blip_recipes.cli import main
+
+    try:
+        code = main(list(arguments))
+    except SystemExit as exit:  # argparse's own errors
+        code = exit.code
+    assert code == 2
+    return capsys.readouterr().err
+
+
+def test_caption_evaluate_and_serve_refuse_settings_they_cannot_run_with(capsys, tmp_path, tiny_model_dir, shapes_dir):
+    image = os.path.join(shapes_dir, "validation", "00000.png")
+    caption = ("caption", image, "--model", tiny_model_dir)
+    assert "--num_beams must be at least 1, got 0" in command_error(capsys, *caption, "--num_beams", "0")
+    assert "--max_length 100 exceeds the text decoder's 64 token positions" in command_error(
+        capsys, *caption, "--max_length", "100"
+    )
+    assert "--max_length 30 leaves no room for a caption after [DEC] and the --prompt" in command_error(
+        capsys, *caption, "--prompt", LONG_PROMPT
+    )
+    assert "--max_length (4) must exceed --min_length (5)" in command_error(capsys, *caption, "--max_length", "4")
+    assert "argument --device: cuda:4096: this machine has" in command_error(capsys, *caption, "--device",
+                                                                             "cuda:4096")  # fmt: skip
+    assert "argument --device: not a device: 'gpu'" in command_error(capsys, *caption, "--device", "gpu")
+    # --output that cannot be written fails before the model loads, not after every image is captioned
+    assert f"--output {tmp_path}: is a directory" in command_error(capsys, *caption, "--output", str(tmp_path))
+    assert "--output /proc/captions.jsonl: /proc is not writable" in command_error(
+        capsys, *caption, "--output", "/proc/captions.jsonl"
+    )
+    evaluate = ("evaluate", "--model", tiny_model_dir, "--dataset", "builtin:shapes", "--split", "validation",
+                "--max_eval_samples", "4", "--output_dir", str(tmp_path / "evaluation"))  # fmt: skip
+    assert "generation_max_length 100 exceeds the text decoder's 64 token positions" in command_error(
+        capsys, *evaluate, "--max_length", "100"
+    )
+    serve = ("serve", "--model", tiny_model_dir)
+    assert "argument --port: must be in 0..65535, got 70000" in command_error(capsys, *serve, "--port", "70000")
+    assert "--max_upload_mb: must be a positive number, got 0" in command_error(capsys, *serve, "--max_upload_mb", "0")
 
 
 def test_a_model_without_its_tokenizer_files_is_refused(tmp_path, tiny_model_dir):
