@@ -305,8 +305,11 @@ def push_command(argv: list[str]) -> int:
     return 0
 
 
+MODEL_FILES = ("config.json", "adapter_config.json", "model.safetensors")
+
+
 def merge_lora_command(argv: list[str]) -> int:
-    from .model import is_lora_adapter, load_model, load_processor, merge_lora
+    from .model import ModelError, check_model_source, is_lora_adapter, load_model, load_processor, merge_lora
 
     parser = argparse.ArgumentParser(
         prog="blip-recipes merge-lora",
@@ -318,8 +321,25 @@ def merge_lora_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if not is_lora_adapter(args.adapter_dir):
         parser.error(f"{args.adapter_dir} holds no adapter_config.json: not a LoRA adapter")
-    merge_lora(load_model(args.adapter_dir)).save_pretrained(args.output_dir)
-    load_processor(args.adapter_dir).save_pretrained(args.output_dir)
+    held = [name for name in MODEL_FILES if os.path.isfile(os.path.join(args.output_dir, name))]
+    if held:  # the adapter's own folder, or another model: writing there would overwrite or mix them
+        parser.error(f"{args.output_dir} already holds a model ({', '.join(held)}); give a new or empty folder")
+    try:
+        check_model_source(args.adapter_dir)
+    except ModelError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    problem = _unwritable(os.path.join(args.output_dir, "config.json"))
+    if problem:
+        parser.error(f"{args.output_dir}: {problem}")
+    try:
+        merged = merge_lora(load_model(args.adapter_dir))
+        processor = load_processor(args.adapter_dir)
+    except ModelError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    merged.save_pretrained(args.output_dir)
+    processor.save_pretrained(args.output_dir)
     print(f"merged model written to {args.output_dir}")
     return 0
 

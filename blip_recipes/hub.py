@@ -132,7 +132,7 @@ def push_folder(
     commit_message: str = "Upload fine-tuned BLIP (blip-recipes)",
 ) -> str:
     """Create the repo if needed and upload the allow-listed files of `folder`. Returns the commit URL."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    if _hub_offline():
         raise PushError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set. The run is saved in {folder}.")
     api = HfApi(token=token)
     try:
@@ -152,6 +152,22 @@ def push_folder(
             f"retry with `blip-recipes push {folder} --hub_model_id {repo_id}`."
         ) from None
     return getattr(commit, "commit_url", str(commit))
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def push_blocker(token: str | None) -> str | None:
+    """Why a push could never work, known without a network call (None when it might): checked before training,
+    so hours of training do not end in a push that was impossible from the start."""
+    from huggingface_hub import get_token
+
+    if _hub_offline():
+        return "HF_HUB_OFFLINE is set"
+    if not (token or get_token()):
+        return "there is no Hub token (set HF_TOKEN, run `hf auth login`, or pass hub_token)"
+    return None
 
 
 class HubPushCallback(TrainerCallback):

@@ -40,6 +40,14 @@ def check_model_source(model_name_or_path: str, revision: str = "main") -> None:
     if os.path.isdir(path):
         if not any(os.path.isfile(os.path.join(path, file)) for file in ("config.json", "adapter_config.json")):
             raise ModelError(f"model_name_or_path {name}: the directory holds no config.json or adapter_config.json")
+        if is_lora_adapter(path):  # an adapter loads onto its base: a base moved, deleted or uncached fails here
+            try:
+                check_model_source(lora_base_model(path))
+            except ModelError as error:
+                raise ModelError(
+                    f"model_name_or_path {name} is a LoRA adapter whose base model cannot be loaded: {error}; point "
+                    "base_model_name_or_path in its adapter_config.json at where the base model is"
+                ) from None
         return
     if os.path.exists(path):
         raise ModelError(f"model_name_or_path {name}: a file, not a model directory or Hub id")
@@ -95,8 +103,15 @@ def is_lora_adapter(path: str) -> bool:
 
 
 def lora_base_model(adapter_path: str) -> str:
-    with open(os.path.join(adapter_path, "adapter_config.json"), encoding="utf-8") as handle:
-        return json.load(handle)["base_model_name_or_path"]
+    path = os.path.join(adapter_path, "adapter_config.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            base = json.load(handle).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ModelError(f"{path}: not a readable adapter config ({error})") from None
+    if not isinstance(base, str) or not base:
+        raise ModelError(f"{path}: no base_model_name_or_path, so the adapter's base model is unknown")
+    return base
 
 
 def load_processor(model_name_or_path: str, revision: str = "main"):

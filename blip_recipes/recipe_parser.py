@@ -212,6 +212,8 @@ def _cli_value(raw: str, annotation):
     members = [member for member in _union_members(annotation) if member is not type(None)]
     if raw in ("null", "None") and type(None) in _union_members(annotation):
         return None
+    if str in members and list[str] in members and "," in raw and not raw.lstrip().startswith("["):
+        return [part.strip() for part in raw.split(",") if part.strip()]  # --report_to tensorboard,wandb
     if (str in members or _is_literal(annotation)) and not raw.lstrip().startswith(("[", "{")):
         return raw  # a prompt like "yes", a run name like 2024 or eval_strategy "no" stays text
     try:

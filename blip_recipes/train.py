@@ -40,7 +40,7 @@ from .checkpoints import (
 from .config import RecipeError, wants_evaluation
 from .data import DataError
 from .ema import EMA_FILE
-from .hub import HubPushCallback, metric_results, publish_run
+from .hub import HubPushCallback, metric_results, publish_run, push_blocker
 from .metrics import METRIC_KEYS, MetricsError, check_metric_requirements
 from .model import ModelError, check_model_source, merge_lora
 from .recipe_parser import parse_recipe, recipe_argument_parser
@@ -78,6 +78,13 @@ def check_before_loading(recipe) -> str | None:
     if wants_evaluation(training_args):
         check_metric_requirements(training_args.eval_metrics)
     check_model_source(recipe.model.model_name_or_path, recipe.model.model_revision)
+    blocker = push_blocker(training_args.hub_token) if training_args.push_to_hub else None
+    if blocker and training_args.process_index == 0:  # only the main process pushes (its machine's login counts)
+        raise RecipeError(
+            f"push_to_hub: true, but {blocker}: the run would train and then fail to push. Fix that, or train "
+            f"without push_to_hub and push the finished run later (blip-recipes push OUTPUT_DIR --hub_model_id "
+            f"{training_args.hub_model_id})"
+        )
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     if resume is not None:
         conflicts = resume_conflicts(recipe.resolved(), resume)

@@ -83,16 +83,36 @@ def test_every_save_pushes_model_files_of_each_checkpoint(tmp_path, hub):
     assert not any(name.endswith((".pt", ".pth")) or "optimizer" in name for name in hub.commits[0]["files"])
 
 
-@pytest.mark.parametrize("how", ["offline", "unreachable"])
-def test_failed_push_is_fast_clear_and_loses_nothing(tmp_path, how):
-    env = {"HF_HUB_OFFLINE": "1"} if how == "offline" else {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+UNREACHABLE = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+
+
+@pytest.mark.parametrize(
+    "env, token, reason",
+    [
+        ({"HF_HUB_OFFLINE": "1"}, ["--hub_token", TOKEN], "HF_HUB_OFFLINE is set"),
+        ({**UNREACHABLE, "HF_TOKEN": ""}, [], "there is no Hub token (set HF_TOKEN, run `hf auth login`"),
+    ],
+    ids=["offline", "no-token"],
+)
+def test_a_push_that_could_never_work_is_refused_before_training(tmp_path, env, token, reason):
+    env = {**env, "HF_TOKEN_PATH": str(tmp_path / "no-saved-login")}
+    output_dir = tmp_path / "run"
+    result = run_cli([*TRAIN, "--output_dir", str(output_dir), "--push_to_hub", "true", "--hub_model_id",
+                      "me/never", *token], env=env)  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in log, log[-3000:]
+    assert f"push_to_hub: true, but {reason}" in log and "push the finished run later (blip-recipes push" in log
+    assert TOKEN not in log and not os.path.exists(output_dir / "adapter_model.safetensors")
+
+
+def test_a_push_that_fails_at_the_end_is_fast_clear_and_loses_nothing(tmp_path):
     output_dir = tmp_path / "run"
     start = time.monotonic()
     result = run_cli([*TRAIN, "--output_dir", str(output_dir), "--push_to_hub", "true", "--hub_model_id",
-                      "me/never", "--hub_token", TOKEN, "--hub_strategy", "end"], env=env)  # fmt: skip
+                      "me/never", "--hub_token", TOKEN, "--hub_strategy", "end"], env=UNREACHABLE)  # fmt: skip
     log = result.stdout + result.stderr
     assert result.returncode == 3, log[-3000:]
-    assert "push to me/never failed" in log or "cannot push to me/never: HF_HUB_OFFLINE is set" in log
+    assert "push to me/never failed" in log
     assert f"The run is saved in {output_dir}" in log and TOKEN not in log
     assert time.monotonic() - start < 120
     for name in ("adapter_model.safetensors", "README.md", "eval_results.json", "merged/model.safetensors"):

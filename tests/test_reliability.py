@@ -85,6 +85,7 @@ def test_a_token_copied_into_another_key_by_an_alias_is_refused(tmp_path):
         (["--pad_to_multiple_of", "0"], "pad_to_multiple_of must be at least 1, got 0"),
         (["--training_mode", "lora", "--lora_alpha", "0"], "lora_alpha must be positive, got 0"),
         (["--report_to", "wandb"], r"report_to names wandb, which is not installed here \(pip install wandb\)"),
+        (["--report_to", "tensorboard,wandb"], r"report_to names wandb, which is not installed"),  # a comma list
         (["--max_image_pixels", "0"], "max_image_pixels must be positive"),
         # torch's optimizer would reject these only when training starts, with a traceback
         (["--weight_decay", "-0.1"], "weight_decay must be 0 or more, got -0.1"),

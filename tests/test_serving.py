@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -42,6 +43,53 @@ def test_caption_cli_with_a_lora_adapter_matches_the_merged_model(tmp_path, lora
     assert [row["image"] for row in rows] == images
     direct = run_cli(["caption", *images, "--model", str(merged_dir)])
     assert [line.split("\t")[1] for line in direct.stdout.strip().splitlines()] == [row["caption"] for row in rows]
+
+
+def cli(capsys, *arguments) -> tuple[int, str]:
+    """blip_recipes.cli.main in this process: (exit code, stderr)."""
+    from blip_recipes.cli import main
+
+    try:
+        code = main([str(argument) for argument in arguments])
+    except SystemExit as exit:  # argparse's own errors
+        code = exit.code
+    return code, capsys.readouterr().err
+
+
+def test_merge_lora_writes_a_new_folder_and_never_over_a_model(tmp_path, lora_run, capsys):
+    code, error = cli(capsys, "merge-lora", lora_run, lora_run)
+    assert code == 2 and f"{lora_run} already holds a model (adapter_config.json)" in error
+    assert not os.path.exists(lora_run / "model.safetensors")
+    merged = tmp_path / "new" / "merged"
+    assert cli(capsys, "merge-lora", lora_run, merged)[0] == 0
+    written = os.path.getmtime(merged / "model.safetensors")
+    code, error = cli(capsys, "merge-lora", lora_run, merged)
+    assert code == 2 and "already holds a model (config.json, model.safetensors)" in error
+    assert os.path.getmtime(merged / "model.safetensors") == written
+
+
+def test_an_adapter_whose_base_model_is_gone_is_named_by_every_command(tmp_path, lora_run, capsys):
+    moved = tmp_path / "moved-adapter"
+    shutil.copytree(lora_run, moved)
+    config = json.loads((moved / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "gone")  # the base was deleted, or the adapter moved machines
+    (moved / "adapter_config.json").write_text(json.dumps(config))
+    message = f"{moved} is a LoRA adapter whose base model cannot be loaded: model_name_or_path {tmp_path / 'gone'}"
+    picture = tmp_path / "picture.png"
+    Image.new("RGB", (32, 32), "red").save(picture)
+    for command in (
+        ["caption", picture, "--model", moved],
+        ["evaluate", "--model", moved, "--dataset", "builtin:shapes", "--split", "validation",
+         "--output_dir", tmp_path / "evaluation"],
+        ["merge-lora", moved, tmp_path / "merged"],
+        ["serve", "--model", moved],
+    ):  # fmt: skip
+        code, error = cli(capsys, *command)
+        assert code == 2 and message in error, (command, error)
+    assert not os.path.exists(tmp_path / "merged")
+    train = run_cli(["train", "recipes/shapes/lora.yaml", "--model_name_or_path", str(moved),
+                     "--output_dir", str(tmp_path / "run")])  # fmt: skip
+    assert train.returncode == 2 and message in train.stdout and "Traceback" not in train.stderr
 
 
 def test_evaluate_command_scores_a_lora_adapter(tmp_path, lora_run):
