@@ -6,6 +6,7 @@ Every command is an argparse parser with its own `--help`. train and evaluate ta
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -120,34 +121,25 @@ def _captioner_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _bounded(kind: type, low, high=None, above: bool = False):
+    """An argparse type: a finite `kind` (int or float) >= low (> low with `above`), and <= high when given."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        fits = value > low if above else value >= low
+        if not (fits and math.isfinite(value) and (high is None or value <= high)):
+            bound = f"in {low}..{high}" if high is not None else f"{'above' if above else 'at least'} {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65_535:
-        raise argparse.ArgumentTypeError(f"must be in 0..65535, got {value}")
-    return value
+_positive_int = _bounded(int, 1)
 
 
 def _device(text: str) -> str:
@@ -263,8 +255,9 @@ def serve_command(argv: list[str]) -> int:
         "Needs the serve extra: pip install 'blip-recipes[serve]'.",
     )
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=_port, default=8000)
-    parser.add_argument("--max_upload_mb", type=_positive_float, default=20.0, help="larger uploads get 413")
+    parser.add_argument("--port", type=_bounded(int, 0, 65_535), default=8000)
+    parser.add_argument("--max_upload_mb", type=_bounded(float, 0, above=True), default=20.0,
+                        help="larger uploads get 413")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         import fastapi  # noqa: F401

@@ -217,7 +217,7 @@ def test_caption_evaluate_and_serve_refuse_settings_they_cannot_run_with(capsys,
     )
     serve = ("serve", "--model", tiny_model_dir)
     assert "argument --port: must be in 0..65535, got 70000" in command_error(capsys, *serve, "--port", "70000")
-    assert "--max_upload_mb: must be a positive number, got 0" in command_error(capsys, *serve, "--max_upload_mb", "0")
+    assert "--max_upload_mb: must be above 0, got 0" in command_error(capsys, *serve, "--max_upload_mb", "0")
 
 
 def test_a_model_without_its_tokenizer_files_is_refused(tmp_path, tiny_model_dir):
