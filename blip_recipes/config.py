@@ -480,6 +480,7 @@ def check_combinations(recipe: Recipe) -> None:
         training.generation_max_length is None or training.generation_max_length > training.generation_min_length,
         "generation_max_length must exceed generation_min_length",
     )
+    check_launcher_precision(recipe, check)
     check(not (training.bf16 and training.fp16), "bf16 and fp16 are exclusive")
     if model.cache_vision_features:
         check(
@@ -546,6 +547,25 @@ def check_combinations(recipe: Recipe) -> None:
         not (training.use_cpu and (training.fsdp or _env_flag("ACCELERATE_USE_FSDP"))),
         "FSDP needs GPUs: on the CPU accelerate drops the FSDP plugin and runs plain data parallelism, which shards "
         "nothing; on a CPU use accelerate_configs/multi_gpu.yaml (DDP over gloo) or DeepSpeed",
+    )
+
+
+def check_launcher_precision(recipe: Recipe, check) -> None:
+    """`accelerate launch` with mixed_precision bf16/fp16 (a config file, --mixed_precision) trains in it whatever
+    the recipe says; a recipe silent on bf16/fp16 takes it (recipe_parser.py), one that says otherwise is refused."""
+    from .machine import launcher_precision
+
+    launched = launcher_precision()
+    if launched == "no":
+        return
+    said = {key: getattr(recipe.training, key) for key in ("bf16", "fp16") if key in recipe.explicit_keys}
+    agrees = launched in ("bf16", "fp16") and all(value == (key == launched) for key, value in said.items())
+    settings = ", ".join(f"{key}: {str(value).lower()}" for key, value in said.items()) or "neither bf16 nor fp16"
+    check(
+        agrees,
+        f"accelerate launch asks for mixed_precision {launched} (its config file or --mixed_precision), but the "
+        f"recipe sets {settings}; make them agree (this project trains in bf16, fp16 or fp32, which is "
+        "mixed_precision 'no' in the accelerate config)",
     )
 
 

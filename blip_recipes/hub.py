@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 
 from . import __version__
 from .metrics import METRIC_DISPLAY_NAMES
+from .model import hub_offline
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def push_folder(
     commit_message: str = "Upload fine-tuned BLIP (blip-recipes)",
 ) -> str:
     """Create the repo if needed and upload the allow-listed files of `folder`. Returns the commit URL."""
-    if _hub_offline():
+    if hub_offline():
         raise PushError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set. The run is saved in {folder}.")
     api = HfApi(token=token)
     try:
@@ -154,16 +155,12 @@ def push_folder(
     return getattr(commit, "commit_url", str(commit))
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-
-
 def push_blocker(token: str | None) -> str | None:
     """Why a push could never work, known without a network call (None when it might): checked before training,
     so hours of training do not end in a push that was impossible from the start."""
     from huggingface_hub import get_token
 
-    if _hub_offline():
+    if hub_offline():
         return "HF_HUB_OFFLINE is set"
     if not (token or get_token()):
         return "there is no Hub token (set HF_TOKEN, run `hf auth login`, or pass hub_token)"

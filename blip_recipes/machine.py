@@ -3,6 +3,12 @@
 import os
 
 
+def launcher_precision(environ=os.environ) -> str:
+    """The mixed precision `accelerate launch` asks for (its config file's mixed_precision, or --mixed_precision):
+    no, bf16, fp16 or fp8. The Trainer would train in it even when the recipe says fp32 (bf16/fp16 false)."""
+    return environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower() or "no"
+
+
 def machine_defaults(environ=os.environ) -> dict:
     """No GPU/XPU/MPS here: run on the CPU explicitly (several processes become one gloo data-parallel job).
 

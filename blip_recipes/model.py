@@ -53,7 +53,7 @@ def check_model_source(model_name_or_path: str, revision: str = "main") -> None:
         raise ModelError(f"model_name_or_path {name}: a file, not a model directory or Hub id")
     if not _HUB_ID.match(name):
         raise ModelError(f"model_name_or_path {name}: no such directory")
-    if _offline():
+    if hub_offline():
         from huggingface_hub import try_to_load_from_cache
 
         cached = [
@@ -67,7 +67,8 @@ def check_model_source(model_name_or_path: str, revision: str = "main") -> None:
             )
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE, as the environment or huggingface_hub (read at its import) says: no Hub calls at all."""
     from huggingface_hub import constants
 
     flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")

@@ -133,7 +133,7 @@ def parse_recipe(argv: list[str], parser=None, defaults=None, machine: dict | No
     keys neither the file nor the command line set; `machine`: training defaults for this machine (machine.py's,
     when None).
     """
-    from .machine import machine_defaults
+    from .machine import launcher_precision, machine_defaults
 
     known = recipe_keys()
     parser = parser or recipe_argument_parser("blip-recipes train")
@@ -165,6 +165,12 @@ def parse_recipe(argv: list[str], parser=None, defaults=None, machine: dict | No
         kwargs[known[key].owner][key] = value
     for key, value in (machine_defaults() if machine is None else machine).items():
         kwargs[CaptionTrainingArguments].setdefault(key, value)
+    launched, training_kwargs = launcher_precision(), kwargs[CaptionTrainingArguments]
+    silent = launched not in explicit and not any(training_kwargs.get(key) for key in ("bf16", "fp16"))
+    if launched in ("bf16", "fp16") and silent:
+        # The Trainer trains in the launcher's mixed precision anyway: say so in the recipe, so the saved recipe, the
+        # model card and this project's own autocasts agree (a recipe that says otherwise is refused, config.py).
+        training_kwargs[launched] = True
     source = path or "command line"
     built = [_construct(cls, kwargs[cls], source) for cls in ARGUMENT_CLASSES]
     given = {key: value for key, value in coerced.items() if key in explicit}

@@ -120,3 +120,26 @@ def test_negative_numbers_in_any_notation_are_values_not_options(tmp_path):
     for value in ("-1e-8", "-inf", "-1E+2"):
         with pytest.raises(RecipeError, match=f"adam_epsilon must be 0 or more, got {float(value)}"):
             parse_recipe([path, "--adam_epsilon", value])
+
+
+@pytest.mark.parametrize(
+    "launched, arguments, expected",
+    [
+        ("bf16", [], (True, False)),
+        ("fp16", ["--bf16", "false"], (False, True)),
+        ("bf16", ["--fp16", "true"], "the recipe sets fp16: true"),
+        ("fp16", ["--fp16", "false"], "the recipe sets fp16: false"),
+        ("fp8", [], "mixed_precision fp8 .* but the recipe sets neither bf16 nor fp16"),
+        ("no", ["--bf16", "true"], (True, False)),
+    ],
+)
+def test_the_launchers_mixed_precision_is_taken_or_refused(tmp_path, monkeypatch, launched, arguments, expected):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)  # what accelerate launch sets
+    path = write(tmp_path, "training_mode: full\n")
+    if isinstance(expected, str):
+        with pytest.raises(RecipeError, match=expected):
+            parse_recipe([path, *arguments])
+        return
+    training = parse_recipe([path, *arguments]).training
+    assert (training.bf16, training.fp16) == expected
+    assert training.mixed_precision == ("bf16" if training.bf16 else "fp16")

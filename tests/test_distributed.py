@@ -109,3 +109,20 @@ def test_two_machines_started_in_the_unlucky_order(tmp_path):
     assert "weights identical on all 2 processes" in logs[0]
     assert all(os.path.isfile(tmp_path / f"cache-{rank}" / "tiny-blip-v1" / "model.safetensors") for rank in (0, 1))
     assert read_json(tmp_path / "run" / "trainer_state.json")["global_step"] == 3
+
+
+def test_the_launchers_mixed_precision_becomes_the_recipes_or_is_refused(tmp_path):
+    """`accelerate launch --mixed_precision bf16` (or a config file saying so) makes the Trainer train in bf16 even
+    when the recipe says nothing: the recipe takes it (saved as bf16: true), and one that says otherwise fails."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+                "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "bf16",
+                "-m", "blip_recipes.cli"]  # fmt: skip
+    train = ["train", "recipes/shapes/full.yaml", "--max_steps", "2", *QUICK, "--max_train_samples", "16"]
+    result = run_cli([*train, "--output_dir", str(tmp_path / "bf16")], launcher=launcher)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "\nbf16: true\n" in (tmp_path / "bf16" / "recipe.yaml").read_text()
+    refused = run_cli([*train, "--output_dir", str(tmp_path / "fp32"), "--bf16", "false"], launcher=launcher)
+    log = refused.stdout + refused.stderr  # accelerate's launcher adds its own traceback for any failed child
+    assert refused.returncode != 0 and not os.path.exists(tmp_path / "fp32" / "model.safetensors")
+    assert "accelerate launch asks for mixed_precision bf16 (its config file or --mixed_precision), but the recipe " \
+           "sets bf16: false" in log  # fmt: skip
