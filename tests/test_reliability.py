@@ -216,6 +216,8 @@ def test_caption_evaluate_and_serve_refuse_settings_they_cannot_run_with(capsys,
         capsys, *evaluate, "--max_length", "100"
     )
     serve = ("serve", "--model", tiny_model_dir)
+    assert "--num_beams must be at least 1, got 0" in command_error(capsys, *serve, "--num_beams", "0")
+    assert "argument --device: cuda:4096: this machine has" in command_error(capsys, *serve, "--device", "cuda:4096")
     assert "argument --port: must be in 0..65535, got 70000" in command_error(capsys, *serve, "--port", "70000")
     assert "--max_upload_mb: must be above 0, got 0" in command_error(capsys, *serve, "--max_upload_mb", "0")
 
