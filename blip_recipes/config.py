@@ -481,6 +481,7 @@ def check_combinations(recipe: Recipe) -> None:
         "generation_max_length must exceed generation_min_length",
     )
     check_launcher_precision(recipe, check)
+    check_launcher_compile(recipe, check)
     check(not (training.bf16 and training.fp16), "bf16 and fp16 are exclusive")
     if model.cache_vision_features:
         check(
@@ -566,6 +567,20 @@ def check_launcher_precision(recipe: Recipe, check) -> None:
         f"accelerate launch asks for mixed_precision {launched} (its config file or --mixed_precision), but the "
         f"recipe sets {settings}; make them agree (this project trains in bf16, fp16 or fp32, which is "
         "mixed_precision 'no' in the accelerate config)",
+    )
+
+
+def check_launcher_compile(recipe: Recipe, check) -> None:
+    """`accelerate launch` with a dynamo backend compiles the model even when the recipe says torch_compile: false
+    (a recipe silent on it takes the launcher's, recipe_parser.py); an explicit false is refused."""
+    from .machine import launcher_compile
+
+    launched = launcher_compile()
+    check(
+        not launched or recipe.values.get("torch_compile", True),  # the Trainer sets it again when a mode is given
+        f"accelerate launch asks for torch.compile (dynamo_backend {launched.get('torch_compile_backend')}, its "
+        "config file or --dynamo_backend), but the recipe sets torch_compile: false; make them agree (dynamo_backend "
+        "'no' in the accelerate config)",
     )
 
 

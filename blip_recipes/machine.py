@@ -9,6 +9,16 @@ def launcher_precision(environ=os.environ) -> str:
     return environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower() or "no"
 
 
+def launcher_compile(environ=os.environ) -> dict:
+    """The torch.compile `accelerate launch` asks for (its config file's dynamo_config, or --dynamo_backend), as
+    recipe keys; {} when none. accelerate compiles the model with it even when the recipe says torch_compile: false."""
+    backend = environ.get("ACCELERATE_DYNAMO_BACKEND", "no").strip().lower() or "no"
+    if backend == "no":
+        return {}
+    mode = environ.get("ACCELERATE_DYNAMO_MODE", "").strip()
+    return {"torch_compile": True, "torch_compile_backend": backend, **({"torch_compile_mode": mode} if mode else {})}
+
+
 def machine_defaults(environ=os.environ) -> dict:
     """No GPU/XPU/MPS here: run on the CPU explicitly (several processes become one gloo data-parallel job).
 

@@ -133,7 +133,7 @@ def parse_recipe(argv: list[str], parser=None, defaults=None, machine: dict | No
     keys neither the file nor the command line set; `machine`: training defaults for this machine (machine.py's,
     when None).
     """
-    from .machine import launcher_precision, machine_defaults
+    from .machine import launcher_compile, launcher_precision, machine_defaults
 
     known = recipe_keys()
     parser = parser or recipe_argument_parser("blip-recipes train")
@@ -171,6 +171,9 @@ def parse_recipe(argv: list[str], parser=None, defaults=None, machine: dict | No
         # The Trainer trains in the launcher's mixed precision anyway: say so in the recipe, so the saved recipe, the
         # model card and this project's own autocasts agree (a recipe that says otherwise is refused, config.py).
         training_kwargs[launched] = True
+    if training_kwargs.get("torch_compile", True):  # the same for torch.compile; an explicit key wins, as there
+        for key, value in launcher_compile().items():
+            training_kwargs.setdefault(key, value)
     source = path or "command line"
     built = [_construct(cls, kwargs[cls], source) for cls in ARGUMENT_CLASSES]
     given = {key: value for key, value in coerced.items() if key in explicit}

@@ -143,3 +143,23 @@ def test_the_launchers_mixed_precision_is_taken_or_refused(tmp_path, monkeypatch
     training = parse_recipe([path, *arguments]).training
     assert (training.bf16, training.fp16) == expected
     assert training.mixed_precision == ("bf16" if training.bf16 else "fp16")
+
+
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        ([], (True, "inductor", "default")),
+        (["--torch_compile_mode", "reduce-overhead"], (True, "inductor", "reduce-overhead")),  # the recipe's wins
+        (["--torch_compile", "false"], "but the recipe sets torch_compile: false"),
+    ],
+)
+def test_the_launchers_torch_compile_is_taken_or_refused(tmp_path, monkeypatch, arguments, expected):
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")  # what accelerate launch --dynamo_backend sets
+    monkeypatch.setenv("ACCELERATE_DYNAMO_MODE", "default")
+    path = write(tmp_path, "training_mode: full\n")
+    if isinstance(expected, str):
+        with pytest.raises(RecipeError, match=expected):
+            parse_recipe([path, *arguments])
+        return
+    training = parse_recipe([path, *arguments]).training
+    assert (training.torch_compile, training.torch_compile_backend, training.torch_compile_mode) == expected

@@ -111,12 +111,15 @@ def test_two_machines_started_in_the_unlucky_order(tmp_path):
     assert read_json(tmp_path / "run" / "trainer_state.json")["global_step"] == 3
 
 
+def one_cpu_process_launcher(*flags: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines",
+            "1", *flags, "-m", "blip_recipes.cli"]  # fmt: skip
+
+
 def test_the_launchers_mixed_precision_becomes_the_recipes_or_is_refused(tmp_path):
     """`accelerate launch --mixed_precision bf16` (or a config file saying so) makes the Trainer train in bf16 even
     when the recipe says nothing: the recipe takes it (saved as bf16: true), and one that says otherwise fails."""
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
-                "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "bf16",
-                "-m", "blip_recipes.cli"]  # fmt: skip
+    launcher = one_cpu_process_launcher("--dynamo_backend", "no", "--mixed_precision", "bf16")
     train = ["train", "recipes/shapes/full.yaml", "--max_steps", "2", *QUICK, "--max_train_samples", "16"]
     result = run_cli([*train, "--output_dir", str(tmp_path / "bf16")], launcher=launcher)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
@@ -126,3 +129,9 @@ def test_the_launchers_mixed_precision_becomes_the_recipes_or_is_refused(tmp_pat
     assert refused.returncode != 0 and not os.path.exists(tmp_path / "fp32" / "model.safetensors")
     assert "accelerate launch asks for mixed_precision bf16 (its config file or --mixed_precision), but the recipe " \
            "sets bf16: false" in log  # fmt: skip
+    # The same for torch.compile: accelerate would compile the model although the recipe says torch_compile: false.
+    compiling = one_cpu_process_launcher("--dynamo_backend", "inductor", "--mixed_precision", "no")
+    refused = run_cli([*train, "--output_dir", str(tmp_path / "eager"), "--torch_compile", "false"],
+                      launcher=compiling)  # fmt: skip
+    assert refused.returncode != 0, (refused.stdout + refused.stderr)[-3000:]
+    assert "accelerate launch asks for torch.compile (dynamo_backend inductor" in refused.stdout + refused.stderr
