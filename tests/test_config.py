@@ -122,6 +122,16 @@ def test_negative_numbers_in_any_notation_are_values_not_options(tmp_path):
             parse_recipe([path, "--adam_epsilon", value])
 
 
+def training_or_refusal(tmp_path, arguments, expected):
+    """The recipe's training arguments, or None once `expected` (a string) was matched by the RecipeError."""
+    path = write(tmp_path, "training_mode: full\n")
+    if isinstance(expected, str):
+        with pytest.raises(RecipeError, match=expected):
+            parse_recipe([path, *arguments])
+        return None
+    return parse_recipe([path, *arguments]).training
+
+
 @pytest.mark.parametrize(
     "launched, arguments, expected",
     [
@@ -135,12 +145,9 @@ def test_negative_numbers_in_any_notation_are_values_not_options(tmp_path):
 )
 def test_the_launchers_mixed_precision_is_taken_or_refused(tmp_path, monkeypatch, launched, arguments, expected):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)  # what accelerate launch sets
-    path = write(tmp_path, "training_mode: full\n")
-    if isinstance(expected, str):
-        with pytest.raises(RecipeError, match=expected):
-            parse_recipe([path, *arguments])
+    training = training_or_refusal(tmp_path, arguments, expected)
+    if training is None:
         return
-    training = parse_recipe([path, *arguments]).training
     assert (training.bf16, training.fp16) == expected
     assert training.mixed_precision == ("bf16" if training.bf16 else "fp16")
 
@@ -156,10 +163,7 @@ def test_the_launchers_mixed_precision_is_taken_or_refused(tmp_path, monkeypatch
 def test_the_launchers_torch_compile_is_taken_or_refused(tmp_path, monkeypatch, arguments, expected):
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")  # what accelerate launch --dynamo_backend sets
     monkeypatch.setenv("ACCELERATE_DYNAMO_MODE", "default")
-    path = write(tmp_path, "training_mode: full\n")
-    if isinstance(expected, str):
-        with pytest.raises(RecipeError, match=expected):
-            parse_recipe([path, *arguments])
+    training = training_or_refusal(tmp_path, arguments, expected)
+    if training is None:
         return
-    training = parse_recipe([path, *arguments]).training
     assert (training.torch_compile, training.torch_compile_backend, training.torch_compile_mode) == expected
