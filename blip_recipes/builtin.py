@@ -60,6 +60,12 @@ def _materialize(dirname: str, writer) -> str:
             staging = tempfile.mkdtemp(prefix=dirname + ".", dir=cache_root())
             writer(staging)
             open(os.path.join(staging, ".complete"), "w").close()
+            # mkdtemp made the folder 0700 and safetensors the weights 0600: a cache shared by several users (or
+            # baked into a container image as root) must be readable as the umask allows, like any other folder.
+            from .checkpoints import current_umask, share_as_umask_allows
+
+            os.chmod(staging, 0o777 & ~current_umask())
+            share_as_umask_allows(staging)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(staging, target)
     return target

@@ -39,6 +39,31 @@ def is_complete_checkpoint(path: str) -> bool:
     return True
 
 
+def share_as_umask_allows(folder: str) -> None:
+    """Give the safetensors files in `folder` the permissions any other new file gets there (0o666 less the umask).
+
+    safetensors >= 0.8 writes through a temporary file that is always created 0600 and then renamed into place
+    (safetensors#782): a model saved by one user, or by root while building a container image, could not be read by
+    another user or by `serve` in that container, while the config.json beside it could. A file system that refuses
+    chmod keeps the files as they are, with a warning.
+    """
+    if os.name != "posix":
+        return
+    mode = 0o666 & ~current_umask()
+    try:
+        for entry in os.scandir(folder):
+            if entry.name.endswith(".safetensors") and entry.is_file(follow_symlinks=False):
+                os.chmod(entry.path, mode)
+    except OSError as error:
+        logger.warning("could not make the weights in %s readable as the umask allows (%s)", folder, error)
+
+
+def current_umask() -> int:
+    umask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(umask)
+    return umask
+
+
 def checkpoints_in(output_dir: str) -> list[str]:
     if not os.path.isdir(output_dir):
         return []

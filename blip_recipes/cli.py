@@ -302,6 +302,7 @@ MODEL_FILES = ("config.json", "adapter_config.json", "model.safetensors")
 
 
 def merge_lora_command(argv: list[str]) -> int:
+    from .checkpoints import share_as_umask_allows
     from .model import ModelError, check_model_source, is_lora_adapter, load_model, load_processor, merge_lora
 
     parser = argparse.ArgumentParser(
@@ -333,6 +334,7 @@ def merge_lora_command(argv: list[str]) -> int:
         return 2
     merged.save_pretrained(args.output_dir)
     processor.save_pretrained(args.output_dir)
+    share_as_umask_allows(args.output_dir)
     print(f"merged model written to {args.output_dir}")
     return 0
 

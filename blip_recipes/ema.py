@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from .adapt import unwrap_blip
+from .checkpoints import share_as_umask_allows
 
 EMA_FILE = "ema.safetensors"
 
@@ -57,6 +58,7 @@ class WeightAverage(TrainerCallback):
         if state.is_world_process_zero and self.average is not None and os.path.isdir(checkpoint):
             save_file({name: t.detach().cpu().contiguous() for name, t in self.average.items()},
                       os.path.join(checkpoint, EMA_FILE))  # fmt: skip
+            share_as_umask_allows(checkpoint)
 
     @contextlib.contextmanager
     def applied(self, model):

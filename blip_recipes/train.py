@@ -36,6 +36,7 @@ from .checkpoints import (
     previous_run_files,
     resolve_resume,
     resume_conflicts,
+    share_as_umask_allows,
 )
 from .config import RecipeError, wants_evaluation
 from .data import DataError
@@ -232,6 +233,7 @@ def save_outputs(trainer, merge: bool, train_metrics: dict) -> None:
             merged_dir = os.path.join(trainer.args.output_dir, "merged")
             merge_lora(trainer.model).save_pretrained(merged_dir)
             trainer.processing_class.save_pretrained(merged_dir)
+            share_as_umask_allows(merged_dir)
             logger.info("merged LoRA model written to %s", merged_dir)
     trainer.log_metrics("train", train_metrics)
     trainer.save_metrics("train", train_metrics)

@@ -16,6 +16,7 @@ from transformers.trainer_utils import speed_metrics
 from transformers.training_args import ParallelMode
 
 from .adapt import unwrap_blip
+from .checkpoints import share_as_umask_allows
 from .choices import GENERATION_DEFAULTS
 from .data import CaptionTrainDataset, ImageGroupedSampler
 from .distributed import gather_from_all
@@ -163,8 +164,8 @@ class CaptionTrainer(Seq2SeqTrainer):
         return loader
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Weights and processor as the Trainer writes them (safetensors), arguments as JSON instead of a pickle, and
-        the decoding settings (generation_config.json) beside a LoRA adapter too.
+        """Weights and processor as the Trainer writes them (safetensors, readable as the umask allows), arguments as
+        JSON instead of a pickle, and the decoding settings (generation_config.json) beside a LoRA adapter too.
 
         The Trainer also pickles TrainingArguments into training_args.bin, which only an unsafe (non weights-only)
         load can read, i.e. a file that can run code. recipe.yaml and training_args.json hold the same information
@@ -173,6 +174,7 @@ class CaptionTrainer(Seq2SeqTrainer):
         super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
+            share_as_umask_allows(output_dir)
             if os.path.isfile(os.path.join(output_dir, "adapter_config.json")):
                 unwrap_blip(self.model).generation_config.save_pretrained(output_dir)
             pickled = os.path.join(output_dir, "training_args.bin")

@@ -13,6 +13,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The usual umask, whatever the machine's: a file written 0600 (safetensors' temporary file) then stands out.
+os.umask(0o022)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -65,6 +67,18 @@ def encoder_calls(model) -> list[int]:
 
     unwrap_blip(model).vision_model.embeddings.register_forward_pre_hook(count, with_kwargs=True)
     return calls
+
+
+def assert_readable_by_everyone(folder):
+    """Under umask 022 every file a run writes is 0644 and every folder 0755, so another user (or `serve` in a
+    container built as root) can read the model, as they can its config.json."""
+    modes = {}
+    for root, folders, files in os.walk(folder):
+        for name in folders + files:
+            path = os.path.join(root, name)
+            modes[os.path.relpath(path, folder)] = (os.stat(path).st_mode & 0o777, 0o755 if name in folders else 0o644)
+    wrong = {path: f"{mode:o}" for path, (mode, expected) in modes.items() if mode != expected}
+    assert any(path.endswith(".safetensors") for path in modes) and not wrong, wrong
 
 
 def read_json(path):

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from blip_recipes.evaluation import Captioner
-from tests.conftest import QUICK, read_json, run_cli
+from tests.conftest import QUICK, assert_readable_by_everyone, read_json, run_cli
 
 PROMPT = "a picture of "
 DECODING = {"num_beams": 2, "max_length": 12, "min_length": 4, "prompt": PROMPT}
@@ -34,6 +34,7 @@ def test_adapter_and_merged_model_carry_the_recipes_decoding(lora_run):
         assert (saved["num_beams"], saved["max_length"], saved["min_length"]) == (2, 12, 4), folder
         assert saved["caption_prompt"] == PROMPT, folder
     assert os.path.isfile(lora_run / "adapter_config.json")  # the first folder really is an adapter
+    assert_readable_by_everyone(lora_run)  # the adapter and merged/
 
 
 def test_captioning_defaults_to_the_saved_decoding(lora_run, shapes_dir):

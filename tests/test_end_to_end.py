@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from blip_recipes.metrics import compute_caption_metrics
-from tests.conftest import QUICK, read_json, read_jsonl, run_cli
+from tests.conftest import QUICK, assert_readable_by_everyone, read_json, read_jsonl, run_cli
 
 # Why 1.5: an untrained model, or one that ignores the image and always emits one caption, cannot pass it. The
 # untrained tiny BLIP scores ~0.05; the best single caption repeated for every image scores ~1.0 on this
@@ -67,6 +67,7 @@ def test_run_writes_the_promised_files(full_run):
     ]
     assert set(expected) <= files, set(expected) - files
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
+    assert_readable_by_everyone(output_dir)
     rows = read_jsonl(output_dir / "eval_predictions.jsonl")
     assert len(rows) == 60 and len({row["image_id"] for row in rows}) == 60
     assert set(rows[0]) == {"image_id", "prediction", "references", "scores"} and len(rows[0]["references"]) == 3
@@ -74,6 +75,12 @@ def test_run_writes_the_promised_files(full_run):
     # The recipe's decoding settings travel with the full model too (beams 3, lengths 20 / 3, no prompt).
     saved = read_json(output_dir / "generation_config.json")
     assert (saved["num_beams"], saved["max_length"], saved["min_length"], saved["caption_prompt"]) == (3, 20, 3, "")
+
+
+def test_builtins_are_readable_by_everyone(tiny_model_dir, shapes_dir):
+    """A builtin cache shared by several users, or baked into a container image as root, is readable by all."""
+    assert os.stat(tiny_model_dir).st_mode & 0o777 == os.stat(shapes_dir).st_mode & 0o777 == 0o755
+    assert_readable_by_everyone(tiny_model_dir)
 
 
 def test_saved_model_reloads_and_generates_the_same_captions(full_run, shapes_dir):

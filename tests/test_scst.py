@@ -17,7 +17,7 @@ from blip_recipes.model import unwrap_blip
 from blip_recipes.recipe_parser import parse_recipe
 from blip_recipes.rewards import CiderD, bleu4, simple_tokenize
 from blip_recipes.scst import baseline_rewards, caption_mask, sequence_log_probs
-from tests.conftest import QUICK, REPO, encoder_calls, read_json, run_cli
+from tests.conftest import QUICK, REPO, assert_readable_by_everyone, encoder_calls, read_json, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -296,6 +296,8 @@ def test_ema_is_the_hand_computed_average_and_is_what_is_saved(tmp_path):
     # Outside the block the model trains on from its raw weights.
     assert all(torch.equal(p, raw[n]) for n, p in unwrap_blip(trainer.model).named_parameters())
     assert os.path.isfile(tmp_path / "checkpoint-3" / "ema.safetensors")
+    for folder in ("checkpoint-3", "final"):
+        assert_readable_by_everyone(tmp_path / folder)
 
 
 def test_ema_resumes_exactly(tmp_path):

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from blip_recipes.evaluation import Captioner
-from tests.conftest import QUICK, REPO, read_jsonl, run_cli
+from tests.conftest import QUICK, REPO, assert_readable_by_everyone, read_jsonl, run_cli
 from tests.fake_hub import FakeHub
 
 
@@ -39,6 +39,7 @@ def test_caption_cli_with_a_lora_adapter_matches_the_merged_model(tmp_path, lora
     merged_dir = tmp_path / "merged"
     merge = run_cli(["merge-lora", str(lora_run), str(merged_dir)])
     assert merge.returncode == 0, merge.stderr[-2000:]
+    assert_readable_by_everyone(merged_dir)
     rows = read_jsonl(tmp_path / "adapter.jsonl")
     assert [row["image"] for row in rows] == images
     direct = run_cli(["caption", *images, "--model", str(merged_dir)])
