@@ -369,7 +369,11 @@ def main(argv: list[str] | None = None) -> int:
         top_level_parser().parse_args(argv[:1])  # --help: the commands, exit 0; else the error and choices, exit 2
         return 2
     run, _help = COMMANDS[argv[0]]
-    return run(argv[1:])
+    try:
+        return run(argv[1:])
+    except KeyboardInterrupt:  # train says more itself (where to resume from)
+        print(f"\ninterrupted (Ctrl-C): blip-recipes {argv[0]} stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ from .vision_features import VisionFeaturesError
 
 logger = logging.getLogger("blip_recipes")
 PUSH_FAILED_EXIT_CODE = 3  # trained and saved, but not published
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for Ctrl-C
 PROG = "blip-recipes train"
 LOAD_ERRORS = (RecipeError, DataError, MetricsError, VisionFeaturesError, AdaptationError, ModelError, ValueError)
 DESCRIPTION = "Fine-tune BLIP for image captioning from a YAML recipe; every recipe key below can be overridden."
@@ -132,11 +133,30 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         code = run(recipe)
+    except KeyboardInterrupt:
+        code = interrupted(recipe.training)
     finally:
         lock.release()
     if code in (0, PUSH_FAILED_EXIT_CODE, PREEMPTED_EXIT_CODE):  # endings every process reaches together
         leave_process_group()
     return code
+
+
+def interrupted(training_args) -> int:
+    """Ctrl-C before or during training: a message instead of a traceback, saying where the run can continue from.
+
+    Ctrl-C stops at once, mid-step, and saves nothing (a save can take minutes, and the launcher of a multi-process
+    run kills its processes soon after passing Ctrl-C on); SIGTERM is the signal that finishes the step and saves.
+    A checkpoint being written when Ctrl-C came is incomplete and never picked by a resume."""
+    if training_args.process_index == 0:
+        latest = latest_complete_checkpoint(training_args.output_dir)
+        if latest:
+            logger.warning("interrupted (Ctrl-C): the last complete checkpoint is %s; continue with "
+                           "--resume_from_checkpoint true", latest)  # fmt: skip
+        else:
+            logger.warning("interrupted (Ctrl-C) before the first checkpoint: nothing to resume from in %s",
+                           training_args.output_dir)  # fmt: skip
+    return INTERRUPTED_EXIT_CODE
 
 
 def leave_process_group() -> None:
@@ -191,8 +211,8 @@ def run(recipe) -> int:
                      str(error).splitlines()[0][:200], latest or "none")  # fmt: skip
         return WRITE_FAILED_EXIT_CODE
     card_metrics = evaluate_after_training(trainer, recipe)
-    if card_metrics is None:
-        return PREEMPTED_EXIT_CODE
+    if isinstance(card_metrics, int):
+        return card_metrics
     if not trainer.is_world_process_zero():
         return 0
     ciders = [(entry["step"], entry["eval_cider"]) for entry in trainer.state.log_history if "eval_cider" in entry]
@@ -201,8 +221,9 @@ def run(recipe) -> int:
     return PUSH_FAILED_EXIT_CODE if not publish_run(recipe, card_metrics) else 0
 
 
-def evaluate_after_training(trainer, recipe) -> dict | None:
-    """final_evaluation, stopped by SIGTERM (the model is saved by then): None, with how to finish it later.
+def evaluate_after_training(trainer, recipe) -> dict | int:
+    """final_evaluation's metrics; stopped by SIGTERM or Ctrl-C (the model is saved by then), the exit code, with how
+    to finish the evaluation later.
 
     The signal only sets a flag that the evaluation polls between caption batches and before scoring: raising from
     a signal handler could land anywhere (inside a logging call, which swallows it)."""
@@ -211,14 +232,16 @@ def evaluate_after_training(trainer, recipe) -> dict | None:
     trainer.stop_requested = lambda: bool(received)
     try:
         return final_evaluation(trainer)
-    except EvaluationInterrupted:
+    except (EvaluationInterrupted, KeyboardInterrupt) as stop:
         output_dir = recipe.training.output_dir
-        logger.warning(
-            "SIGTERM during the final evaluation: the trained model is saved in %s. Finish the evaluation with: "
-            "blip-recipes evaluate %s --model %s --output_dir %s", output_dir, recipe.path, output_dir,
-            os.path.join(output_dir, "evaluations", "final"),
-        )  # fmt: skip
-        return None
+        if trainer.is_world_process_zero():
+            logger.warning(
+                "%s during the final evaluation: the trained model is saved in %s. Finish the evaluation with: "
+                "blip-recipes evaluate %s --model %s --output_dir %s",
+                "Ctrl-C" if isinstance(stop, KeyboardInterrupt) else "SIGTERM", output_dir, recipe.path, output_dir,
+                os.path.join(output_dir, "evaluations", "final"),
+            )  # fmt: skip
+        return INTERRUPTED_EXIT_CODE if isinstance(stop, KeyboardInterrupt) else PREEMPTED_EXIT_CODE
     finally:
         signal.signal(signal.SIGTERM, previous)
         trainer.stop_requested = lambda: False

@@ -66,3 +66,12 @@ def test_unknown_command_and_bad_metrics_exit_2(capsys):
 def test_evaluate_needs_a_model(capsys):
     assert main(["evaluate", "--dataset", "builtin:shapes"]) == 2
     assert "evaluate needs --model" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_any_command_exits_130_without_a_traceback(capsys, monkeypatch):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(COMMANDS, "caption", (interrupted, COMMANDS["caption"][1]))
+    assert main(["caption", "photo.jpg", "--model", "m"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted (Ctrl-C): blip-recipes caption stopped"

@@ -404,6 +404,43 @@ def test_sigterm_during_the_final_evaluation_exits_143_with_the_model_saved(tmp_
     assert "validation_bleu_4" in read_json(output_dir / "evaluations" / "final" / "eval_results.json")
 
 
+@pytest.mark.parametrize("when", ["training", "final-evaluation"])
+def test_ctrl_c_ends_with_where_to_continue_and_no_traceback(tmp_path, when):
+    """Ctrl-C as a terminal sends it: to the whole process group (DataLoader workers included)."""
+    from blip_recipes.checkpoints import LOCK_FILE, latest_complete_checkpoint
+
+    output_dir = tmp_path / "run"
+    steps = ["--max_steps", "400", "--save_strategy", "steps", "--save_steps", "2", "--dataloader_num_workers", "2"]
+    if when == "final-evaluation":
+        steps = ["--max_steps", "2", "--do_eval", "true"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "blip_recipes.cli", "train", "recipes/shapes/full.yaml", "--output_dir",
+         str(output_dir), *QUICK, *steps],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    lines, losses = [], 0
+    for line in process.stdout:
+        lines.append(line)
+        losses += "'loss'" in line
+        if (when == "training" and losses == 5) or (when == "final-evaluation" and "final evaluation:" in line):
+            os.killpg(process.pid, signal.SIGINT)
+            break
+    lines.append(process.stdout.read())
+    process.wait(timeout=300)
+    log = "".join(lines)
+    assert process.returncode == 130 and "Traceback" not in log, log[-3000:]
+    assert not os.path.exists(output_dir / LOCK_FILE)
+    if when == "training":  # steps 2 and 4 were saved before the 5th step's loss was logged
+        latest = latest_complete_checkpoint(str(output_dir))
+        assert latest in (str(output_dir / "checkpoint-4"), str(output_dir / "checkpoint-6")), os.listdir(output_dir)
+        assert f"interrupted (Ctrl-C): the last complete checkpoint is {latest}; continue with" in log
+    else:
+        assert "Ctrl-C during the final evaluation" in log and "blip-recipes evaluate recipes/shapes/full.yaml" in log
+        assert os.path.isfile(output_dir / "model.safetensors") and not os.path.exists(
+            output_dir / "eval_results.json"
+        )
+
+
 # --- pixel caps and 16-bit memory ---------------------------------------------------------------------------------
 
 
