@@ -205,7 +205,6 @@ def _image_files(paths: list[str]) -> list[str]:
 
 
 def caption_command(argv: list[str]) -> int:
-    from .evaluation import write_jsonl
     from .transforms import BadImageError, open_image
 
     parser = _captioner_parser(
@@ -215,7 +214,9 @@ def caption_command(argv: list[str]) -> int:
     )
     parser.add_argument("images", nargs="+", help="image files or directories")
     parser.add_argument("--batch_size", type=_positive_int, default=16)
-    parser.add_argument("--output", default=None, help="write JSONL ({image, caption}) here instead of printing")
+    parser.add_argument(
+        "--output", default=None, help="write JSONL ({image, caption}) here, batch by batch, instead of printing"
+    )
     args = parser.parse_args(argv)
     files = _image_files(args.images)
     if not files:
@@ -228,23 +229,40 @@ def caption_command(argv: list[str]) -> int:
     captioner = _captioner(args)
     if captioner is None:
         return 2
-    rows, failed = [], 0
-    for start in range(0, len(files), args.batch_size):
-        batch, names = [], []
-        for path in files[start : start + args.batch_size]:
-            try:
-                batch.append(open_image(path, max_pixels=args.max_image_pixels))
-                names.append(path)
-            except BadImageError as error:
-                print(f"{path}: skipped, {error}", file=sys.stderr)
-                failed += 1
-        for path, text in zip(names, captioner.caption(batch) if batch else []):
-            rows.append({"image": path, "caption": text})
-            if not args.output:
-                print(f"{path}\t{text}", flush=True)
-    if args.output:
-        write_jsonl(args.output, rows)
-        print(f"{len(rows)} captions written to {args.output}")
+    # Each batch's rows reach --output as the batch finishes (one write of whole lines): a run stopped after hours
+    # (Ctrl-C, a killed job) keeps every caption made so far.
+    output = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666) if args.output else None
+    written, failed = 0, 0
+    try:
+        for start in range(0, len(files), args.batch_size):
+            batch, names = [], []
+            for path in files[start : start + args.batch_size]:
+                try:
+                    batch.append(open_image(path, max_pixels=args.max_image_pixels))
+                    names.append(path)
+                except BadImageError as error:
+                    print(f"{path}: skipped, {error}", file=sys.stderr)
+                    failed += 1
+            rows = list(zip(names, captioner.caption(batch) if batch else []))
+            if output is None:
+                print("".join(f"{path}\t{text}\n" for path, text in rows), end="", flush=True)
+                continue
+            data = "".join(
+                json.dumps({"image": path, "caption": text}, ensure_ascii=False) + "\n" for path, text in rows
+            )
+            view = memoryview(data.encode("utf-8"))
+            while view:
+                view = view[os.write(output, view) :]
+            written += len(rows)
+    except KeyboardInterrupt:
+        where = f": the {written} captions made so far are in {args.output}" if output is not None else ""
+        print(f"\ninterrupted (Ctrl-C){where}", file=sys.stderr)
+        return 130
+    finally:
+        if output is not None:
+            os.close(output)
+    if output is not None:
+        print(f"{written} captions written to {args.output}")
     return 1 if failed else 0
 
 

@@ -122,6 +122,30 @@ def test_caption_cli_walks_directories_and_reports_bad_files(tmp_path, tiny_mode
     )
 
 
+def test_caption_output_keeps_every_finished_batch_when_interrupted(tmp_path, tiny_model_dir, shapes_dir, monkeypatch,
+                                                                     capsys):  # fmt: skip
+    from blip_recipes.cli import main
+
+    images = validation_images(shapes_dir, 5)
+    output = tmp_path / "captions.jsonl"
+    assert main(["caption", *images, "--model", tiny_model_dir, "--batch_size", "2", "--output", str(output)]) == 0
+    everything = read_jsonl(output)
+    assert [row["image"] for row in everything] == images
+    calls = []
+
+    def caption_twice_then_ctrl_c(self, batch):
+        calls.append(len(batch))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    original = Captioner.caption
+    monkeypatch.setattr(Captioner, "caption", caption_twice_then_ctrl_c)
+    assert main(["caption", *images, "--model", tiny_model_dir, "--batch_size", "2", "--output", str(output)]) == 130
+    assert read_jsonl(output) == everything[:4]  # the two finished batches, whole lines only
+    assert f"interrupted (Ctrl-C): the 4 captions made so far are in {output}" in capsys.readouterr().err
+
+
 def test_push_command_uploads_a_finished_run(lora_run):
     with FakeHub() as hub:
         result = run_cli(["push", str(lora_run), "--hub_model_id", "me/pushed", "--token", "hf_x"],
