@@ -20,6 +20,7 @@ from .data import (
     CaptionEvalDataset,
     CaptionSplit,
     CaptionTrainDataset,
+    DataError,
     ResizedImageCache,
     image_cache_dir,
 )
@@ -206,11 +207,26 @@ def build_trainer(recipe: Recipe, callbacks=(), data: CaptionData | None = None)
         train_dataset = build_stream(data_args, processor.image_processor, seed, training_args.process_index,
                                      training_args.world_size)  # fmt: skip
         changes["ignore_data_skip"] = True  # the stream restores its own position; the Trainer's skip would decode
+    check_one_whole_batch(train_dataset, training_args)
     return CaptionTrainer(
         model=model, args=_trainer_arguments(training_args, **changes), train_dataset=train_dataset,
         eval_dataset=datasets.evaluation, test_dataset=datasets.test, processing_class=processor,
         caption_collator=collator, callbacks=list(callbacks), scst=scst,
     )  # fmt: skip
+
+
+def check_one_whole_batch(train_dataset, training_args) -> None:
+    """With dataloader_drop_last a training set smaller than one batch on every process is all dropped: the run
+    would "finish" after 0 steps and save the untouched model."""
+    if not training_args.dataloader_drop_last or not hasattr(train_dataset, "__len__"):
+        return
+    rows, batch = len(train_dataset), training_args.per_device_train_batch_size * training_args.world_size
+    if rows < batch:
+        raise DataError(
+            f"dataloader_drop_last: true drops every training batch: {rows} training rows, fewer than one batch of "
+            f"{training_args.per_device_train_batch_size} per process x {training_args.world_size} process(es); "
+            "lower per_device_train_batch_size or set dataloader_drop_last: false"
+        )
 
 
 def build_scst_loss(split: CaptionSplit, tokenizer, collator: CaptionCollator, training_args):

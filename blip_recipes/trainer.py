@@ -141,6 +141,25 @@ class CaptionTrainer(Seq2SeqTrainer):
             return ImageGroupedSampler(dataset.image_positions, seed, self._train_batch_size)
         return super()._get_train_sampler(train_dataset)
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        with self._keeping_the_last_batch():
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        with self._keeping_the_last_batch():
+            return super().get_test_dataloader(test_dataset)
+
+    @contextlib.contextmanager
+    def _keeping_the_last_batch(self):
+        """Evaluation captions every image: dataloader_drop_last is a training setting, but the Trainer builds its
+        evaluation loaders with it too, which left the last partial batch of images uncaptioned."""
+        drop_last = self.args.dataloader_drop_last
+        self.args.dataloader_drop_last = False
+        try:
+            yield
+        finally:
+            self.args.dataloader_drop_last = drop_last
+
     def get_train_dataloader(self):
         """A CaptionStream gets a StatefulDataLoader that accelerate does not wrap: the stream already splits itself
         over processes (accelerate would make every process read every sample), and its position is saved with

@@ -18,7 +18,7 @@ import pytest
 from blip_recipes.config import DataArguments, RecipeError
 from blip_recipes.data import DataError, load_caption_splits
 from blip_recipes.recipe_parser import parse_recipe
-from tests.conftest import QUICK, REPO, read_json, run_cli
+from tests.conftest import QUICK, REPO, read_json, read_jsonl, run_cli
 
 TOKEN = "hf_SENTINELround2TOKEN0123456789abc"
 
@@ -402,6 +402,25 @@ def test_sigterm_during_the_final_evaluation_exits_143_with_the_model_saved(tmp_
                       "--eval_metrics", "bleu"])  # fmt: skip
     assert finish.returncode == 0, finish.stderr[-2000:]
     assert "validation_bleu_4" in read_json(output_dir / "evaluations" / "final" / "eval_results.json")
+
+
+def test_dataloader_drop_last_drops_training_batches_only(tmp_path):
+    """The Trainer builds its evaluation loaders with dataloader_drop_last too: 60 images at 16 per batch lost 12."""
+    output_dir = tmp_path / "run"
+    train = ["train", "recipes/shapes/full.yaml", *QUICK, "--dataloader_drop_last", "true"]
+    result = run_cli([*train, "--output_dir", str(output_dir), "--max_steps", "2", "--do_eval", "true",
+                      "--per_device_eval_batch_size", "16"])  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert len(read_jsonl(output_dir / "eval_predictions.jsonl")) == 60
+    # A training set smaller than one batch would be dropped whole: 0 steps, the untouched model saved as trained.
+    refused = run_cli([*train, "--output_dir", str(tmp_path / "empty"), "--max_steps", "2",
+                       "--per_device_train_batch_size", "2000"])  # fmt: skip
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert (
+        "dataloader_drop_last: true drops every training batch: 1440 training rows, fewer than one batch of 2000"
+        in (refused.stdout)
+    )
+    assert not os.path.exists(tmp_path / "empty" / "model.safetensors")
 
 
 @pytest.mark.parametrize("when", ["training", "final-evaluation"])
