@@ -8,6 +8,7 @@ at a quarter of the bytes of float32.
 import io
 import math
 import os
+import re
 import warnings
 
 import numpy as np
@@ -15,6 +16,8 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
 from .choices import MAX_IMAGE_PIXELS
+
+URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 
 
 class BadImageError(ValueError):
@@ -64,6 +67,9 @@ def _open(source, image_root: str | None) -> Image.Image:
         return Image.open(io.BytesIO(source))
     if not isinstance(source, str) or not source:
         raise BadImageError(f"no image (got {type(source).__name__})")
+    if URL.match(source):  # many Hub datasets list image URLs; read as a path it was "not found" under image_root
+        raise BadImageError(f"{source} is a URL: images are read from files, never downloaded (download them first "
+                            "and name the files in the image column)")  # fmt: skip
     path = resolve_image_path(source, image_root)
     if not os.path.exists(path):
         raise BadImageError(f"file not found: {path}")

@@ -210,7 +210,7 @@ def find_bad_images(
         return [bad for bad in results if bad is not None]
 
 
-IMAGE_CHECK_VERSION = 1  # bump when what makes an image bad changes: older cached results are then ignored
+IMAGE_CHECK_VERSION = 2  # bump when what makes an image bad, or its reason, changes: older cached results are ignored
 
 
 def record_identity(table: ImageTable, record: ImageRecord):
