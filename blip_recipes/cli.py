@@ -293,7 +293,13 @@ def serve_command(argv: list[str]) -> int:
 
 
 def push_command(argv: list[str]) -> int:
-    from .hub import PushError, push_folder
+    from .hub import PushError, push_folder, repo_id_problem
+
+    def repo_id(text: str) -> str:
+        problem = repo_id_problem(text)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return text
 
     parser = argparse.ArgumentParser(
         prog="blip-recipes push",
@@ -301,7 +307,7 @@ def push_command(argv: list[str]) -> int:
         "recipe) to the Hub; checkpoints, logs and dotfiles never are.",
     )
     parser.add_argument("output_dir", help="a finished run's output_dir (it holds README.md, the model card)")
-    parser.add_argument("--hub_model_id", required=True, help="USER/NAME")
+    parser.add_argument("--hub_model_id", required=True, type=repo_id, help="USER/NAME")
     parser.add_argument("--private", action="store_true", help="create the repo as private")
     parser.add_argument("--token", default=None, help="default: HF_TOKEN or the saved login")
     args = parser.parse_args(argv)

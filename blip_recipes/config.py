@@ -26,6 +26,7 @@ from .choices import (
     TrainingMode,
     TrainingObjective,
 )
+from .hub import repo_id_problem
 from .metrics import DEFAULT_METRICS, METRIC_FAMILIES, metric_keys
 from .transforms import MAX_IMAGE_PIXELS
 
@@ -476,6 +477,11 @@ def check_combinations(recipe: Recipe) -> None:
         not training.push_merged or (model.training_mode == "lora" and model.merge_lora),
         "push_merged needs training_mode: lora and merge_lora: true",
     )
+    if training.hub_model_id:  # the Hub would refuse it only at the push, after training
+        merged = [f"{training.hub_model_id}-merged"] if training.push_merged else []
+        for repo_id in [training.hub_model_id, *merged]:
+            problem = repo_id_problem(repo_id)
+            check(problem is None, f"hub_model_id: {problem}")
     check(
         training.generation_max_length is None or training.generation_max_length > training.generation_min_length,
         "generation_max_length must exceed generation_min_length",

@@ -155,6 +155,17 @@ def push_folder(
     return getattr(commit, "commit_url", str(commit))
 
 
+def repo_id_problem(repo_id: str) -> str | None:
+    """Why the Hub would refuse `repo_id` as a repository name (None when it would not), asked before training."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        return str(error).replace(" Use `repo_type` argument if needed.", "")
+    return None
+
+
 def push_blocker(token: str | None) -> str | None:
     """Why a push could never work, known without a network call (None when it might): checked before training,
     so hours of training do not end in a push that was impossible from the start."""

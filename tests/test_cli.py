@@ -61,6 +61,9 @@ def test_unknown_command_and_bad_metrics_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["score", "predictions.jsonl", "--metrics", "bleu,cidr"])
     assert exit_info.value.code == 2 and "--metrics: unknown ['cidr']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["push", "outputs/run", "--hub_model_id", "me/my model"])
+    assert exit_info.value.code == 2 and "argument --hub_model_id: Repo id must use" in capsys.readouterr().err
 
 
 def test_evaluate_needs_a_model(capsys):

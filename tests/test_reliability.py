@@ -106,6 +106,22 @@ def test_a_token_copied_into_another_key_by_an_alias_is_refused(tmp_path):
         (["--seed", "-1"], r"seed must be in \[0, 2\*\*32\), got -1"),
         (["--data_seed", str(2**32)], "data_seed must be in"),
         (["--caption_grid_size", "-1"], r"caption_grid_size must be 0 \(no grid\) or more, got -1"),
+        # the Hub would refuse these names only at the push, after training
+        (["--hub_model_id", "me/my model"], "hub_model_id: Repo id must use alphanumeric chars.*'me/my model'"),
+        (["--hub_model_id", "me/blip/v2"], "hub_model_id: Repo id must be in the form 'repo_name' or 'namespace/"),
+        (
+            [
+                "--training_mode",
+                "lora",
+                "--merge_lora",
+                "true",
+                "--push_merged",
+                "true",
+                "--hub_model_id",
+                f"me/{'b' * 90}",
+            ],
+            f"hub_model_id: .*maximum length is 96: 'me/{'b' * 90}-merged'",
+        ),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(arguments, message):
