@@ -250,20 +250,37 @@ def caption_command(argv: list[str]) -> int:
             data = "".join(
                 json.dumps({"image": path, "caption": text}, ensure_ascii=False) + "\n" for path, text in rows
             )
-            view = memoryview(data.encode("utf-8"))
-            while view:
-                view = view[os.write(output, view) :]
+            _append_whole(output, data.encode("utf-8"))
             written += len(rows)
     except KeyboardInterrupt:
         where = f": the {written} captions made so far are in {args.output}" if output is not None else ""
         print(f"\ninterrupted (Ctrl-C){where}", file=sys.stderr)
         return 130
+    except OSError as error:  # a full disk or quota while writing --output
+        from .checkpoints import WRITE_FAILED_EXIT_CODE
+
+        print(f"error: could not write to {args.output} ({error.strerror or error}): the {written} captions made "
+              "before are in it", file=sys.stderr)  # fmt: skip
+        return WRITE_FAILED_EXIT_CODE
     finally:
         if output is not None:
             os.close(output)
     if output is not None:
         print(f"{written} captions written to {args.output}")
     return 1 if failed else 0
+
+
+def _append_whole(fd: int, data: bytes) -> None:
+    """Append `data` to the file, or, when the disk fills up halfway, nothing of it (no half line is left)."""
+    start = os.lseek(fd, 0, os.SEEK_CUR)
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError:
+        os.ftruncate(fd, start)
+        os.lseek(fd, start, os.SEEK_SET)
+        raise
 
 
 def serve_command(argv: list[str]) -> int:

@@ -146,6 +146,34 @@ def test_caption_output_keeps_every_finished_batch_when_interrupted(tmp_path, ti
     assert f"interrupted (Ctrl-C): the 4 captions made so far are in {output}" in capsys.readouterr().err
 
 
+def test_caption_output_on_a_full_disk_keeps_whole_batches_and_says_so(tmp_path, tiny_model_dir, shapes_dir):
+    import resource
+    import signal
+
+    images = validation_images(shapes_dir, 5)
+    everything = tmp_path / "everything.jsonl"
+    assert run_cli(["caption", *images, "--model", tiny_model_dir, "--output", str(everything)]).returncode == 0
+    lines = everything.read_text(encoding="utf-8").splitlines(keepends=True)
+    first_batch = "".join(lines[:2])
+    limit = len(first_batch.encode()) + 20  # the second batch fits only partly, as on a disk that fills up
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    output = tmp_path / "captions.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "blip_recipes.cli", "caption", *images, "--model", tiny_model_dir, "--batch_size", "2",
+         "--output", str(output)],
+        cwd=REPO, capture_output=True, text=True, preexec_fn=small_files, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 4 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"error: could not write to {output} (File too large): the 2 captions made before are in it" in (
+        result.stderr
+    )
+    assert output.read_text(encoding="utf-8") == first_batch  # no half line of the second batch
+
+
 def test_push_command_uploads_a_finished_run(lora_run):
     with FakeHub() as hub:
         result = run_cli(["push", str(lora_run), "--hub_model_id", "me/pushed", "--token", "hf_x"],
