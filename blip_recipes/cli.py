@@ -57,6 +57,13 @@ def evaluate_command(argv: list[str]) -> int:
         recipe = parse_recipe(argv, parser, defaults=output_dir)
         if "model_name_or_path" not in recipe.overrides:
             raise RecipeError("evaluate needs --model PATH_OR_HUB_ID")
+        output = recipe.training.output_dir
+        held = [name for name in MODEL_FILES if os.path.isfile(os.path.join(output, name))]
+        if held:  # a run's folder: its eval_results.json and predictions (what its model card reports) would go
+            raise RecipeError(
+                f"--output_dir {output} holds a model ({', '.join(held)}), whose own evaluation files this would "
+                "overwrite; give another folder (default: evaluations/MODEL)"
+            )
         setup_logging(recipe.training)
         check_metric_requirements(recipe.training.eval_metrics)
         trainer = build_evaluator(recipe)

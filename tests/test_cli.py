@@ -71,6 +71,17 @@ def test_evaluate_needs_a_model(capsys):
     assert "evaluate needs --model" in capsys.readouterr().err
 
 
+def test_evaluate_never_writes_into_a_model_folder(capsys, tmp_path, tiny_model_dir):
+    import shutil
+
+    run = tmp_path / "run"  # a finished run: its eval_results.json is what its model card reports
+    shutil.copytree(tiny_model_dir, run)
+    (run / "eval_results.json").write_text('{"eval_cider": 1.0}')
+    assert main(["evaluate", "--model", str(run), "--dataset", "builtin:shapes", "--output_dir", str(run)]) == 2
+    assert f"--output_dir {run} holds a model (config.json, model.safetensors)" in capsys.readouterr().err
+    assert (run / "eval_results.json").read_text() == '{"eval_cider": 1.0}'
+
+
 def test_ctrl_c_in_any_command_exits_130_without_a_traceback(capsys, monkeypatch):
     def interrupted(argv):
         raise KeyboardInterrupt
