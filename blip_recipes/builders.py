@@ -7,6 +7,7 @@ The builders below them take flat arguments, so a script or test can assemble a 
 
 import dataclasses
 import logging
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -56,6 +57,9 @@ def load_data(recipe: Recipe, need_train: bool) -> CaptionData:
     """The recipe's splits, loaded (process 0 first: it fills the datasets cache the others read) and checked once
     per job (the processes share the image decoding; the result is cached for later runs)."""
     data_args, training = recipe.data, recipe.training
+    if data_args.image_root and not os.path.isdir(data_args.image_root):  # else every row is "file not found"
+        raise DataError(f"image_root {data_args.image_root}: no such directory (the image column's relative paths "
+                        "are read under it)")  # fmt: skip
     if data_args.streaming and need_train:  # the training split streams (build_stream); scored splits load here
         if not wants_evaluation(training) and data_args.test_split is None:
             return CaptionData(None, None, None)

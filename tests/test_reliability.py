@@ -178,6 +178,9 @@ def test_unusable_output_dirs_and_model_paths_are_named(tmp_path):
     assert f"model_name_or_path {missing}: no such directory" in train_error(tmp_path, "--model_name_or_path", missing)
     log = train_error(tmp_path, "--model_name_or_path", "someone/not-cached-blip")  # the tests run offline
     assert "not in the local cache while offline" in log
+    # One line, not "file not found" for every row under it.
+    log = train_error(tmp_path, "--image_root", str(tmp_path / "no-such-images"))
+    assert f"image_root {tmp_path / 'no-such-images'}: no such directory" in log and "file not found" not in log
 
 
 LONG_PROMPT = " ".join(["a"] * 30)  # 30 tokens: with [DEC], more than generation_max_length 20 holds
