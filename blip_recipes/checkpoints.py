@@ -105,6 +105,10 @@ def previous_run_files(output_dir: str) -> list[str]:
 class PreemptionCallback(TrainerCallback):
     """On SIGTERM: finish the current optimizer step, save a full checkpoint, stop. `main` then exits 143.
 
+    Before training begins (loading and checking the data, building the image cache, loading the model: minutes
+    on COCO) there is nothing to save: the run stops at once with 143 rather than keep going past the scheduler's
+    grace period into a SIGKILL.
+
     Under several processes the flag is all-reduced at every step end, so all ranks stop at the same step even if
     the signal reached only some of them (a rank that stopped alone would hang the others in their next collective).
     The flag is a CPU tensor all-reduced over a gloo group (the default group when it is gloo, else one made for
@@ -115,14 +119,19 @@ class PreemptionCallback(TrainerCallback):
         self.received = False
         self.stopped_at_step: int | None = None
         self.group = None
+        self.training = False
         self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.training = True
         dist = torch.distributed
         if args.world_size > 1 and dist.is_initialized() and dist.get_backend() != "gloo":
             self.group = dist.new_group(backend="gloo")  # collective: every rank runs on_train_begin
 
     def _on_sigterm(self, signum, frame):
+        if not self.training:
+            logger.warning("SIGTERM before training started: nothing to save, stopping now")
+            raise SystemExit(PREEMPTED_EXIT_CODE)
         if not self.received:
             logger.warning("SIGTERM received: finishing this step, then saving a checkpoint and exiting")
         self.received = True
@@ -144,6 +153,20 @@ class PreemptionCallback(TrainerCallback):
 
     def restore_signal_handler(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)
+
+
+def process_is_gone(host, pid) -> bool:
+    """True only when it can be known: `pid` of this host runs no more. Another host's process cannot be checked
+    from here (an output or cache directory shared over NFS), nor a pid that is not a number."""
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, TypeError, ValueError):  # PermissionError: another user's live process
+        return False
+    return False
 
 
 LOCK_FILE = ".blip-recipes.lock"  # a dotfile: never uploaded (hub.NEVER_PUSHED), never mistaken for a run's output
@@ -212,15 +235,7 @@ class OutputDirLock:
 
     @staticmethod
     def _is_stale(holder: dict) -> bool:
-        if holder.get("host") != socket.gethostname():
-            return False  # its process cannot be checked from here
-        try:
-            os.kill(int(holder.get("pid")), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, TypeError, ValueError):
-            return False
-        return False
+        return process_is_gone(holder.get("host"), holder.get("pid"))
 
     def release(self) -> None:
         """Drop the lock; an output_dir this run created and left empty (it failed before writing) goes too."""

@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -144,6 +146,38 @@ def test_resized_image_cache_is_exact_and_reused(tmp_path, shapes_dir):
     import pickle
 
     assert torch.equal(pickle.loads(pickle.dumps(cache))[3], cache[3])  # workers re-open the map by path
+
+
+def test_an_interrupted_image_cache_leaves_no_partial_file(tmp_path, shapes_dir):
+    """A half-filled cache (COCO at 384 px: ~50 GB) is removed when its build stops (error, Ctrl-C, SIGTERM), and one
+    left by a killed process of this host is removed by the next build; another host's may still be filling."""
+    import socket
+
+    from blip_recipes.data import ResizedImageCache
+    from blip_recipes.transforms import ImageTransform
+
+    evaluation = load_caption_splits(DataArguments(dataset_name=shapes_dir), seed=0, need_eval=True).evaluation
+    calls = []
+
+    class Interrupted(ImageTransform):
+        def __call__(self, image):
+            calls.append(1)
+            if len(calls) == 10:
+                raise KeyboardInterrupt
+            return super().__call__(image)
+
+    with pytest.raises(KeyboardInterrupt):
+        ResizedImageCache.build(evaluation, Interrupted(64, 64), str(tmp_path), workers=1)
+    assert os.listdir(tmp_path) == []
+    cache = ResizedImageCache.build(evaluation, ImageTransform(64, 64), str(tmp_path))
+    os.remove(cache.path)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    killed, elsewhere = f"{cache.path}.{host}.{gone.stdout.strip()}.tmp", f"{cache.path}.other-host.{os.getpid()}.tmp"
+    for path in (killed, elsewhere):
+        open(path, "wb").close()
+    assert ResizedImageCache.build(evaluation, ImageTransform(64, 64), str(tmp_path)).path == cache.path
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(cache.path), os.path.basename(elsewhere)])
 
 
 def test_image_checks_are_cached_by_fingerprint(tmp_path, shapes_dir, monkeypatch):

@@ -53,6 +53,28 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path):
     assert all(torch.equal(expected[name], got[name]) for name in expected)
 
 
+def test_sigterm_before_training_stops_at_once(tmp_path):
+    """While the data is checked (minutes on COCO) there is nothing to save: exit 143 now, not after one step."""
+    output_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "blip_recipes.cli", *ARGS, "--output_dir", str(output_dir)], cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "BLIP_RECIPES_CACHE": str(tmp_path / "cache")},  # unchecked
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "checking 480 images of split 'train'" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    rest, _ = process.communicate(timeout=300)
+    log = "".join(lines) + rest
+    assert process.returncode == 143, log[-3000:]
+    assert "SIGTERM before training started: nothing to save, stopping now" in log and "Traceback" not in log
+    assert "'loss'" not in log
+    assert not os.path.exists(output_dir)  # lock released, and the folder the run made and left empty removed
+
+
 def test_resume_skips_a_checkpoint_killed_while_being_written(tmp_path):
     output_dir = tmp_path / "run"
     first = run_cli([*ARGS[:-4], "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",

@@ -1,14 +1,18 @@
 """The resized-image cache (`image_cache: true`): each image decoded and resized once into a memory-mapped file."""
 
+import contextlib
+import glob
 import logging
 import os
 import shutil
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from ..builtin import cache_root
+from ..checkpoints import process_is_gone
 from ..transforms import ImageTransform
 from .records import CaptionSplit, split_fingerprint
 from .sources import DataError
@@ -22,6 +26,18 @@ def image_cache_dir() -> str:
 
 class CacheSpaceError(DataError):
     """The cache would not fit on its disk; the message says how much it needs and where."""
+
+
+def remove_abandoned_staging(final: str) -> None:
+    """Staging files of `final` left by a process of this host that is gone (SIGKILL, OOM): each is as large as
+    the cache. Another host's (a cache directory shared over NFS) may still be filling; those are left alone."""
+    for path in glob.glob(glob.escape(final) + ".*.tmp"):
+        owner = path[len(final) + 1 : -len(".tmp")]
+        staging_host, _, pid = owner.rpartition(".")
+        if process_is_gone(staging_host, pid):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+                logger.warning("removed %s, left by a process that is gone", path)
 
 
 def check_free_space(directory: str, nbytes: int, label: str) -> None:
@@ -74,24 +90,32 @@ class ResizedImageCache:
         key = split_fingerprint(split, height, width, transform.resample)
         final = os.path.join(directory, f"{key}.npy")
         if not os.path.isfile(final):
+            remove_abandoned_staging(final)
             check_free_space(directory, len(split.records) * 3 * height * width, split.label)
-            staging = f"{final}.{os.getpid()}.tmp"
-            array = np.lib.format.open_memmap(
-                staging, mode="w+", dtype=np.uint8, shape=(len(split.records), 3, height, width)
-            )
-
-            def fill(position: int) -> None:
-                array[position] = transform(split.table.load(split.records[position].row)).numpy()
-
-            from tqdm.auto import tqdm
-
-            with ThreadPoolExecutor(max_workers=workers or min(16, os.cpu_count() or 1)) as pool:
-                filled = pool.map(fill, range(len(split.records)))
-                list(
-                    tqdm(filled, total=len(split.records), desc=f"caching resized images ({split.label})", leave=False)
-                )
-            array.flush()
-            del array
-            os.replace(staging, final)
+            staging = f"{final}.{socket.gethostname()}.{os.getpid()}.tmp"
+            try:
+                cls._fill(staging, split, transform, workers)
+                os.replace(staging, final)
+            except BaseException:  # an error, Ctrl-C or SIGTERM: a half-filled cache (COCO: ~50 GB) is not left behind
+                with contextlib.suppress(OSError):
+                    os.remove(staging)
+                raise
             logger.info("cached %d resized images of split %r in %s", len(split.records), split.name, final)
         return cls(final)
+
+    @staticmethod
+    def _fill(staging: str, split: CaptionSplit, transform: ImageTransform, workers: int | None) -> None:
+        height, width = transform.size
+        array = np.lib.format.open_memmap(
+            staging, mode="w+", dtype=np.uint8, shape=(len(split.records), 3, height, width)
+        )
+
+        def fill(position: int) -> None:
+            array[position] = transform(split.table.load(split.records[position].row)).numpy()
+
+        from tqdm.auto import tqdm
+
+        with ThreadPoolExecutor(max_workers=workers or min(16, os.cpu_count() or 1)) as pool:
+            filled = pool.map(fill, range(len(split.records)))
+            list(tqdm(filled, total=len(split.records), desc=f"caching resized images ({split.label})", leave=False))
+        array.flush()
