@@ -236,9 +236,11 @@ def caption_command(argv: list[str]) -> int:
     captioner = _captioner(args)
     if captioner is None:
         return 2
-    # Each batch's rows reach --output as the batch finishes (one write of whole lines): a run stopped after hours
-    # (Ctrl-C, a killed job) keeps every caption made so far.
-    output = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666) if args.output else None
+    # Each batch's rows reach OUTPUT.partial as the batch finishes (one write of whole lines), renamed to OUTPUT at
+    # the end: a run stopped after hours (Ctrl-C, a killed job, a full disk) keeps every caption made so far, and
+    # an OUTPUT from an earlier run stays as it was until this one is complete.
+    partial = f"{args.output}.partial" if args.output else None
+    output = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666) if args.output else None
     written, failed = 0, 0
     try:
         for start in range(0, len(files), args.batch_size):
@@ -260,19 +262,20 @@ def caption_command(argv: list[str]) -> int:
             _append_whole(output, data.encode("utf-8"))
             written += len(rows)
     except KeyboardInterrupt:
-        where = f": the {written} captions made so far are in {args.output}" if output is not None else ""
+        where = f": the {written} captions made so far are in {partial}" if output is not None else ""
         print(f"\ninterrupted (Ctrl-C){where}", file=sys.stderr)
         return 130
     except OSError as error:  # a full disk or quota while writing --output
         from .checkpoints import WRITE_FAILED_EXIT_CODE
 
-        print(f"error: could not write to {args.output} ({error.strerror or error}): the {written} captions made "
+        print(f"error: could not write to {partial} ({error.strerror or error}): the {written} captions made "
               "before are in it", file=sys.stderr)  # fmt: skip
         return WRITE_FAILED_EXIT_CODE
     finally:
         if output is not None:
             os.close(output)
     if output is not None:
+        os.replace(partial, args.output)
         print(f"{written} captions written to {args.output}")
     return 1 if failed else 0
 

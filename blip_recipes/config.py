@@ -26,7 +26,6 @@ from .choices import (
     TrainingMode,
     TrainingObjective,
 )
-from .hub import repo_id_problem
 from .metrics import DEFAULT_METRICS, METRIC_FAMILIES, metric_keys
 from .transforms import MAX_IMAGE_PIXELS
 
@@ -478,6 +477,8 @@ def check_combinations(recipe: Recipe) -> None:
         "push_merged needs training_mode: lora and merge_lora: true",
     )
     if training.hub_model_id:  # the Hub would refuse it only at the push, after training
+        from .hub import repo_id_problem
+
         merged = [f"{training.hub_model_id}-merged"] if training.push_merged else []
         for repo_id in [training.hub_model_id, *merged]:
             problem = repo_id_problem(repo_id)

@@ -142,8 +142,9 @@ def test_caption_output_keeps_every_finished_batch_when_interrupted(tmp_path, ti
     original = Captioner.caption
     monkeypatch.setattr(Captioner, "caption", caption_twice_then_ctrl_c)
     assert main(["caption", *images, "--model", tiny_model_dir, "--batch_size", "2", "--output", str(output)]) == 130
-    assert read_jsonl(output) == everything[:4]  # the two finished batches, whole lines only
-    assert f"interrupted (Ctrl-C): the 4 captions made so far are in {output}" in capsys.readouterr().err
+    assert read_jsonl(f"{output}.partial") == everything[:4]  # the two finished batches, whole lines only
+    assert f"interrupted (Ctrl-C): the 4 captions made so far are in {output}.partial" in capsys.readouterr().err
+    assert read_jsonl(output) == everything  # the earlier run's file, untouched
 
 
 def test_caption_output_on_a_full_disk_keeps_whole_batches_and_says_so(tmp_path, tiny_model_dir, shapes_dir):
@@ -168,10 +169,11 @@ def test_caption_output_on_a_full_disk_keeps_whole_batches_and_says_so(tmp_path,
         cwd=REPO, capture_output=True, text=True, preexec_fn=small_files, timeout=300,
     )  # fmt: skip
     assert result.returncode == 4 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert f"error: could not write to {output} (File too large): the 2 captions made before are in it" in (
+    assert f"error: could not write to {output}.partial (File too large): the 2 captions made before are in it" in (
         result.stderr
     )
-    assert output.read_text(encoding="utf-8") == first_batch  # no half line of the second batch
+    assert open(f"{output}.partial", encoding="utf-8").read() == first_batch  # no half line of the second batch
+    assert not output.exists()
 
 
 def test_push_command_uploads_a_finished_run(lora_run):
