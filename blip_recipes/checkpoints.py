@@ -131,6 +131,7 @@ class PreemptionCallback(TrainerCallback):
     def _on_sigterm(self, signum, frame):
         if not self.training:
             logger.warning("SIGTERM before training started: nothing to save, stopping now")
+            # SystemExit, not an Exception: no `except Exception` on the way (logging's, the data loaders') keeps it
             raise SystemExit(PREEMPTED_EXIT_CODE)
         if not self.received:
             logger.warning("SIGTERM received: finishing this step, then saving a checkpoint and exiting")
