@@ -30,6 +30,32 @@ def make_jsonl_dataset(tmp_path, shapes_dir, rows=12, one_row_per_caption=False)
     return str(tmp_path / "data.jsonl")
 
 
+def test_evaluation_images_that_are_training_images_are_named(tmp_path, shapes_dir, caplog):
+    """A dataset split by row before it reached us puts images in both splits: their scores would be recall."""
+    make_jsonl_dataset(tmp_path, shapes_dir, rows=12)
+    rows = open(tmp_path / "data.jsonl").read().splitlines(keepends=True)
+    (tmp_path / "train.jsonl").write_text("".join(rows[:10]))
+    (tmp_path / "validation.jsonl").write_text("".join(rows[8:]))  # images 8 and 9 are in both
+    os.remove(tmp_path / "data.jsonl")
+    arguments = {"dataset_name": str(tmp_path), "caption_column": "caption", "image_column": "image"}
+    with pytest.raises(DataError) as error:
+        load_caption_splits(DataArguments(**arguments), seed=0, need_eval=True)
+    assert "2 bad row(s) found before training" in str(error.value)
+    assert "split 'validation' row 0 (images/00008.png): also a training image (split 'train' row 8)" in str(
+        error.value
+    )
+    assert "split 'validation' row 1 (images/00009.png): also a training image (split 'train' row 9)" in str(
+        error.value
+    )
+    kept = load_caption_splits(DataArguments(**arguments, skip_bad_samples=True), seed=0, need_eval=True)
+    assert [record.image_id for record in kept.evaluation.records] == ["images/00010.png", "images/00011.png"]
+    assert len(kept.train.records) == 10  # training keeps them
+    # Evaluating on the training split itself is a choice (the football recipe), said in the log.
+    same = load_caption_splits(DataArguments(**arguments, eval_split="train"), seed=0, need_eval=True)
+    assert len(same.evaluation.records) == 10
+    assert "split 'train' is also the training split: its scores measure the fit on training images" in caplog.text
+
+
 def test_imagefolder_with_validation_split(shapes_dir):
     data = load_caption_splits(DataArguments(dataset_name=shapes_dir), seed=0, need_eval=True)
     train, evaluation = data.train, data.evaluation

@@ -351,7 +351,27 @@ def collect_splits(data_args, seed: int, need_eval: bool, need_train: bool = Tru
     for split in (evaluation, test):
         if split is not None and data_args.max_eval_samples is not None:
             split.records = split.records[: data_args.max_eval_samples]
+        if split is not None and train is not None:
+            bad_rows.extend(training_images_in(split, train))
     return CaptionData(train, evaluation, test), bad_rows
+
+
+def training_images_in(scored: CaptionSplit, train: CaptionSplit) -> list[BadRow]:
+    """The images of a scored split that the run also trains on (the same file, or the same bytes): their scores
+    would measure recall of training captions. A split split by row, not by image, before it reached this tool
+    is the usual cause. Evaluating on the training split itself (eval_split: train) is a choice and says so."""
+    if scored.held_out:  # held out of the training images by image: disjoint by construction
+        return []
+    if scored.name == train.name:
+        logger.warning("split %r is also the training split: its scores measure the fit on training images",
+                       scored.name)  # fmt: skip
+        return []
+    trained = {record.identity: record.row for record in train.records}
+    return [
+        BadRow(scored.name, record.row, scored.table.describe(record.row),
+               f"also a training image (split {train.name!r} row {trained[record.identity]})")
+        for record in scored.records if record.identity is not None and record.identity in trained
+    ]  # fmt: skip
 
 
 def drop_bad_rows(data: CaptionData, bad_rows: list[BadRow], data_args) -> CaptionData:
