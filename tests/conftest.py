@@ -55,6 +55,24 @@ def run_cli(args, cwd=REPO, timeout=600, env=None, launcher=None):
     )
 
 
+def signal_at(args, marker, sig, count=1, env=None, process_group=False):
+    """Run `python -m blip_recipes.cli ARGS`, send `sig` when the `count`-th line containing `marker` appears (to the
+    whole process group with `process_group`, as a terminal sends Ctrl-C), and return (exit code, whole log)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "blip_recipes.cli", *args], cwd=REPO, text=True, start_new_session=process_group,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    lines, seen = [], 0
+    for line in process.stdout:
+        lines.append(line)
+        seen += marker in line
+        if seen == count:
+            os.killpg(process.pid, sig) if process_group else process.send_signal(sig)
+            break
+    rest, _ = process.communicate(timeout=300)
+    return process.returncode, "".join(lines) + rest
+
+
 def encoder_calls(model) -> list[int]:
     """Images per run of the model's vision encoder (its patch embedding), appended as the encoder runs: a feature
     lookup or a shared image is not a run."""

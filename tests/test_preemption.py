@@ -10,7 +10,7 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import QUICK, REPO, read_json, run_cli
+from tests.conftest import QUICK, REPO, read_json, run_cli, signal_at
 
 ARGS = ["train", "recipes/shapes/full.yaml", *QUICK, "--max_steps", "150", "--per_device_train_batch_size", "32"]
 
@@ -56,20 +56,13 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path):
 def test_sigterm_before_training_stops_at_once(tmp_path):
     """While the data is checked (minutes on COCO) there is nothing to save: exit 143 now, not after one step."""
     output_dir = tmp_path / "run"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "blip_recipes.cli", *ARGS, "--output_dir", str(output_dir)], cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "BLIP_RECIPES_CACHE": str(tmp_path / "cache")},  # unchecked
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if "checking 480 images of split 'train'" in line:
-            process.send_signal(signal.SIGTERM)
-            break
-    rest, _ = process.communicate(timeout=300)
-    log = "".join(lines) + rest
-    assert process.returncode == 143, log[-3000:]
+    code, log = signal_at(
+        [*ARGS, "--output_dir", str(output_dir)],
+        "checking 480 images of split 'train'",
+        signal.SIGTERM,
+        env={"BLIP_RECIPES_CACHE": str(tmp_path / "cache")},
+    )  # images unchecked
+    assert code == 143, log[-3000:]
     assert "SIGTERM before training started: nothing to save, stopping now" in log and "Traceback" not in log
     assert "'loss'" not in log
     assert not os.path.exists(output_dir)  # lock released, and the folder the run made and left empty removed

@@ -18,7 +18,7 @@ import pytest
 from blip_recipes.config import DataArguments, RecipeError
 from blip_recipes.data import DataError, load_caption_splits
 from blip_recipes.recipe_parser import parse_recipe
-from tests.conftest import QUICK, REPO, read_json, read_jsonl, run_cli
+from tests.conftest import QUICK, REPO, read_json, read_jsonl, run_cli, signal_at
 
 TOKEN = "hf_SENTINELround2TOKEN0123456789abc"
 
@@ -399,21 +399,9 @@ def test_a_full_disk_during_a_save_is_a_clear_message_and_keeps_the_last_checkpo
 
 def test_sigterm_during_the_final_evaluation_exits_143_with_the_model_saved(tmp_path):
     output_dir = tmp_path / "run"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "blip_recipes.cli", "train", "recipes/shapes/full.yaml", "--output_dir",
-         str(output_dir), *QUICK, "--max_steps", "2", "--do_eval", "true"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if "final evaluation:" in line:
-            process.send_signal(signal.SIGTERM)
-            break
-    lines.append(process.stdout.read())
-    process.wait(timeout=300)
-    log = "".join(lines)
-    assert process.returncode == 143, log[-3000:]
+    code, log = signal_at(["train", "recipes/shapes/full.yaml", "--output_dir", str(output_dir), *QUICK,
+                           "--max_steps", "2", "--do_eval", "true"], "final evaluation:", signal.SIGTERM)  # fmt: skip
+    assert code == 143, log[-3000:]
     assert "SIGTERM during the final evaluation" in log and "blip-recipes evaluate recipes/shapes/full.yaml" in log
     assert os.path.isfile(output_dir / "model.safetensors") and not os.path.exists(output_dir / "eval_results.json")
     finish = run_cli(["evaluate", "recipes/shapes/full.yaml", "--model", str(output_dir), "--output_dir",
@@ -449,24 +437,12 @@ def test_ctrl_c_ends_with_where_to_continue_and_no_traceback(tmp_path, when):
 
     output_dir = tmp_path / "run"
     steps = ["--max_steps", "400", "--save_strategy", "steps", "--save_steps", "2", "--dataloader_num_workers", "2"]
+    marker, count = "'loss'", 5
     if when == "final-evaluation":
-        steps = ["--max_steps", "2", "--do_eval", "true"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "blip_recipes.cli", "train", "recipes/shapes/full.yaml", "--output_dir",
-         str(output_dir), *QUICK, *steps],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
-    lines, losses = [], 0
-    for line in process.stdout:
-        lines.append(line)
-        losses += "'loss'" in line
-        if (when == "training" and losses == 5) or (when == "final-evaluation" and "final evaluation:" in line):
-            os.killpg(process.pid, signal.SIGINT)
-            break
-    lines.append(process.stdout.read())
-    process.wait(timeout=300)
-    log = "".join(lines)
-    assert process.returncode == 130 and "Traceback" not in log, log[-3000:]
+        steps, marker, count = ["--max_steps", "2", "--do_eval", "true"], "final evaluation:", 1
+    code, log = signal_at(["train", "recipes/shapes/full.yaml", "--output_dir", str(output_dir), *QUICK, *steps],
+                          marker, signal.SIGINT, count=count, process_group=True)  # fmt: skip
+    assert code == 130 and "Traceback" not in log, log[-3000:]
     assert not os.path.exists(output_dir / LOCK_FILE)
     if when == "training":  # steps 2 and 4 were saved before the 5th step's loss was logged
         latest = latest_complete_checkpoint(str(output_dir))
@@ -474,9 +450,8 @@ def test_ctrl_c_ends_with_where_to_continue_and_no_traceback(tmp_path, when):
         assert f"interrupted (Ctrl-C): the last complete checkpoint is {latest}; continue with" in log
     else:
         assert "Ctrl-C during the final evaluation" in log and "blip-recipes evaluate recipes/shapes/full.yaml" in log
-        assert os.path.isfile(output_dir / "model.safetensors") and not os.path.exists(
-            output_dir / "eval_results.json"
-        )
+        assert os.path.isfile(output_dir / "model.safetensors")
+        assert not os.path.exists(output_dir / "eval_results.json")
 
 
 # --- pixel caps and 16-bit memory ---------------------------------------------------------------------------------
