@@ -58,7 +58,7 @@ def evaluate_command(argv: list[str]) -> int:
         if "model_name_or_path" not in recipe.overrides:
             raise RecipeError("evaluate needs --model PATH_OR_HUB_ID")
         output = recipe.training.output_dir
-        held = [name for name in MODEL_FILES if os.path.isfile(os.path.join(output, name))]
+        held = model_files_in(output)
         if held:  # a run's folder: its eval_results.json and predictions (what its model card reports) would go
             raise RecipeError(
                 f"--output_dir {output} holds a model ({', '.join(held)}), whose own evaluation files this would "
@@ -352,9 +352,13 @@ def push_command(argv: list[str]) -> int:
 MODEL_FILES = ("config.json", "adapter_config.json", "model.safetensors")
 
 
+def model_files_in(folder: str) -> list[str]:
+    """The files that make `folder` a model (or adapter) folder, which no command writes into but training."""
+    return [name for name in MODEL_FILES if os.path.isfile(os.path.join(folder, name))]
+
+
 def merge_lora_command(argv: list[str]) -> int:
-    from .checkpoints import share_as_umask_allows
-    from .model import ModelError, check_model_source, is_lora_adapter, load_model, load_processor, merge_lora
+    from .model import ModelError, check_model_source, is_lora_adapter, load_model, load_processor, save_merged
 
     parser = argparse.ArgumentParser(
         prog="blip-recipes merge-lora",
@@ -366,7 +370,7 @@ def merge_lora_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if not is_lora_adapter(args.adapter_dir):
         parser.error(f"{args.adapter_dir} holds no adapter_config.json: not a LoRA adapter")
-    held = [name for name in MODEL_FILES if os.path.isfile(os.path.join(args.output_dir, name))]
+    held = model_files_in(args.output_dir)
     if held:  # the adapter's own folder, or another model: writing there would overwrite or mix them
         parser.error(f"{args.output_dir} already holds a model ({', '.join(held)}); give a new or empty folder")
     try:
@@ -378,14 +382,12 @@ def merge_lora_command(argv: list[str]) -> int:
     if problem:
         parser.error(f"{args.output_dir}: {problem}")
     try:
-        merged = merge_lora(load_model(args.adapter_dir))
+        adapter = load_model(args.adapter_dir)
         processor = load_processor(args.adapter_dir)
     except ModelError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    merged.save_pretrained(args.output_dir)
-    processor.save_pretrained(args.output_dir)
-    share_as_umask_allows(args.output_dir)
+    save_merged(adapter, processor, args.output_dir)
     print(f"merged model written to {args.output_dir}")
     return 0
 

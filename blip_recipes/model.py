@@ -298,3 +298,12 @@ def merge_lora(model):
     import copy
 
     return copy.deepcopy(model).merge_and_unload()
+
+
+def save_merged(adapter_model, processor, directory: str) -> None:
+    """The merged model with the adapter's processor and decoding settings: a folder any BLIP loader reads."""
+    from .checkpoints import share_as_umask_allows
+
+    merge_lora(adapter_model).save_pretrained(directory)
+    processor.save_pretrained(directory)
+    share_as_umask_allows(directory)

@@ -36,14 +36,13 @@ from .checkpoints import (
     previous_run_files,
     resolve_resume,
     resume_conflicts,
-    share_as_umask_allows,
 )
 from .config import RecipeError, wants_evaluation
 from .data import DataError
 from .ema import EMA_FILE
 from .hub import HubPushCallback, metric_results, publish_run, push_blocker
 from .metrics import METRIC_KEYS, MetricsError, check_metric_requirements
-from .model import ModelError, check_model_source, merge_lora
+from .model import ModelError, check_model_source, save_merged
 from .recipe_parser import parse_recipe, recipe_argument_parser
 from .trainer import EvaluationInterrupted
 from .vision_features import VisionFeaturesError
@@ -254,9 +253,7 @@ def save_outputs(trainer, merge: bool, train_metrics: dict) -> None:
         trainer.save_model()
         if merge and trainer.is_world_process_zero():
             merged_dir = os.path.join(trainer.args.output_dir, "merged")
-            merge_lora(trainer.model).save_pretrained(merged_dir)
-            trainer.processing_class.save_pretrained(merged_dir)
-            share_as_umask_allows(merged_dir)
+            save_merged(trainer.model, trainer.processing_class, merged_dir)
             logger.info("merged LoRA model written to %s", merged_dir)
     trainer.log_metrics("train", train_metrics)
     trainer.save_metrics("train", train_metrics)
