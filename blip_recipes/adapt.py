@@ -27,7 +27,9 @@ BLIP fails at load, not silently at step 1000. setup.cfg bounds transformers to 
 """
 
 import inspect
+import json
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +59,26 @@ def unwrap_blip(model):
             model = model.get_base_model()
         else:
             return model
+
+
+def record_upstream_base_class(adapter_dir: str) -> None:
+    """peft writes the base model's class into adapter_config.json (`auto_mapping`) for AutoPeftModel to import. Ours
+    is this module's same-named subclass, and stock peft imports only from transformers, so anyone without
+    blip-recipes could not load a pushed adapter that way. The adapter fits transformers' own class: record that."""
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    with open(path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    mapping = config.get("auto_mapping")
+    if not isinstance(mapping, dict) or mapping.get("parent_library") != __name__:
+        return
+    upstream = getattr(modeling_blip, mapping.get("base_model_class", ""), None)
+    if upstream is None:
+        raise AdaptationError(f"{path}: auto_mapping names {mapping.get('base_model_class')!r}, which "
+                              f"transformers' BLIP does not have")  # fmt: skip
+    config["auto_mapping"] = {**mapping, "parent_library": upstream.__module__}
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
+        handle.write("\n")
 
 
 def is_feature_rows(pixel_values: torch.Tensor) -> bool:

@@ -146,6 +146,7 @@ def build_model(
     model = load_model(
         model_name_or_path, revision, torch_dtype, attn_implementation, lora_trainable=training_mode == "lora",
         image_mean=image_processor.image_mean, image_std=image_processor.image_std,
+        merge_adapter=training_mode in ("full", "frozen_vision"),
     )  # fmt: skip
     if training_mode is None:
         return model.requires_grad_(False)

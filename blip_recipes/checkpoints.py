@@ -95,6 +95,42 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
     return value
 
 
+# Everything a run (and `evaluate`/`score` on its files) writes into output_dir, but its lock: what
+# --overwrite_output_dir clears before the new run trains. Left in place, an earlier LoRA run's adapter_config.json
+# beside a new full model makes every loader load the old adapter, and its checkpoint-N is what a later
+# --resume_from_checkpoint true picks.
+RUN_FILES = frozenset({
+    "README.md", "recipe.yaml", "trainer_state.json", "training_args.json", "training_args.bin",
+    "all_results.json", "train_results.json", "eval_results.json", "test_results.json",
+    "eval_predictions.jsonl", "test_predictions.jsonl",
+    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+    "adapter_config.json", "adapter_model.safetensors",
+    "processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "vocab.txt", "added_tokens.json",
+})  # fmt: skip
+RUN_FOLDERS = frozenset({"evaluations", "merged"})
+_RUN_PATTERN = re.compile(r"^(model-\d+-of-\d+\.safetensors|(eval|test)_predictions\.(scored\.jsonl|metrics\.json))$")
+
+
+def remove_earlier_run(output_dir: str) -> list[str]:
+    """--overwrite_output_dir: remove what an earlier run wrote into output_dir (nothing else there), so none of it
+    is taken for the new run's. Returns the names removed."""
+    if not os.path.isdir(output_dir):
+        return []
+    removed = []
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        folder = os.path.isdir(path) and not os.path.islink(path)
+        if folder and (name in RUN_FOLDERS or _CHECKPOINT.match(name)):
+            shutil.rmtree(path)
+        elif not folder and (name in RUN_FILES or _RUN_PATTERN.match(name)):
+            os.remove(path)
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
 def previous_run_files(output_dir: str) -> list[str]:
     if not os.path.isdir(output_dir):
         return []
@@ -117,6 +153,7 @@ class PreemptionCallback(TrainerCallback):
 
     def __init__(self):
         self.received = False
+        self.stopped_before_training = False
         self.stopped_at_step: int | None = None
         self.group = None
         self.training = False
@@ -131,7 +168,10 @@ class PreemptionCallback(TrainerCallback):
     def _on_sigterm(self, signum, frame):
         if not self.training:
             logger.warning("SIGTERM before training started: nothing to save, stopping now")
-            # SystemExit, not an Exception: no `except Exception` on the way (logging's, the data loaders') keeps it
+            # SystemExit, not an Exception: no `except Exception` on the way (logging's, the data loaders') keeps it.
+            # Raised inside library code it can still turn into another error (inside a lock's release: RuntimeError
+            # "release unlocked lock"); the flag lets train.run see it was this.
+            self.stopped_before_training = True
             raise SystemExit(PREEMPTED_EXIT_CODE)
         if not self.received:
             logger.warning("SIGTERM received: finishing this step, then saving a checkpoint and exiting")

@@ -358,23 +358,23 @@ def model_files_in(folder: str) -> list[str]:
 
 
 def merge_lora_command(argv: list[str]) -> int:
-    from .model import ModelError, check_model_source, is_lora_adapter, load_model, load_processor, save_merged
+    from .model import ModelError, adapter_base, check_model_source, load_model, load_processor, save_merged
 
     parser = argparse.ArgumentParser(
         prog="blip-recipes merge-lora",
         description="Fold a LoRA adapter into its base model and save a plain BLIP checkpoint, with the adapter's "
         "processor and decoding settings.",
     )
-    parser.add_argument("adapter_dir", help="a LoRA run's output_dir (holds adapter_config.json)")
+    parser.add_argument("adapter_dir", help="a LoRA run's output_dir (holds adapter_config.json), or its Hub repo")
     parser.add_argument("output_dir", help="where the merged model is written")
     args = parser.parse_args(argv)
-    if not is_lora_adapter(args.adapter_dir):
-        parser.error(f"{args.adapter_dir} holds no adapter_config.json: not a LoRA adapter")
     held = model_files_in(args.output_dir)
     if held:  # the adapter's own folder, or another model: writing there would overwrite or mix them
         parser.error(f"{args.output_dir} already holds a model ({', '.join(held)}); give a new or empty folder")
     try:
         check_model_source(args.adapter_dir)
+        if adapter_base(args.adapter_dir) is None:
+            parser.error(f"{args.adapter_dir} holds no adapter_config.json: not a LoRA adapter")
     except ModelError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

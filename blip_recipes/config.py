@@ -196,7 +196,11 @@ class CaptionTrainingArguments(Seq2SeqTrainingArguments):
         },
     )
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow a new run to replace an earlier run's files in output_dir."}
+        default=False,
+        metadata={
+            "help": "Replace an earlier run in output_dir: what it wrote (model or adapter, checkpoints, evaluations, "
+            "results, card) is removed when the new run is about to train; other files stay."
+        },
     )
     training_objective: TrainingObjective = field(
         default="cross_entropy",

@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 
 from . import __version__
 from .metrics import METRIC_DISPLAY_NAMES
-from .model import hub_offline
+from .model import adapter_base, hub_offline
 
 logger = logging.getLogger(__name__)
 
@@ -215,8 +215,12 @@ def publish_run(recipe, card_metrics: dict) -> bool:
         "max_length": training_args.generation_max_length,
         "min_length": training_args.generation_min_length,
     }
+    # A LoRA run that trained an adapter further saved it for the adapter's own base, which is what loads it.
+    base_model = model_args.model_name_or_path
+    if model_args.training_mode == "lora":
+        base_model = adapter_base(base_model, model_args.model_revision) or base_model
     card = dict(
-        base_model=model_args.model_name_or_path, dataset=recipe.data.dataset_name, recipe_yaml=recipe.as_yaml(),
+        base_model=base_model, dataset=recipe.data.dataset_name, recipe_yaml=recipe.as_yaml(),
         metrics=card_metrics, generation=generation, prompt=recipe.data.prompt,
     )  # fmt: skip
     build_model_card(repo_id, training_mode=model_args.training_mode, **card).save(

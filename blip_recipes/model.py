@@ -37,34 +37,37 @@ def check_model_source(model_name_or_path: str, revision: str = "main") -> None:
     if is_builtin(name):
         return
     path = os.path.expanduser(name)
-    if os.path.isdir(path):
-        if not any(os.path.isfile(os.path.join(path, file)) for file in ("config.json", "adapter_config.json")):
-            raise ModelError(f"model_name_or_path {name}: the directory holds no config.json or adapter_config.json")
-        if is_lora_adapter(path):  # an adapter loads onto its base: a base moved, deleted or uncached fails here
-            try:
-                check_model_source(lora_base_model(path))
-            except ModelError as error:
-                raise ModelError(
-                    f"model_name_or_path {name} is a LoRA adapter whose base model cannot be loaded: {error}; point "
-                    "base_model_name_or_path in its adapter_config.json at where the base model is"
-                ) from None
-        return
-    if os.path.exists(path):
-        raise ModelError(f"model_name_or_path {name}: a file, not a model directory or Hub id")
-    if not _HUB_ID.match(name):
-        raise ModelError(f"model_name_or_path {name}: no such directory")
-    if hub_offline():
-        from huggingface_hub import try_to_load_from_cache
+    if not os.path.isdir(path):
+        if os.path.exists(path):
+            raise ModelError(f"model_name_or_path {name}: a file, not a model directory or Hub id")
+        if not _HUB_ID.match(name):
+            raise ModelError(f"model_name_or_path {name}: no such directory")
+        if hub_offline():
+            from huggingface_hub import try_to_load_from_cache
 
-        cached = [
-            try_to_load_from_cache(name, file, revision=revision) for file in ("config.json", "adapter_config.json")
-        ]
-        if not any(isinstance(found, str) for found in cached):
+            cached = [
+                try_to_load_from_cache(name, file, revision=revision)
+                for file in ("config.json", "adapter_config.json")
+            ]
+            if not any(isinstance(found, str) for found in cached):
+                raise ModelError(
+                    f"model_name_or_path {name}: no local directory of that name, and the Hub model is not in the "
+                    f"local cache while offline (HF_HUB_OFFLINE is set); download it with network access first "
+                    f"(`hf download {name}`) or give a local directory"
+                )
+        path = resolve_model_path(name, revision)
+        if not os.path.isdir(path):  # a Hub model: from_pretrained fetches it
+            return
+    if not any(os.path.isfile(os.path.join(path, file)) for file in ("config.json", "adapter_config.json")):
+        raise ModelError(f"model_name_or_path {name}: the directory holds no config.json or adapter_config.json")
+    if is_lora_adapter(path):  # an adapter loads onto its base: a base moved, deleted or uncached fails here
+        try:
+            check_model_source(lora_base_model(path))
+        except ModelError as error:
             raise ModelError(
-                f"model_name_or_path {name}: no local directory of that name, and the Hub model is not in the local "
-                f"cache while offline (HF_HUB_OFFLINE is set); download it with network access first "
-                f"(`hf download {name}`) or give a local directory"
-            )
+                f"model_name_or_path {name} is a LoRA adapter whose base model cannot be loaded: {error}; point "
+                "base_model_name_or_path in its adapter_config.json at where the base model is"
+            ) from None
 
 
 def hub_offline() -> bool:
@@ -95,8 +98,32 @@ def check_tokenizer(tokenizer, model, model_name_or_path: str) -> None:
         raise ModelError(f"{where}: the decoder's bos token id {bos} is {token!r} in the tokenizer, not BLIP's [DEC]")
 
 
-def resolve_model_path(model_name_or_path: str) -> str:
-    return resolve_builtin(model_name_or_path) if is_builtin(model_name_or_path) else model_name_or_path
+def resolve_model_path(model_name_or_path: str, revision: str = "main") -> str:
+    """What loaders read: a builtin's generated folder; a Hub repo holding a LoRA adapter downloaded whole into the
+    Hub cache (an adapter repo is small: adapter, processor, decoding settings), so every adapter, local or pushed,
+    loads the one way local ones do; anything else as given (a local folder, or a Hub model for from_pretrained)."""
+    if is_builtin(model_name_or_path):
+        return resolve_builtin(model_name_or_path)
+    if os.path.isdir(model_name_or_path) or not _HUB_ID.match(model_name_or_path):
+        return model_name_or_path
+    return _hub_adapter_folder(model_name_or_path, revision) or model_name_or_path
+
+
+def _hub_adapter_folder(repo_id: str, revision: str) -> str | None:
+    """The local snapshot of a Hub repo that holds adapter_config.json; None for a model repo, or when the repo
+    cannot be reached (from_pretrained then says why: offline and uncached, gated, no such repo)."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        hf_hub_download(repo_id, "adapter_config.json", revision=revision)
+    except (EntryNotFoundError, OSError):  # no such file (a model repo), or no such repo / no network / not cached
+        return None
+    try:
+        return snapshot_download(repo_id, revision=revision)
+    except OSError as error:
+        raise ModelError(f"model_name_or_path {repo_id} is a LoRA adapter on the Hub that could not be downloaded "
+                         f"whole: {error}") from None  # fmt: skip
 
 
 def is_lora_adapter(path: str) -> bool:
@@ -115,17 +142,53 @@ def lora_base_model(adapter_path: str) -> str:
     return base
 
 
+def adapter_base(model_name_or_path: str, revision: str = "main") -> str | None:
+    """The base model of a LoRA adapter (folder or Hub repo); None for a model."""
+    path = resolve_model_path(model_name_or_path, revision)
+    return lora_base_model(path) if os.path.isdir(path) and is_lora_adapter(path) else None
+
+
+def check_continued_adapter(
+    model_name_or_path: str, revision: str, lora_r: int, lora_alpha: float, lora_dropout: float, lora_target_modules
+) -> None:
+    """training_mode lora from a LoRA adapter trains that adapter further, so its shape is the adapter's: a recipe
+    asking for other LoRA settings is refused (peft would load the adapter as saved and ignore them)."""
+    path = resolve_model_path(model_name_or_path, revision)
+    if not (os.path.isdir(path) and is_lora_adapter(path)):
+        return
+    with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as handle:
+        saved = json.load(handle)
+    targets = saved.get("target_modules")
+    wanted = {
+        "lora_r": (lora_r, saved.get("r")),
+        "lora_alpha": (lora_alpha, saved.get("lora_alpha")),
+        "lora_dropout": (lora_dropout, saved.get("lora_dropout")),
+        "lora_target_modules": (
+            sorted(lora_target_modules),
+            sorted(targets) if isinstance(targets, list) else targets,
+        ),
+    }
+    differ = [f"{key}: recipe {mine}, adapter {theirs}" for key, (mine, theirs) in wanted.items() if mine != theirs]
+    if differ:
+        raise ModelError(
+            f"model_name_or_path {model_name_or_path} is a LoRA adapter, which training_mode lora trains further "
+            f"as it is, but the recipe asks for other LoRA settings ({'; '.join(differ)}). Set them to the "
+            f"adapter's, or fold the adapter into its base first (blip-recipes merge-lora) to train a new one on top"
+        )
+
+
 def load_processor(model_name_or_path: str, revision: str = "main"):
     """The BlipProcessor saved with a model (for a LoRA adapter: the adapter's own copy, else its base model's)."""
     from transformers import BlipProcessor
 
-    path = resolve_model_path(model_name_or_path)
+    path = resolve_model_path(model_name_or_path, revision)
     if (
         os.path.isdir(path)
         and is_lora_adapter(path)
         and not os.path.isfile(os.path.join(path, "tokenizer_config.json"))
     ):
         path = resolve_model_path(lora_base_model(path))
+        revision = "main"  # the revision named the adapter, not its base
     try:
         return BlipProcessor.from_pretrained(path, revision=revision)
     except OSError as error:  # not found, unreachable Hub, gated repo: transformers says which in its message
@@ -140,20 +203,28 @@ def load_model(
     lora_trainable: bool = False,
     image_mean=None,
     image_std=None,
+    merge_adapter: bool = False,
 ):
-    """BlipForConditionalGeneration from a Hub id or directory, adapted (adapt.py); a LoRA adapter directory loads
-    onto its base, with the decoding settings saved beside the adapter."""
+    """BlipForConditionalGeneration from a Hub id or directory, adapted (adapt.py); a LoRA adapter (folder or Hub
+    repo) loads onto its base, with the decoding settings saved beside the adapter. `merge_adapter`: an adapter is
+    folded into its base, for training modes that train the model's own weights (peft would save only the adapter,
+    losing every other change)."""
     from transformers import BlipForConditionalGeneration, GenerationConfig
 
-    path = resolve_model_path(model_name_or_path)
+    path = resolve_model_path(model_name_or_path, revision)
     dtype = DTYPES[torch_dtype]
     if os.path.isdir(path) and is_lora_adapter(path):
         from peft import PeftModel
 
-        base = BlipForConditionalGeneration.from_pretrained(resolve_model_path(lora_base_model(path)), dtype=dtype)
+        base_name = lora_base_model(path)
+        base = BlipForConditionalGeneration.from_pretrained(resolve_model_path(base_name), dtype=dtype)
         if os.path.isfile(os.path.join(path, "generation_config.json")):
             base.generation_config = GenerationConfig.from_pretrained(path)
-        model = PeftModel.from_pretrained(base, path, is_trainable=lora_trainable)
+        model = PeftModel.from_pretrained(base, path, is_trainable=lora_trainable and not merge_adapter)
+        if merge_adapter:
+            model = model.merge_and_unload()
+            logger.info("model_name_or_path %s is a LoRA adapter on %s: merged into it, so its own weights can train",
+                        model_name_or_path, base_name)  # fmt: skip
     else:
         model = BlipForConditionalGeneration.from_pretrained(path, revision=revision, dtype=dtype)
     return adapt_blip(model, attn_implementation, image_mean, image_std)

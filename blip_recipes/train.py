@@ -34,6 +34,7 @@ from .checkpoints import (
     load_stream_position,
     lock_output_dir,
     previous_run_files,
+    remove_earlier_run,
     resolve_resume,
     resume_conflicts,
 )
@@ -42,7 +43,7 @@ from .data import DataError
 from .ema import EMA_FILE
 from .hub import HubPushCallback, metric_results, publish_run, push_blocker
 from .metrics import METRIC_KEYS, MetricsError, check_metric_requirements
-from .model import ModelError, check_model_source, save_merged
+from .model import ModelError, check_continued_adapter, check_model_source, save_merged
 from .recipe_parser import parse_recipe, recipe_argument_parser
 from .trainer import EvaluationInterrupted
 from .vision_features import VisionFeaturesError
@@ -78,7 +79,13 @@ def check_before_loading(recipe) -> str | None:
     training_args = recipe.training
     if wants_evaluation(training_args):
         check_metric_requirements(training_args.eval_metrics)
-    check_model_source(recipe.model.model_name_or_path, recipe.model.model_revision)
+    model_args = recipe.model
+    check_model_source(model_args.model_name_or_path, model_args.model_revision)
+    if model_args.training_mode == "lora":
+        check_continued_adapter(
+            model_args.model_name_or_path, model_args.model_revision, model_args.lora_r, model_args.lora_alpha,
+            model_args.lora_dropout, model_args.lora_target_modules,
+        )  # fmt: skip
     blocker = push_blocker(training_args.hub_token) if training_args.push_to_hub else None
     if blocker and training_args.process_index == 0:  # only the main process pushes (its machine's login counts)
         raise RecipeError(
@@ -181,11 +188,20 @@ def run(recipe) -> int:
         resume = check_before_loading(recipe)
         set_seed(training_args.seed)
         trainer = build_trainer(recipe, callbacks=callbacks)
-    except LOAD_ERRORS as error:
+    except BaseException as error:
         preemption.restore_signal_handler()
+        if preemption.stopped_before_training:  # its SystemExit, or what it became where it landed
+            raise SystemExit(PREEMPTED_EXIT_CODE) from None
+        if not isinstance(error, LOAD_ERRORS):
+            raise
         logger.error("%s", error)
         return 2
     if trainer.is_world_process_zero():
+        if resume is None and training_args.overwrite_output_dir:  # only now: a run that fails to start loses nothing
+            removed = remove_earlier_run(training_args.output_dir)
+            if removed:
+                logger.warning("overwrite_output_dir: removed the earlier run's %s from %s", ", ".join(removed),
+                               training_args.output_dir)  # fmt: skip
         recipe.write_resolved(os.path.join(training_args.output_dir, RECIPE_FILE))
     try:
         try:

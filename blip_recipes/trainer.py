@@ -15,7 +15,7 @@ from transformers import Seq2SeqTrainer, TrainerCallback
 from transformers.trainer_utils import speed_metrics
 from transformers.training_args import ParallelMode
 
-from .adapt import unwrap_blip
+from .adapt import record_upstream_base_class, unwrap_blip
 from .checkpoints import share_as_umask_allows
 from .choices import GENERATION_DEFAULTS
 from .data import CaptionTrainDataset, ImageGroupedSampler
@@ -196,6 +196,7 @@ class CaptionTrainer(Seq2SeqTrainer):
             share_as_umask_allows(output_dir)
             if os.path.isfile(os.path.join(output_dir, "adapter_config.json")):
                 unwrap_blip(self.model).generation_config.save_pretrained(output_dir)
+                record_upstream_base_class(output_dir)
             pickled = os.path.join(output_dir, "training_args.bin")
             if os.path.exists(pickled):
                 os.remove(pickled)

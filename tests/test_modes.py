@@ -1,12 +1,13 @@
 """Each training_mode on the tiny model: what must train changes, what must not stays bit-identical."""
 
+import json
 import os
 
 import pytest
 import torch
 
 from blip_recipes.builders import build_trainer
-from blip_recipes.model import parameter_counts, unwrap_blip
+from blip_recipes.model import merge_lora, parameter_counts, unwrap_blip
 from blip_recipes.recipe_parser import parse_recipe
 from tests.conftest import QUICK, REPO
 
@@ -79,6 +80,60 @@ def test_lora_changes_only_adapters(tmp_path):
     files = os.listdir(tmp_path / "adapter")
     assert "adapter_model.safetensors" in files and "adapter_config.json" in files
     assert "model.safetensors" not in files
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(tmp_path_factory):
+    """A LoRA adapter saved as a run saves it, with its merged model for reference."""
+    folder = tmp_path_factory.mktemp("adapter")
+    trainer, _before, _after, _losses = train_steps("lora", folder / "run", steps=3)
+    trainer.save_model(str(folder / "adapter"))
+    return folder / "adapter", merge_lora(trainer.model).state_dict()
+
+
+@pytest.mark.parametrize("mode", ["full", "frozen_vision"])
+def test_a_lora_adapter_to_train_in_full_or_frozen_vision_is_merged_into_its_base(tmp_path, trained_adapter, mode):
+    """peft saves only the adapter: had the PeftModel trained its base weights, every change to them would be lost at
+    the save (the output was an adapter). The adapter is folded into its base, and the output is a whole model."""
+    adapter, merged = trained_adapter
+    trainer, before, after, _losses = train_steps(
+        mode, tmp_path, steps=2, extra=["--model_name_or_path", str(adapter)]
+    )
+    assert not hasattr(trainer.model, "peft_config")
+    assert before.keys() == merged.keys() and all(torch.equal(before[n], merged[n]) for n in merged)
+    vision = [n for n, p in trainer.model.named_parameters() if n.startswith("vision_model.")]
+    assert vision and all(changed(before, after, n) == (mode == "full") for n in vision)
+    trainer.save_model(str(tmp_path / "out"))
+    files = os.listdir(tmp_path / "out")
+    assert "model.safetensors" in files and "adapter_config.json" not in files
+
+
+def test_a_lora_adapter_trains_further_as_it_is_and_other_lora_settings_are_refused(tmp_path, trained_adapter):
+    from blip_recipes.model import ModelError, check_continued_adapter
+
+    adapter, merged = trained_adapter
+    trainer, before, after, _losses = train_steps(
+        "lora", tmp_path, steps=2, extra=["--model_name_or_path", str(adapter)]
+    )
+    lora_b = [n for n in before if "lora_B" in n]
+    assert lora_b and all(before[n].abs().sum() > 0 for n in lora_b)  # the adapter's weights, not a fresh adapter
+    assert all(changed(before, after, n) for n in lora_b)
+    assert all(torch.equal(before[n], after[n]) for n in before if "lora_" not in n)
+    check_continued_adapter(str(adapter), "main", 16, 32, 0.05, ["dense", "value", "key", "query"])  # its own
+    with pytest.raises(ModelError, match=r"asks for other LoRA settings \(lora_r: recipe 8, adapter 16; "
+                       r"lora_target_modules: recipe \['qkv', 'query'\], adapter \['dense', 'key', 'query', "
+                       r"'value'\]\)"):  # fmt: skip
+        check_continued_adapter(str(adapter), "main", 8, 32, 0.05, ["query", "qkv"])
+    # The card names the base the continued adapter loads onto (what its usage snippet loads), not the old adapter.
+    from huggingface_hub import ModelCard
+
+    from blip_recipes.hub import publish_run
+
+    recipe = parse_recipe([os.path.join(REPO, "recipes", "shapes", "lora.yaml"), "--output_dir", str(tmp_path),
+                           "--model_name_or_path", str(adapter)])  # fmt: skip
+    publish_run(recipe, {})
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert ModelCard.load(tmp_path / "README.md").data.base_model == base != str(adapter)
 
 
 def test_image_cache_changes_nothing_but_speed(tmp_path):

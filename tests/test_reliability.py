@@ -354,6 +354,37 @@ def test_a_second_run_into_a_locked_output_dir_is_refused_and_a_stale_lock_is_re
     assert "removing a stale lock" in result.stdout + result.stderr and not lock.exists()
 
 
+def test_overwrite_output_dir_replaces_the_earlier_run_and_nothing_else(tmp_path):
+    """An earlier LoRA run's adapter left beside a new full model made every loader load the old adapter, and its
+    checkpoint-360 was what a later --resume_from_checkpoint true picked. Nothing goes before the new run starts."""
+    output_dir = tmp_path / "run"
+    earlier = ["adapter_config.json", "adapter_model.safetensors", "eval_results.json", "eval_predictions.jsonl",
+               "eval_predictions.scored.jsonl", "README.md", "trainer_state.json"]  # fmt: skip
+    for folder in ("checkpoint-360", "evaluations/eval-step-360", "merged", "data", "checkpoints-old"):
+        (output_dir / folder).mkdir(parents=True)
+    for name in [*earlier, "checkpoint-360/trainer_state.json", "notes.txt", "data/a.jsonl"]:
+        (output_dir / name).write_text("{}")
+    log = train_error(tmp_path, "--overwrite_output_dir", "true", "--dataset_name", str(tmp_path / "missing.jsonl"))
+    assert "missing.jsonl" in log and all((output_dir / name).exists() for name in earlier)
+    result = run_cli(["train", "recipes/shapes/full.yaml", "--output_dir", str(output_dir), *QUICK, "--max_steps",
+                      "1", "--overwrite_output_dir", "true"])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "overwrite_output_dir: removed the earlier run's README.md, adapter_config.json" in result.stdout
+    left = sorted(os.listdir(output_dir))
+    assert {"notes.txt", "data", "checkpoints-old", "model.safetensors"} <= set(left), left
+    gone = {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "checkpoint-360",
+        "merged",
+        "evaluations",
+        "eval_results.json",
+        "eval_predictions.jsonl",
+        "eval_predictions.scored.jsonl",
+    }  # this run evaluates not
+    assert not gone & set(left), left
+
+
 @pytest.fixture(scope="module")
 def checkpointed_run(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("checkpointed")

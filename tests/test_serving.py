@@ -93,6 +93,48 @@ def test_an_adapter_whose_base_model_is_gone_is_named_by_every_command(tmp_path,
     assert train.returncode == 2 and message in train.stdout and "Traceback" not in train.stderr
 
 
+def hub_cache_with(cache, repo_id, folder) -> dict:
+    """A Hub cache holding `folder`'s files as `repo_id`'s main revision, as a download leaves it, and the
+    environment that reads it offline."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for name in os.listdir(folder):
+        if os.path.isfile(os.path.join(folder, name)):
+            shutil.copy(os.path.join(folder, name), snapshot / name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    return {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+
+
+def test_a_pushed_adapter_is_used_from_the_hub_as_a_local_one_is(tmp_path, lora_run, shapes_dir):
+    """A Hub repo holding an adapter (what `push` uploads for a LoRA run) has no config.json: loaded by id it gave
+    "could not load its processor". Every command now takes it as it takes the run's folder."""
+    env = hub_cache_with(tmp_path / "hub", "someone/shapes-lora", lora_run)
+    images = validation_images(shapes_dir, 3)
+    local = run_cli(["caption", *images, "--model", str(lora_run)])
+    hub = run_cli(["caption", *images, "--model", "someone/shapes-lora"], env=env)
+    assert local.returncode == 0 and hub.returncode == 0, hub.stderr[-2000:]
+    assert hub.stdout == local.stdout and len(hub.stdout.splitlines()) == 3
+    merged = run_cli(["merge-lora", "someone/shapes-lora", str(tmp_path / "merged")], env=env)
+    assert merged.returncode == 0 and os.path.isfile(tmp_path / "merged" / "model.safetensors"), merged.stderr[-2000:]
+    refused = run_cli(["train", "recipes/shapes/lora.yaml", "--model_name_or_path", "someone/shapes-lora",
+                       "--lora_r", "4", "--output_dir", str(tmp_path / "run")], env=env)  # fmt: skip
+    assert refused.returncode == 2 and "(lora_r: recipe 4, adapter 16)" in refused.stdout + refused.stderr
+    assert not os.path.exists(tmp_path / "run" / "recipe.yaml")
+
+
+def test_a_saved_adapter_loads_with_stock_peft_alone(lora_run):
+    """peft records the base model's class for AutoPeftModel; ours is adapt.py's subclass, which stock peft refuses
+    to import. A pushed adapter must load for people without blip-recipes."""
+    config = json.loads((lora_run / "adapter_config.json").read_text())
+    assert config["auto_mapping"]["parent_library"] == "transformers.models.blip.modeling_blip"
+    code = ("import sys; from peft import AutoPeftModel; base = AutoPeftModel.from_pretrained(sys.argv[1])"
+            ".get_base_model(); print(type(base).__name__, 'blip_recipes' in sys.modules)")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code, str(lora_run)], capture_output=True, text=True, check=False)
+    assert result.stdout.split() == ["BlipForConditionalGeneration", "False"], result.stderr[-2000:]
+
+
 def test_evaluate_command_scores_a_lora_adapter(tmp_path, lora_run):
     result = run_cli(["evaluate", "--model", str(lora_run), "--dataset", "builtin:shapes", "--split", "validation",
                       "--max_eval_samples", "12", "--metrics", "bleu,cider",
