@@ -18,6 +18,7 @@ import warnings
 import torch
 import transformers
 from transformers import set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .adapt import AdaptationError, detach_vision_features
 from .builders import build_trainer
@@ -43,7 +44,7 @@ from .data import DataError
 from .ema import EMA_FILE
 from .hub import HubPushCallback, metric_results, publish_run, push_blocker
 from .metrics import METRIC_KEYS, MetricsError, check_metric_requirements
-from .model import ModelError, check_continued_adapter, check_model_source, save_merged
+from .model import ModelError, adapter_base, check_continued_adapter, check_model_source, save_merged
 from .recipe_parser import parse_recipe, recipe_argument_parser
 from .trainer import EvaluationInterrupted
 from .vision_features import VisionFeaturesError
@@ -81,6 +82,14 @@ def check_before_loading(recipe) -> str | None:
         check_metric_requirements(training_args.eval_metrics)
     model_args = recipe.model
     check_model_source(model_args.model_name_or_path, model_args.model_revision)
+    name = model_args.model_name_or_path
+    merges = model_args.training_mode != "lora" and adapter_base(name, model_args.model_revision) is not None
+    if merges and is_deepspeed_zero3_enabled():
+        raise RecipeError(
+            f"model_name_or_path {name} is a LoRA adapter, which training_mode {model_args.training_mode} folds into "
+            f"its base before training, but under DeepSpeed ZeRO-3 the base loads already sharded and cannot be "
+            f"merged into. Merge it first (blip-recipes merge-lora {name} MERGED_DIR) and train from MERGED_DIR"
+        )
     if model_args.training_mode == "lora":
         check_continued_adapter(
             model_args.model_name_or_path, model_args.model_revision, model_args.lora_r, model_args.lora_alpha,

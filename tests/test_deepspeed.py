@@ -131,3 +131,22 @@ def test_lora_matches_one_process(stage, tmp_path, one_process_lora):
     for name, tensor in adapters.items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-5, msg=name)
     assert len(read_jsonl(output_dir / "eval_predictions.jsonl")) == 60
+
+
+def test_a_lora_adapter_to_merge_is_refused_under_zero3_before_anything_loads(tmp_path, tiny_model_dir):
+    """full/frozen_vision fold an adapter into its base, which ZeRO-3 has loaded sharded: the merge died on every
+    rank ("The size of tensor a (0) must match the size of tensor b (64)"). LoRA training it further works."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BlipForConditionalGeneration
+
+    adapter = tmp_path / "adapter"
+    base = BlipForConditionalGeneration.from_pretrained(tiny_model_dir)
+    get_peft_model(base, LoraConfig(r=4, target_modules=["query", "value"])).save_pretrained(adapter)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                os.path.join(REPO, "accelerate_configs", "deepspeed_zero3.yaml"), "--num_processes", "2",
+                "--main_process_port", str(PORTS["zero3"] + 4), "-m", "blip_recipes.cli"]  # fmt: skip
+    result = run_cli(["train", "recipes/shapes/full.yaml", "--model_name_or_path", str(adapter), "--output_dir",
+                      str(tmp_path / "run"), *QUICK, "--max_steps", "1"], launcher=launcher)  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode != 0 and "must match the size" not in log, log[-3000:]
+    assert log.count(f"model_name_or_path {adapter} is a LoRA adapter, which training_mode full folds into") == 2
