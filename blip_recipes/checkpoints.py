@@ -112,23 +112,40 @@ RUN_FOLDERS = frozenset({"evaluations", "merged"})
 _RUN_PATTERN = re.compile(r"^(model-\d+-of-\d+\.safetensors|(eval|test)_predictions\.(scored\.jsonl|metrics\.json))$")
 
 
+def _written_by_a_run(output_dir: str, name: str) -> bool:
+    path = os.path.join(output_dir, name)
+    if os.path.isdir(path) and not os.path.islink(path):
+        return name in RUN_FOLDERS or bool(_CHECKPOINT.match(name))
+    if name == "README.md":  # a model card this tool wrote, not a project's own README (output_dir: .)
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return "blip-recipes" in handle.read(4096)
+    return name in RUN_FILES or bool(_RUN_PATTERN.match(name))
+
+
 def remove_earlier_run(output_dir: str) -> list[str]:
     """--overwrite_output_dir: remove what an earlier run wrote into output_dir (nothing else there), so none of it
-    is taken for the new run's. Returns the names removed."""
-    if not os.path.isdir(output_dir):
+    is taken for the new run's. A folder that holds no run is left alone. Returns the names removed."""
+    if not previous_run_files(output_dir):
         return []
-    removed = []
-    for name in sorted(os.listdir(output_dir)):
+    removed = [name for name in sorted(os.listdir(output_dir)) if _written_by_a_run(output_dir, name)]
+    for name in removed:
         path = os.path.join(output_dir, name)
-        folder = os.path.isdir(path) and not os.path.islink(path)
-        if folder and (name in RUN_FOLDERS or _CHECKPOINT.match(name)):
+        if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
-        elif not folder and (name in RUN_FILES or _RUN_PATTERN.match(name)):
-            os.remove(path)
         else:
-            continue
-        removed.append(name)
+            os.remove(path)
     return removed
+
+
+def overwrite_would_remove(output_dir: str, path: str) -> bool:
+    """Whether remove_earlier_run(output_dir) removes `path` (a model to start from, say) or the folder holding it."""
+    if not previous_run_files(output_dir) or not os.path.exists(path):
+        return False
+    inside = os.path.relpath(os.path.realpath(path), os.path.realpath(output_dir))
+    if inside == ".":
+        return True
+    top = inside.split(os.sep)[0]
+    return top != ".." and _written_by_a_run(output_dir, top)
 
 
 def previous_run_files(output_dir: str) -> list[str]:

@@ -34,6 +34,7 @@ from .checkpoints import (
     latest_complete_checkpoint,
     load_stream_position,
     lock_output_dir,
+    overwrite_would_remove,
     previous_run_files,
     remove_earlier_run,
     resolve_resume,
@@ -119,6 +120,12 @@ def check_before_loading(recipe) -> str | None:
         if training_args.ema_decay is not None and not os.path.isfile(os.path.join(resume, EMA_FILE)):
             raise RecipeError(f"resume_from_checkpoint {resume}: no {EMA_FILE}, but this recipe sets ema_decay (the "
                               "checkpoint's run had none); resume without ema_decay or start a new run")  # fmt: skip
+    replaced = resume is None and training_args.overwrite_output_dir
+    if replaced and overwrite_would_remove(training_args.output_dir, os.path.expanduser(name)):
+        raise RecipeError(
+            f"model_name_or_path {name} is part of the earlier run in output_dir {training_args.output_dir}, which "
+            f"--overwrite_output_dir removes before training: train into another output_dir"
+        )
     existing = previous_run_files(training_args.output_dir)
     if existing and resume is None and not training_args.overwrite_output_dir:
         raise RecipeError(

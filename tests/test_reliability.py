@@ -362,10 +362,14 @@ def test_overwrite_output_dir_replaces_the_earlier_run_and_nothing_else(tmp_path
                "eval_predictions.scored.jsonl", "README.md", "trainer_state.json"]  # fmt: skip
     for folder in ("checkpoint-360", "evaluations/eval-step-360", "merged", "data", "checkpoints-old"):
         (output_dir / folder).mkdir(parents=True)
-    for name in [*earlier, "checkpoint-360/trainer_state.json", "notes.txt", "data/a.jsonl"]:
-        (output_dir / name).write_text("{}")
+    for name in [*earlier, "checkpoint-360/config.json", "notes.txt", "data/a.jsonl"]:
+        (output_dir / name).write_text("---\ntags: [blip-recipes]\n---\n" if name == "README.md" else "{}")
     log = train_error(tmp_path, "--overwrite_output_dir", "true", "--dataset_name", str(tmp_path / "missing.jsonl"))
     assert "missing.jsonl" in log and all((output_dir / name).exists() for name in earlier)
+    log = train_error(tmp_path, "--overwrite_output_dir", "true", "--model_name_or_path",
+                      str(output_dir / "checkpoint-360"))  # fmt: skip
+    assert f"checkpoint-360 is part of the earlier run in output_dir {output_dir}, which --overwrite_output" in log
+    assert all((output_dir / name).exists() for name in earlier)
     result = run_cli(["train", "recipes/shapes/full.yaml", "--output_dir", str(output_dir), *QUICK, "--max_steps",
                       "1", "--overwrite_output_dir", "true"])  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
@@ -383,6 +387,17 @@ def test_overwrite_output_dir_replaces_the_earlier_run_and_nothing_else(tmp_path
         "eval_predictions.scored.jsonl",
     }  # this run evaluates not
     assert not gone & set(left), left
+
+
+def test_overwrite_keeps_a_readme_it_did_not_write_and_a_folder_without_a_run(tmp_path):
+    from blip_recipes.checkpoints import remove_earlier_run
+
+    (tmp_path / "README.md").write_text("# my project\n")
+    (tmp_path / "config.json").write_text("{}")
+    assert remove_earlier_run(str(tmp_path)) == []  # no run here: nothing is anyone's earlier run
+    (tmp_path / "trainer_state.json").write_text("{}")
+    assert remove_earlier_run(str(tmp_path)) == ["config.json", "trainer_state.json"]
+    assert (tmp_path / "README.md").read_text() == "# my project\n"
 
 
 @pytest.fixture(scope="module")
