@@ -100,7 +100,7 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
 # beside a new full model makes every loader load the old adapter, and its checkpoint-N is what a later
 # --resume_from_checkpoint true picks.
 RUN_FILES = frozenset({
-    "README.md", "recipe.yaml", "trainer_state.json", "training_args.json", "training_args.bin",
+    "README.md", "model_card.json", "recipe.yaml", "trainer_state.json", "training_args.json", "training_args.bin",
     "all_results.json", "train_results.json", "eval_results.json", "test_results.json",
     "eval_predictions.jsonl", "test_predictions.jsonl",
     "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",

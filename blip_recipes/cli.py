@@ -320,7 +320,7 @@ def serve_command(argv: list[str]) -> int:
 
 
 def push_command(argv: list[str]) -> int:
-    from .hub import PushError, push_folder, repo_id_problem
+    from .hub import CARD_INPUTS, PushError, push_folder, repo_id_problem, retarget_model_card
 
     def repo_id(text: str) -> str:
         problem = repo_id_problem(text)
@@ -341,6 +341,15 @@ def push_command(argv: list[str]) -> int:
     if not os.path.isfile(os.path.join(args.output_dir, "README.md")):
         print(f"error: {args.output_dir} has no README.md model card; is it a finished run?", file=sys.stderr)
         return 2
+    try:
+        retargeted = retarget_model_card(args.output_dir, args.hub_model_id)
+    except OSError as error:
+        print(f"error: cannot write the model card for {args.hub_model_id} into {args.output_dir} ({error}); make "
+              f"the folder writable, or push to the repo id its README.md names", file=sys.stderr)  # fmt: skip
+        return 2
+    if not retargeted:
+        print(f"warning: {args.output_dir} keeps no model card inputs ({CARD_INPUTS}): its README.md is pushed as "
+              f"written, naming the repo id the run was trained for", file=sys.stderr)  # fmt: skip
     try:
         print(push_folder(args.output_dir, args.hub_model_id, args.token, args.private or None))
     except PushError as error:

@@ -4,6 +4,7 @@ Only files a user of the model needs are uploaded (weights, configs, processor, 
 folders, tracker logs, evaluation dumps, caches and dotfiles such as .env never are, whatever else sits in the folder.
 """
 
+import json
 import logging
 import os
 import string
@@ -35,6 +36,7 @@ PUSHED_FILES = [
     "test_results.json",
     "recipe.yaml",
 ]
+CARD_INPUTS = "model_card.json"  # what README.md was made from (not pushed)
 # Anything in a subfolder (checkpoints, tracker runs, evaluations, merged/), dotfiles, pickles.
 NEVER_PUSHED = ["*/*", ".*", "*.pt", "*.pth", "*.bin", "*.pkl"]
 
@@ -202,6 +204,27 @@ def _redact(text: str, token: str | None) -> str:
     return text.replace(token, "<token>") if token else text
 
 
+def write_model_card(folder: str, repo_id: str, **inputs) -> None:
+    """README.md, and beside it what it was made from (CARD_INPUTS, never pushed), so that `push` to another repo
+    id can write the card again for that id: its usage snippet and model-index name the repo it is in."""
+    build_model_card(repo_id, **inputs).save(os.path.join(folder, "README.md"))
+    with open(os.path.join(folder, CARD_INPUTS), "w", encoding="utf-8") as handle:
+        json.dump({"repo_id": repo_id, **inputs}, handle, indent=1)
+
+
+def retarget_model_card(folder: str, repo_id: str) -> bool:
+    """Write `folder`'s card again for `repo_id`; False when the folder has no card inputs (a run made before
+    they were saved: its card names the repo id it was trained for)."""
+    path = os.path.join(folder, CARD_INPUTS)
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as handle:
+        inputs = json.load(handle)
+    if inputs.pop("repo_id") != repo_id:
+        write_model_card(folder, repo_id, **inputs)
+    return True
+
+
 def publish_run(recipe, card_metrics: dict) -> bool:
     """Write the run's model card(s); push when the recipe asks. Everything is saved before any network call.
 
@@ -223,13 +246,10 @@ def publish_run(recipe, card_metrics: dict) -> bool:
         base_model=base_model, dataset=recipe.data.dataset_name, recipe_yaml=recipe.as_yaml(),
         metrics=card_metrics, generation=generation, prompt=recipe.data.prompt,
     )  # fmt: skip
-    build_model_card(repo_id, training_mode=model_args.training_mode, **card).save(
-        os.path.join(output_dir, "README.md")
-    )
+    write_model_card(output_dir, repo_id, training_mode=model_args.training_mode, **card)
     merged_dir = os.path.join(output_dir, "merged")
     if model_args.merge_lora:
-        merged_card = build_model_card(f"{repo_id}-merged", training_mode="lora-merged", **card)
-        merged_card.save(os.path.join(merged_dir, "README.md"))
+        write_model_card(merged_dir, f"{repo_id}-merged", training_mode="lora-merged", **card)
     if not training_args.push_to_hub:
         return True
     try:

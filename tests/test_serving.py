@@ -223,7 +223,25 @@ def test_push_command_uploads_a_finished_run(lora_run):
         result = run_cli(["push", str(lora_run), "--hub_model_id", "me/pushed", "--token", "hf_x"],
                          env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"})  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "adapter_model.safetensors" in hub.commits[0]["files"] and "README.md" in hub.commits[0]["files"]
+    files = hub.commits[0]["files"]
+    assert "adapter_model.safetensors" in files and "README.md" in files and "model_card.json" not in files
+    # The card was written for the run's own name (no hub_model_id at training): pushed elsewhere, its usage
+    # snippet and model-index name the repo it is pushed to.
+    card = files["README.md"].decode()
+    assert 'PeftModel.from_pretrained(base, "me/pushed")' in card and "name: pushed" in card
+    assert os.path.basename(lora_run) not in card.replace(str(lora_run), "")
+
+
+def test_push_command_pushes_an_older_runs_card_as_it_is_and_says_so(tmp_path, lora_run):
+    older = tmp_path / "older-run"
+    shutil.copytree(lora_run, older)
+    os.remove(older / "model_card.json")
+    card = (older / "README.md").read_text()
+    with FakeHub() as hub:
+        result = run_cli(["push", str(older), "--hub_model_id", "me/older", "--token", "hf_x"],
+                         env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"})  # fmt: skip
+    assert result.returncode == 0 and "its README.md is pushed as written" in result.stderr, result.stderr[-2000:]
+    assert hub.commits[0]["files"]["README.md"].decode() == card
 
 
 def free_port() -> int:
