@@ -4,6 +4,7 @@ Builders take flat arguments (no config objects), so tests and other scripts can
 BLIP's own modules goes through adapt.py.
 """
 
+import functools
 import json
 import logging
 import os
@@ -109,6 +110,7 @@ def resolve_model_path(model_name_or_path: str, revision: str = "main") -> str:
     return _hub_adapter_folder(model_name_or_path, revision) or model_name_or_path
 
 
+@functools.cache  # asked by each check and loader: one Hub request per repo and process
 def _hub_adapter_folder(repo_id: str, revision: str) -> str | None:
     """The local snapshot of a Hub repo that holds adapter_config.json; None for a model repo, or when the repo
     cannot be reached (from_pretrained then says why: offline and uncached, gated, no such repo)."""
