@@ -276,10 +276,18 @@ class Recipe:
         return self.path or "command line"
 
     def resolved(self) -> dict:
-        """Every key's effective value, secrets left out."""
+        """Every key's effective value, secrets left out, and keys that do not apply to this run (another training
+        mode's or objective's, which check_combinations refuses when set), so the record is a recipe that runs."""
         known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.init}
         values = {**dataclasses.asdict(self.model), **dataclasses.asdict(self.data), **self.training.to_dict()}
-        return {key: value for key, value in values.items() if key in known and not is_secret_key(key)}
+        idle = set(LORA_KEYS) if self.model.training_mode != "lora" else set()
+        if self.training.training_objective != "scst":
+            idle |= {key for key in values if key.startswith("scst_")}
+        if not self.data.streaming:
+            idle.add("eval_dataset_name")
+        return {
+            key: value for key, value in values.items() if key in known and key not in idle and not is_secret_key(key)
+        }
 
     def write_resolved(self, path: str) -> None:
         """resolved(), for the record (recipe.yaml in output_dir)."""

@@ -28,6 +28,23 @@ def test_every_recipe_parses_with_an_override(path, tmp_path):
     assert recipe.training.logging_nan_inf_filter is False
 
 
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: os.path.relpath(p, REPO))
+def test_the_recipe_a_run_records_is_a_recipe_for_the_same_run(path, tmp_path):
+    """OUTPUT_DIR/recipe.yaml (also pushed to the Hub) held every key, another training mode's LoRA keys and
+    another objective's scst_* keys included, which a recipe may not set: rerunning it was refused."""
+    recipe = parse_recipe([path, "--output_dir", str(tmp_path)])
+    recipe.write_resolved(str(tmp_path / "recipe.yaml"))
+    assert parse_recipe([str(tmp_path / "recipe.yaml")]).resolved() == recipe.resolved()
+
+
+def test_a_streaming_runs_record_reruns_too(tmp_path):
+    recipe = parse_recipe([os.path.join(REPO, "recipes", "shapes", "lora.yaml"), "--output_dir", str(tmp_path),
+                           "--streaming", "true", "--dataset_name", str(tmp_path / "shards"), "--max_steps", "5",
+                           "--eval_dataset_name", "builtin:shapes", "--cache_vision_features", "false"])  # fmt: skip
+    recipe.write_resolved(str(tmp_path / "recipe.yaml"))
+    assert parse_recipe([str(tmp_path / "recipe.yaml")]).resolved() == recipe.resolved()
+
+
 def write(tmp_path, text):
     path = tmp_path / "recipe.yaml"
     path.write_text(text)
