@@ -26,7 +26,8 @@ EVALUATE_ALIASES = {
 }
 EVALUATE_DESCRIPTION = """Caption a dataset split with a finished model (full or LoRA adapter) and score it, with the
 same generation, files and metrics as training runs. Decoding (beams, lengths, prompt) defaults to the settings
-saved with the model; data keys can come from a recipe. Results go to --output_dir (default evaluations/MODEL)."""
+saved with the model; data keys can come from a recipe. Results go to --output_dir (default evaluations/MODEL, never
+the recipe's output_dir, where its training run writes)."""
 
 
 def train_command(argv: list[str]) -> int:
@@ -55,6 +56,8 @@ def evaluate_command(argv: list[str]) -> int:
 
     try:
         recipe = parse_recipe(argv, parser, defaults=output_dir)
+        if "output_dir" in recipe.values and "output_dir" not in recipe.overrides:  # where the recipe's run trains
+            recipe = parse_recipe([*argv, "--output_dir", output_dir(recipe.values)["output_dir"]], parser)
         if "model_name_or_path" not in recipe.overrides:
             raise RecipeError("evaluate needs --model PATH_OR_HUB_ID")
         output = recipe.training.output_dir

@@ -135,6 +135,17 @@ def test_a_saved_adapter_loads_with_stock_peft_alone(lora_run):
     assert result.stdout.split() == ["BlipForConditionalGeneration", "False"], result.stderr[-2000:]
 
 
+def test_evaluate_with_a_runs_own_recipe_writes_beside_not_into_the_run(tmp_path, lora_run):
+    """The recipe's output_dir is where its training writes (here: the run being evaluated, so evaluate refused);
+    evaluate writes into evaluations/MODEL unless --output_dir says otherwise."""
+    result = run_cli(["evaluate", str(lora_run / "recipe.yaml"), "--model", str(lora_run), "--max_eval_samples", "6",
+                      "--metrics", "bleu,cider"], cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = tmp_path / "evaluations" / os.path.basename(lora_run)
+    assert {"eval_results.json", "predictions.jsonl"} <= set(os.listdir(written))
+    assert len(read_jsonl(written / "predictions.jsonl")) == 6
+
+
 def test_evaluate_command_scores_a_lora_adapter(tmp_path, lora_run):
     result = run_cli(["evaluate", "--model", str(lora_run), "--dataset", "builtin:shapes", "--split", "validation",
                       "--max_eval_samples", "12", "--metrics", "bleu,cider",
