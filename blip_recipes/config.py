@@ -502,6 +502,11 @@ def check_combinations(recipe: Recipe) -> None:
     check_launcher_precision(recipe, check)
     check_launcher_compile(recipe, check)
     check(not (training.bf16 and training.fp16), "bf16 and fp16 are exclusive")
+    check(
+        not (training.fp16 and training.use_cpu),
+        "fp16 needs a GPU: on the CPU accelerate turns it off and trains in fp32; use bf16: true for "
+        "mixed precision on the CPU, or neither",
+    )
     if model.cache_vision_features:
         check(
             model.training_mode != "full",

@@ -153,7 +153,8 @@ def training_or_refusal(tmp_path, arguments, expected):
     "launched, arguments, expected",
     [
         ("bf16", [], (True, False)),
-        ("fp16", ["--bf16", "false"], (False, True)),
+        ("fp16", ["--bf16", "false", "--use_cpu", "false"], (False, True)),  # on a GPU machine
+        ("fp16", [], "fp16 needs a GPU: on the CPU accelerate turns it off and trains in fp32"),  # on this CPU
         ("bf16", ["--fp16", "true"], "the recipe sets fp16: true"),
         ("fp16", ["--fp16", "false"], "the recipe sets fp16: false"),
         ("fp8", [], "mixed_precision fp8 .* but the recipe sets neither bf16 nor fp16"),

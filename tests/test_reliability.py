@@ -106,6 +106,8 @@ def test_a_token_copied_into_another_key_by_an_alias_is_refused(tmp_path):
         (["--seed", "-1"], r"seed must be in \[0, 2\*\*32\), got -1"),
         (["--data_seed", str(2**32)], "data_seed must be in"),
         (["--caption_grid_size", "-1"], r"caption_grid_size must be 0 \(no grid\) or more, got -1"),
+        # what accelerate would silently not do (see the test below)
+        (["--fp16", "true"], "fp16 needs a GPU: on the CPU accelerate turns it off and trains in fp32"),
         # the Hub would refuse these names only at the push, after training
         (["--hub_model_id", "me/my model"], "hub_model_id: Repo id must use alphanumeric chars.*'me/my model'"),
         (["--hub_model_id", "me/blip/v2"], "hub_model_id: Repo id must be in the form 'repo_name' or 'namespace/"),
@@ -127,6 +129,14 @@ def test_a_token_copied_into_another_key_by_an_alias_is_refused(tmp_path):
 def test_bad_values_are_refused_naming_the_key(arguments, message):
     with pytest.raises(RecipeError, match=message):
         parse_recipe([os.path.join(REPO, "recipes", "shapes", "full.yaml"), *arguments])
+
+
+def test_accelerate_turns_fp16_off_on_the_cpu():
+    """Why fp16 on the CPU is refused: accelerate neither autocasts nor scales, so the run would be fp32."""
+    code = ("from accelerate import Accelerator; accelerator = Accelerator(cpu=True, mixed_precision='fp16'); "
+            "print(accelerator.native_amp, accelerator.scaler)")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.stdout.split() == ["False", "None"], result.stderr[-2000:]  # in its own process: no shared state
 
 
 def test_epochs_may_be_zero_when_max_steps_is_set():
