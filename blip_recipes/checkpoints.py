@@ -117,6 +117,8 @@ def _written_by_a_run(output_dir: str, name: str) -> bool:
     if os.path.isdir(path) and not os.path.islink(path):
         return name in RUN_FOLDERS or bool(_CHECKPOINT.match(name))
     if name == "README.md":  # a model card this tool wrote, not a project's own README (output_dir: .)
+        if not os.path.isfile(path):
+            return False
         with open(path, encoding="utf-8", errors="replace") as handle:
             return "blip-recipes" in handle.read(4096)
     return name in RUN_FILES or bool(_RUN_PATTERN.match(name))

@@ -42,6 +42,7 @@ from .checkpoints import (
 )
 from .config import RecipeError, wants_evaluation
 from .data import DataError
+from .distributed import broadcast_from_main
 from .ema import EMA_FILE
 from .hub import HubPushCallback, metric_results, publish_run, push_blocker
 from .metrics import METRIC_KEYS, MetricsError, check_metric_requirements
@@ -212,13 +213,24 @@ def run(recipe) -> int:
             raise
         logger.error("%s", error)
         return 2
+    problem = None
     if trainer.is_world_process_zero():
-        if resume is None and training_args.overwrite_output_dir:  # only now: a run that fails to start loses nothing
-            removed = remove_earlier_run(training_args.output_dir)
-            if removed:
-                logger.warning("overwrite_output_dir: removed the earlier run's %s from %s", ", ".join(removed),
-                               training_args.output_dir)  # fmt: skip
-        recipe.write_resolved(os.path.join(training_args.output_dir, RECIPE_FILE))
+        try:
+            if (
+                resume is None and training_args.overwrite_output_dir
+            ):  # only now: a run that fails to start loses nothing
+                removed = remove_earlier_run(training_args.output_dir)
+                if removed:
+                    logger.warning("overwrite_output_dir: removed the earlier run's %s from %s", ", ".join(removed),
+                                   training_args.output_dir)  # fmt: skip
+            recipe.write_resolved(os.path.join(training_args.output_dir, RECIPE_FILE))
+        except OSError as error:
+            problem = f"output_dir {training_args.output_dir}: {error}"
+    problem = broadcast_from_main(problem, training_args.world_size)  # every process stops, or none
+    if problem:
+        preemption.restore_signal_handler()
+        logger.error("%s", problem)
+        return 2
     try:
         try:
             train_result = trainer.train(resume_from_checkpoint=resume)

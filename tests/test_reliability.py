@@ -399,6 +399,20 @@ def test_overwrite_output_dir_replaces_the_earlier_run_and_nothing_else(tmp_path
     assert not gone & set(left), left
 
 
+def test_an_earlier_run_that_cannot_be_removed_stops_the_run_with_a_message(tmp_path, monkeypatch, caplog):
+    from blip_recipes import train
+
+    def refuse(output_dir):
+        raise PermissionError(13, "Permission denied", os.path.join(output_dir, "checkpoint-360"))
+
+    monkeypatch.setattr(train, "remove_earlier_run", refuse)
+    recipe = parse_recipe([os.path.join(REPO, "recipes", "shapes", "full.yaml"), "--output_dir", str(tmp_path),
+                           *QUICK, "--max_steps", "1", "--overwrite_output_dir", "true"])  # fmt: skip
+    assert train.run(recipe) == 2
+    assert f"output_dir {tmp_path}: [Errno 13] Permission denied: '{tmp_path}/checkpoint-360'" in caplog.text
+    assert not os.path.exists(tmp_path / "recipe.yaml")
+
+
 def test_overwrite_keeps_a_readme_it_did_not_write_and_a_folder_without_a_run(tmp_path):
     from blip_recipes.checkpoints import remove_earlier_run
 
