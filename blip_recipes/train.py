@@ -83,8 +83,8 @@ def check_before_loading(recipe) -> str | None:
     if wants_evaluation(training_args):
         check_metric_requirements(training_args.eval_metrics)
     model_args = recipe.model
-    check_model_source(model_args.model_name_or_path, model_args.model_revision)
     name = model_args.model_name_or_path
+    check_model_source(name, model_args.model_revision)
     merges = model_args.training_mode != "lora" and adapter_base(name, model_args.model_revision) is not None
     if merges and is_deepspeed_zero3_enabled():
         raise RecipeError(
@@ -93,10 +93,8 @@ def check_before_loading(recipe) -> str | None:
             f"merged into. Merge it first (blip-recipes merge-lora {name} MERGED_DIR) and train from MERGED_DIR"
         )
     if model_args.training_mode == "lora":
-        check_continued_adapter(
-            model_args.model_name_or_path, model_args.model_revision, model_args.lora_r, model_args.lora_alpha,
-            model_args.lora_dropout, model_args.lora_target_modules,
-        )  # fmt: skip
+        check_continued_adapter(name, model_args.model_revision, model_args.lora_r, model_args.lora_alpha,
+                                model_args.lora_dropout, model_args.lora_target_modules)  # fmt: skip
     blocker = push_blocker(training_args.hub_token) if training_args.push_to_hub else None
     if blocker and training_args.process_index == 0:  # only the main process pushes (its machine's login counts)
         raise RecipeError(
@@ -216,9 +214,8 @@ def run(recipe) -> int:
     problem = None
     if trainer.is_world_process_zero():
         try:
-            if (
-                resume is None and training_args.overwrite_output_dir
-            ):  # only now: a run that fails to start loses nothing
+            # Only now, with everything loaded: a run that fails to start loses nothing of the earlier one.
+            if resume is None and training_args.overwrite_output_dir:
                 removed = remove_earlier_run(training_args.output_dir)
                 if removed:
                     logger.warning("overwrite_output_dir: removed the earlier run's %s from %s", ", ".join(removed),
