@@ -144,10 +144,16 @@ def lora_base_model(adapter_path: str) -> str:
     return base
 
 
+def adapter_folder(model_name_or_path: str, revision: str = "main") -> str | None:
+    """The local folder of a LoRA adapter (a folder, or a Hub repo downloaded); None for a model."""
+    path = resolve_model_path(model_name_or_path, revision)
+    return path if is_lora_adapter(path) else None
+
+
 def adapter_base(model_name_or_path: str, revision: str = "main") -> str | None:
     """The base model of a LoRA adapter (folder or Hub repo); None for a model."""
-    path = resolve_model_path(model_name_or_path, revision)
-    return lora_base_model(path) if os.path.isdir(path) and is_lora_adapter(path) else None
+    folder = adapter_folder(model_name_or_path, revision)
+    return lora_base_model(folder) if folder else None
 
 
 def check_continued_adapter(
@@ -155,10 +161,10 @@ def check_continued_adapter(
 ) -> None:
     """training_mode lora from a LoRA adapter trains that adapter further, so its shape is the adapter's: a recipe
     asking for other LoRA settings is refused (peft would load the adapter as saved and ignore them)."""
-    path = resolve_model_path(model_name_or_path, revision)
-    if not (os.path.isdir(path) and is_lora_adapter(path)):
+    folder = adapter_folder(model_name_or_path, revision)
+    if folder is None:
         return
-    with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as handle:
+    with open(os.path.join(folder, "adapter_config.json"), encoding="utf-8") as handle:
         saved = json.load(handle)
     targets = saved.get("target_modules")
     wanted = {
