@@ -254,6 +254,21 @@ class CaptionTrainingArguments(Seq2SeqTrainingArguments):
         },
     )
 
+    def __post_init__(self):
+        super().__post_init__()
+        if choice_name(self.lr_scheduler_type) in METRIC_SCHEDULERS:
+            # Every caption metric is better higher, but torch's ReduceLROnPlateau (and GreedyLR) default to mode
+            # "min": they would cut the learning rate each time CIDEr improved. An explicit "min" is refused.
+            self.lr_scheduler_kwargs = {"mode": "max", **(self.lr_scheduler_kwargs or {})}
+
+
+METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")  # step on an evaluation metric (metric_for_best_model)
+
+
+def choice_name(choice) -> str:
+    """An lr_scheduler_type or optim as written in a recipe (TrainingArguments turns them into enums)."""
+    return getattr(choice, "value", choice)
+
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, CaptionTrainingArguments)
 
@@ -471,15 +486,23 @@ def check_combinations(recipe: Recipe) -> None:
     check(bool(training.eval_metrics), "eval_metrics must name at least one metric")
     if training.metric_for_best_model is not None:
         scored = metric_keys(training.eval_metrics)
+        # Not set, it is the Trainer's default for load_best_model_at_end and metric schedulers: "loss".
+        user = (
+            "load_best_model_at_end"
+            if training.load_best_model_at_end
+            else f"lr_scheduler_type {choice_name(training.lr_scheduler_type)}"
+        )
+        check(
+            "metric_for_best_model" in recipe.explicit_keys,
+            f"{user} needs metric_for_best_model (e.g. cider); evaluation reports caption metrics, no loss",
+        )
         check(
             training.metric_for_best_model.removeprefix("eval_") in scored,
             f"metric_for_best_model {training.metric_for_best_model!r} is not computed; "
             f"eval_metrics give {sorted(scored)}",
         )
-    check(
-        not training.load_best_model_at_end or training.metric_for_best_model is not None,
-        "load_best_model_at_end needs metric_for_best_model (e.g. cider); evaluation reports caption metrics, no loss",
-    )
+    check_evaluation_is_generation(recipe, check)
+    check_trainer_options(recipe, check)
     check(
         not training.push_to_hub or bool(training.hub_model_id),
         "push_to_hub: true needs hub_model_id (e.g. user/blip-football)",
@@ -573,6 +596,81 @@ def check_combinations(recipe: Recipe) -> None:
         "FSDP needs GPUs: on the CPU accelerate drops the FSDP plugin and runs plain data parallelism, which shards "
         "nothing; on a CPU use accelerate_configs/multi_gpu.yaml (DDP over gloo) or DeepSpeed",
     )
+
+
+def check_evaluation_is_generation(recipe: Recipe, check) -> None:
+    """Evaluation generates captions and scores them, higher better: Trainer settings for a loss evaluation would
+    be ignored or turned upside down."""
+    training = recipe.training
+    for key, value in (("predict_with_generate", False), ("prediction_loss_only", True)):
+        check(
+            getattr(training, key) != value,
+            f"{key}: {str(value).lower()} asks for a loss-only evaluation; evaluation here always generates captions "
+            f"and scores them (eval_metrics)",
+        )
+    if training.metric_for_best_model is not None:
+        check(
+            training.greater_is_better is not False,
+            f"greater_is_better: false, but metric_for_best_model {training.metric_for_best_model} is better higher "
+            "(every caption metric is); leave greater_is_better out",
+        )
+    if choice_name(training.lr_scheduler_type) in METRIC_SCHEDULERS:
+        mode = (training.lr_scheduler_kwargs or {}).get("mode")
+        check(
+            mode == "max",
+            f"lr_scheduler_kwargs mode {mode!r}: lr_scheduler_type {choice_name(training.lr_scheduler_type)} "
+            f"steps on metric_for_best_model, which is better higher; mode must be max (the default here)",
+        )
+
+
+def check_trainer_options(recipe: Recipe, check) -> None:
+    """Trainer options that would do something else with BLIP than they say, or fail only once training starts."""
+    training = recipe.training
+    # transformers >= 5.2 has train_sampling_strategy; 5.0 and 5.1 have group_by_length.
+    sampling = getattr(training, "train_sampling_strategy", "random")
+    if getattr(training, "group_by_length", False):
+        sampling = "group_by_length"
+    check(
+        sampling in ("random", "sequential"),
+        f"train_sampling_strategy {sampling}: the Trainer would measure every training item's length by loading "
+        "it, decoding every image before step 1, and take the length of its pixel values (the same for every "
+        "image); captions are padded per batch already. Use random (or group_captions_by_image)",
+    )
+    check(
+        not training.use_liger_kernel,
+        "use_liger_kernel: Liger has no kernels for BLIP (the Trainer would train without them); leave it out",
+    )
+    if training.include_num_input_tokens_seen not in ("no", False):
+        check(
+            training.training_objective == "cross_entropy",
+            "include_num_input_tokens_seen counts the caption tokens a cross_entropy step trains on; scst samples "
+            "its captions",
+        )
+        from transformers import Trainer
+
+        check(
+            hasattr(Trainer, "_track_num_input_tokens"),  # CaptionTrainer counts caption tokens through it
+            "include_num_input_tokens_seen needs transformers >= 5.3 (this one would count BLIP's pixel values as "
+            "tokens)",
+        )
+    problem = optimizer_problem(training)
+    check(problem is None, f"optim {choice_name(training.optim)}: {problem}")
+
+
+def optimizer_problem(training: CaptionTrainingArguments) -> str | None:
+    """What the Trainer's optimizer factory would raise only once training starts, asked now: an optimizer whose
+    package is not installed (transformers says so as an ImportError, or for a few as a ValueError that says
+    "install"). Settings that need the model (GaLore's target modules) are checked by the Trainer at step 0."""
+    from transformers import Trainer
+
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(training)
+    except ImportError as error:
+        return str(error)
+    except ValueError as error:
+        if "install" in str(error).lower():
+            return str(error)
+    return None
 
 
 def check_launcher_precision(recipe: Recipe, check) -> None:

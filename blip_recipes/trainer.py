@@ -122,6 +122,17 @@ class CaptionTrainer(Seq2SeqTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         return self.scst(model, inputs, self.accelerator.autocast)
 
+    def _track_num_input_tokens(self, inputs):
+        """include_num_input_tokens_seen counts caption tokens: the Trainer counts the model's main input, which for
+        BLIP is pixel_values (every channel value of every pixel a "token"). `all`: the caption rows as padded;
+        `non_padding`: [DEC], prompt and caption tokens."""
+        mode = self.args.include_num_input_tokens_seen
+        if mode == "no":
+            return
+        tokens = inputs["attention_mask"].sum() if mode == "non_padding" else inputs["input_ids"].numel()
+        tokens = torch.as_tensor(tokens, device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+
     def log(self, logs: dict, *args, **kwargs) -> None:
         """SCST's per-step statistics (mean reward, baseline, sampled length, share at max length) beside the loss."""
         if self.scst is not None and "loss" in logs:

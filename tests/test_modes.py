@@ -82,6 +82,22 @@ def test_lora_changes_only_adapters(tmp_path):
     assert "model.safetensors" not in files
 
 
+@pytest.mark.parametrize("count", ["all", "non_padding"])
+def test_tokens_seen_are_caption_tokens(tmp_path, count):
+    """The Trainer counts the model's main input, which for BLIP is pixel_values: every channel of every pixel."""
+    recipe = parse_recipe([os.path.join(REPO, "recipes", "shapes", "full.yaml"), "--output_dir", str(tmp_path),
+                           "--max_steps", "3", *QUICK, "--include_num_input_tokens_seen", count])  # fmt: skip
+    trainer = build_trainer(recipe)
+    batches, collate = [], trainer.data_collator
+    trainer.data_collator = lambda features: batches.append(collate(features)) or batches[-1]
+    trainer.train()
+    batches = batches[:3]  # the loader may have fetched one ahead
+    padded = sum(batch["input_ids"].numel() for batch in batches)
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    assert tokens < padded
+    assert trainer.state.num_input_tokens_seen == (padded if count == "all" else tokens)
+
+
 @pytest.fixture(scope="module")
 def trained_adapter(tmp_path_factory):
     """A LoRA adapter saved as a run saves it, with its merged model for reference."""

@@ -14,6 +14,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from transformers import get_scheduler
 
 from blip_recipes.config import DataArguments, RecipeError
 from blip_recipes.data import DataError, load_caption_splits
@@ -108,6 +110,41 @@ def test_a_token_copied_into_another_key_by_an_alias_is_refused(tmp_path):
         (["--caption_grid_size", "-1"], r"caption_grid_size must be 0 \(no grid\) or more, got -1"),
         # what accelerate would silently not do (see the test below)
         (["--fp16", "true"], "fp16 needs a GPU: on the CPU accelerate turns it off and trains in fp32"),
+        # Trainer options that would do something else with BLIP, or fail only once training starts
+        (
+            ["--train_sampling_strategy", "group_by_length"],
+            "train_sampling_strategy group_by_length: .*decoding every image before step 1",
+        ),  # fmt: skip
+        (["--predict_with_generate", "false"], "predict_with_generate: false asks for a loss-only evaluation"),
+        (["--prediction_loss_only", "true"], "prediction_loss_only: true asks for a loss-only evaluation"),
+        (["--use_liger_kernel", "true"], "use_liger_kernel: Liger has no kernels for BLIP"),
+        (["--optim", "adamw_bnb_8bit"], "optim adamw_bnb_8bit: You need to install `bitsandbytes`"),
+        (["--optim", "grokadamw"], "optim grokadamw: Please install grokadamw"),  # a ValueError upstream
+        (
+            ["--training_objective", "scst", "--include_num_input_tokens_seen", "true"],
+            "include_num_input_tokens_seen counts the caption tokens a cross_entropy step",
+        ),  # fmt: skip
+        # evaluation metrics are better higher; the Trainer's defaults assume a loss
+        (
+            ["--metric_for_best_model", "cider", "--greater_is_better", "false"],
+            "greater_is_better: false, but metric_for_best_model cider is better higher",
+        ),  # fmt: skip
+        (
+            ["--lr_scheduler_type", "reduce_lr_on_plateau"],
+            "lr_scheduler_type reduce_lr_on_plateau needs metric_for_best_model",
+        ),  # fmt: skip
+        (["--load_best_model_at_end", "true"], "load_best_model_at_end needs metric_for_best_model"),
+        (
+            [
+                "--lr_scheduler_type",
+                "reduce_lr_on_plateau",
+                "--metric_for_best_model",
+                "cider",
+                "--lr_scheduler_kwargs",
+                '{"mode": "min", "factor": 0.5}',
+            ],
+            "lr_scheduler_kwargs mode 'min': .*mode must be max",
+        ),  # fmt: skip
         # the Hub would refuse these names only at the push, after training
         (["--hub_model_id", "me/my model"], "hub_model_id: Repo id must use alphanumeric chars.*'me/my model'"),
         (["--hub_model_id", "me/blip/v2"], "hub_model_id: Repo id must be in the form 'repo_name' or 'namespace/"),
@@ -137,6 +174,24 @@ def test_accelerate_turns_fp16_off_on_the_cpu():
             "print(accelerator.native_amp, accelerator.scaler)")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.stdout.split() == ["False", "None"], result.stderr[-2000:]  # in its own process: no shared state
+
+
+def test_a_plateau_schedule_cuts_the_rate_when_the_caption_metric_stops_rising():
+    """torch's ReduceLROnPlateau defaults to mode min, which would cut the rate each time CIDEr improved."""
+    recipe = parse_recipe([os.path.join(REPO, "recipes", "shapes", "full.yaml"), "--lr_scheduler_type",
+                           "reduce_lr_on_plateau", "--metric_for_best_model", "cider", "--lr_scheduler_kwargs",
+                           '{"patience": 0, "factor": 0.5}'])  # fmt: skip
+    training = recipe.training
+    assert training.lr_scheduler_kwargs == {"mode": "max", "patience": 0, "factor": 0.5}
+    assert recipe.resolved()["lr_scheduler_kwargs"] == training.lr_scheduler_kwargs  # recipe.yaml says so
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = get_scheduler(training.lr_scheduler_type, optimizer,
+                              scheduler_specific_kwargs=training.lr_scheduler_kwargs)  # fmt: skip
+    rates = []
+    for cider in (0.1, 0.5, 0.9, 0.9, 0.95):
+        scheduler.step(cider)
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates == [1.0, 1.0, 1.0, 0.5, 0.5]  # cut once, when it did not improve
 
 
 def test_epochs_may_be_zero_when_max_steps_is_set():
