@@ -44,18 +44,16 @@ def check_model_source(model_name_or_path: str, revision: str = "main") -> None:
         if not _HUB_ID.match(name):
             raise ModelError(f"model_name_or_path {name}: no such directory")
         if hub_offline():
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = [
-                try_to_load_from_cache(name, file, revision=revision)
-                for file in ("config.json", "adapter_config.json")
-            ]
-            if not any(isinstance(found, str) for found in cached):
+            if not in_hub_cache(name, revision):
                 raise ModelError(
                     f"model_name_or_path {name}: no local directory of that name, and the Hub model is not in the "
                     f"local cache while offline (HF_HUB_OFFLINE is set); download it with network access first "
                     f"(`hf download {name}`) or give a local directory"
                 )
+        else:
+            problem = hub_model_problem(name, revision)
+            if problem:
+                raise ModelError(f"model_name_or_path {name}: no local directory of that name, and {problem}")
         path = resolve_model_path(name, revision)
         if not os.path.isdir(path):  # a Hub model: from_pretrained fetches it
             return
@@ -69,6 +67,48 @@ def check_model_source(model_name_or_path: str, revision: str = "main") -> None:
                 f"model_name_or_path {name} is a LoRA adapter whose base model cannot be loaded: {error}; point "
                 "base_model_name_or_path in its adapter_config.json at where the base model is"
             ) from None
+
+
+def in_hub_cache(repo_id: str, revision: str = "main") -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = [
+        try_to_load_from_cache(repo_id, file, revision=revision) for file in ("config.json", "adapter_config.json")
+    ]
+    return any(isinstance(path, str) for path in found)
+
+
+HUB_PROBE_TIMEOUT = 10  # seconds
+
+
+@functools.cache  # one request per repo and process
+def hub_model_problem(repo_id: str, revision: str = "main") -> str | None:
+    """Why a name that is not a local directory cannot be had from the Hub, asked with one request; None when it
+    can (or when only the download can tell: gated). Without it a mistyped local path, or a machine without network,
+    waits minutes (huggingface_hub retries each file that cannot connect for ~25 s, and several files are asked
+    for) for an error about the processor. A model in the local cache still loads when the Hub cannot be reached."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        HfApi().model_info(repo_id, revision=revision, timeout=HUB_PROBE_TIMEOUT)
+    except GatedRepoError:  # a RepositoryNotFoundError too: the download says whether this login has access
+        return None
+    except RepositoryNotFoundError:
+        return "no Hub model of that name either (a private one needs a login: `hf auth login` or HF_TOKEN)"
+    except RevisionNotFoundError:
+        return f"the Hub model has no revision {revision!r} (model_revision)"
+    except Exception as error:  # no connection, timeout, a server error: the transport's errors vary by version
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        if in_hub_cache(repo_id, revision):
+            logger.warning("asking the Hub for %s failed (%s): it loads from the local cache (HF_HUB_OFFLINE=1 "
+                           "skips the Hub's retries)", repo_id, reason)  # fmt: skip
+            return None
+        return (
+            f"asking the Hub for it failed ({reason}); check the path, or download the model where there is "
+            f"network (`hf download {repo_id}`) and set HF_HUB_OFFLINE=1"
+        )
+    return None
 
 
 def hub_offline() -> bool:

@@ -35,6 +35,15 @@ class FakeHub:
 
             def do_GET(self):
                 self._record()
+                parts = self.path.split("?")[0].strip("/").split("/")
+                if parts[:2] == ["api", "models"] and len(parts) >= 4:  # model info: no repo here, as the Hub says it
+                    data = json.dumps({"error": "Repository not found"}).encode()
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "RepoNotFound")
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    return self.wfile.write(data)
                 self._reply({"error": "not found"}, status=404)
 
             def do_HEAD(self):

@@ -12,15 +12,18 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+from PIL import Image
 from transformers import get_scheduler
 
 from blip_recipes.config import DataArguments, RecipeError
 from blip_recipes.data import DataError, load_caption_splits
 from blip_recipes.recipe_parser import parse_recipe
 from tests.conftest import QUICK, REPO, read_json, read_jsonl, run_cli, signal_at
+from tests.fake_hub import FakeHub
 
 TOKEN = "hf_SENTINELround2TOKEN0123456789abc"
 
@@ -224,9 +227,9 @@ def test_caption_batch_size_must_be_positive(tiny_model_dir, shapes_dir):
 # --- clear errors for bad paths and files, no traceback -----------------------------------------------------------
 
 
-def train_error(tmp_path, *arguments):
+def train_error(tmp_path, *arguments, env=None):
     result = run_cli(["train", "recipes/shapes/full.yaml", "--output_dir", str(tmp_path / "run"), *QUICK,
-                      "--max_steps", "1", *arguments])  # fmt: skip
+                      "--max_steps", "1", *arguments], env=env)  # fmt: skip
     log = result.stdout + result.stderr
     assert result.returncode == 2 and "Traceback" not in log, log[-3000:]
     return log
@@ -246,6 +249,25 @@ def test_unusable_output_dirs_and_model_paths_are_named(tmp_path):
     # One line, not "file not found" for every row under it.
     log = train_error(tmp_path, "--image_root", str(tmp_path / "no-such-images"))
     assert f"image_root {tmp_path / 'no-such-images'}: no such directory" in log and "file not found" not in log
+
+
+def test_a_model_name_that_is_no_folder_and_not_on_the_hub_fails_at_once(tmp_path):
+    """Online, a mistyped local path reads as a Hub id: huggingface_hub retried each file it could not reach for
+    ~25 s, and minutes later (4 on this machine) the error was "could not load its processor"."""
+    picture = tmp_path / "picture.png"
+    Image.new("RGB", (32, 32), "red").save(picture)
+    unreachable = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    message = "model_name_or_path outputs/no-such-run: no local directory of that name, and asking the Hub for it "
+    start = time.monotonic()
+    log = train_error(tmp_path, "--model_name_or_path", "outputs/no-such-run", env=unreachable)
+    assert message + "failed (" in log and "set HF_HUB_OFFLINE=1" in log
+    caption = run_cli(["caption", str(picture), "--model", "outputs/no-such-run"], env=unreachable)
+    assert caption.returncode == 2 and message in caption.stderr and "Traceback" not in caption.stderr
+    assert time.monotonic() - start < 60
+    with FakeHub() as hub:  # reachable, and it has no such repo
+        log = train_error(tmp_path, "--model_name_or_path", "outputs/no-such-run",
+                          env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url})  # fmt: skip
+    assert "no local directory of that name, and no Hub model of that name either (a private one needs a login" in log
 
 
 LONG_PROMPT = " ".join(["a"] * 30)  # 30 tokens: with [DEC], more than generation_max_length 20 holds
