@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -120,3 +121,17 @@ QUICK = [
     "--report_to", "none",
     "--disable_tqdm", "true",
 ]  # fmt: skip
+
+
+def hub_cache_with(cache, repo_id, folder) -> dict:
+    """A Hub cache holding `folder`'s files as `repo_id`'s main revision, as a download leaves it, and the
+    environment that reads it offline."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for name in os.listdir(folder):
+        if os.path.isfile(os.path.join(folder, name)):
+            shutil.copy(os.path.join(folder, name), snapshot / name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    return {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}

@@ -22,7 +22,7 @@ from transformers import get_scheduler
 from blip_recipes.config import DataArguments, RecipeError
 from blip_recipes.data import DataError, load_caption_splits
 from blip_recipes.recipe_parser import parse_recipe
-from tests.conftest import QUICK, REPO, read_json, read_jsonl, run_cli, signal_at
+from tests.conftest import QUICK, REPO, hub_cache_with, read_json, read_jsonl, run_cli, signal_at
 from tests.fake_hub import FakeHub
 
 TOKEN = "hf_SENTINELround2TOKEN0123456789abc"
@@ -268,6 +268,19 @@ def test_a_model_name_that_is_no_folder_and_not_on_the_hub_fails_at_once(tmp_pat
         log = train_error(tmp_path, "--model_name_or_path", "outputs/no-such-run",
                           env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url})  # fmt: skip
     assert "no local directory of that name, and no Hub model of that name either (a private one needs a login" in log
+
+
+def test_a_cached_hub_model_is_still_used_when_the_hub_cannot_be_reached(tmp_path, tiny_model_dir):
+    env = {**hub_cache_with(tmp_path / "hub", "someone/cached-blip", tiny_model_dir), "HF_HUB_OFFLINE": "0",
+           "HF_ENDPOINT": "http://127.0.0.1:9"}  # fmt: skip
+    code = ("import logging; logging.basicConfig(); from blip_recipes.model import hub_model_problem as problem; "
+            "print(problem('someone/cached-blip'), problem('someone/not-cached') is None)")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env},
+                            cwd=REPO, check=False)  # fmt: skip
+    assert result.stdout.split() == ["None", "False"], result.stderr[-2000:]
+    assert "asking the Hub for someone/cached-blip failed" in result.stderr and "loads from the local cache" in (
+        result.stderr
+    )
 
 
 LONG_PROMPT = " ".join(["a"] * 30)  # 30 tokens: with [DEC], more than generation_max_length 20 holds

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from blip_recipes.evaluation import Captioner
-from tests.conftest import QUICK, REPO, assert_readable_by_everyone, read_jsonl, run_cli
+from tests.conftest import QUICK, REPO, assert_readable_by_everyone, hub_cache_with, read_jsonl, run_cli
 from tests.fake_hub import FakeHub
 
 
@@ -91,20 +91,6 @@ def test_an_adapter_whose_base_model_is_gone_is_named_by_every_command(tmp_path,
     train = run_cli(["train", "recipes/shapes/lora.yaml", "--model_name_or_path", str(moved),
                      "--output_dir", str(tmp_path / "run")])  # fmt: skip
     assert train.returncode == 2 and message in train.stdout and "Traceback" not in train.stderr
-
-
-def hub_cache_with(cache, repo_id, folder) -> dict:
-    """A Hub cache holding `folder`'s files as `repo_id`'s main revision, as a download leaves it, and the
-    environment that reads it offline."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    for name in os.listdir(folder):
-        if os.path.isfile(os.path.join(folder, name)):
-            shutil.copy(os.path.join(folder, name), snapshot / name)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0" * 40)
-    return {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
 
 
 def test_a_pushed_adapter_is_used_from_the_hub_as_a_local_one_is(tmp_path, lora_run, shapes_dir):
