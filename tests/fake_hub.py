@@ -36,7 +36,8 @@ class FakeHub:
             def do_GET(self):
                 self._record()
                 parts = self.path.split("?")[0].strip("/").split("/")
-                if parts[:2] == ["api", "models"] and len(parts) >= 4:  # model info: no repo here, as the Hub says it
+                if parts[0] == "api" and parts[1:2] in (["models"], ["datasets"]) and len(parts) >= 4:
+                    # model or dataset info: no such repo here, said as the Hub says it
                     data = json.dumps({"error": "Repository not found"}).encode()
                     self.send_response(404)
                     self.send_header("X-Error-Code", "RepoNotFound")

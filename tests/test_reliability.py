@@ -21,6 +21,7 @@ from transformers import get_scheduler
 
 from blip_recipes.config import DataArguments, RecipeError
 from blip_recipes.data import DataError, load_caption_splits
+from blip_recipes.data.sources import load_raw_splits
 from blip_recipes.recipe_parser import parse_recipe
 from tests.conftest import QUICK, REPO, hub_cache_with, read_json, read_jsonl, run_cli, signal_at
 from tests.fake_hub import FakeHub
@@ -268,6 +269,20 @@ def test_a_model_name_that_is_no_folder_and_not_on_the_hub_fails_at_once(tmp_pat
         log = train_error(tmp_path, "--model_name_or_path", "outputs/no-such-run",
                           env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url})  # fmt: skip
     assert "no local directory of that name, and no Hub model of that name either (a private one needs a login" in log
+
+
+def test_a_dataset_name_that_is_no_file_or_folder_is_named_as_one(tmp_path):
+    """A missing path was looked up as a Hub dataset: "Couldn't reach 'data/no-such.jsonl' on the Hub"."""
+    for name in ("data/no-such.jsonl", "./data/no-such", str(tmp_path / "no-such")):
+        with pytest.raises(DataError, match=f"^{re.escape(name)}: no such file or directory$"):
+            load_raw_splits(DataArguments(dataset_name=name))
+    with pytest.raises(DataError, match="^data/no-such: no local file or folder of that name, and loading it as a "
+                       "Hub dataset failed"):  # fmt: skip
+        load_raw_splits(DataArguments(dataset_name="data/no-such"))  # offline, as the tests run: datasets' reason
+    with FakeHub() as hub:
+        log = train_error(tmp_path, "--dataset_name", "data/no-such", env={"HF_HUB_OFFLINE": "0",
+                                                                          "HF_ENDPOINT": hub.url})  # fmt: skip
+    assert "data/no-such: no local file or folder of that name, and no Hub dataset of that name either" in log
 
 
 def test_a_cached_hub_model_is_still_used_when_the_hub_cannot_be_reached(tmp_path, tiny_model_dir):

@@ -24,12 +24,46 @@ def load_raw_splits(data_args) -> tuple[dict, str | None]:
     source = _resolve_source(data_args.dataset_name)
     if os.path.isfile(source) and os.path.getsize(source) == 0:
         raise DataError(f"{source}: empty file, no rows")
+    local = os.path.exists(source)
+    if not local:
+        check_hub_dataset(source, data_args.dataset_revision)
     try:
         return _load_raw_splits(source, data_args)
     except DataError:
         raise
     except Exception as error:  # datasets raises anything from StopIteration to pyarrow errors on bad files
-        raise DataError(f"{source}: could not load the dataset ({type(error).__name__}: {error})") from error
+        what = "could not load the dataset"
+        if not local:
+            what = "no local file or folder of that name, and loading it as a Hub dataset failed"
+        raise DataError(f"{source}: {what} ({type(error).__name__}: {error})") from error
+
+
+def check_hub_dataset(name: str, revision: str | None) -> None:
+    """A dataset_name that is no local file or folder: a path (a data file's extension, or a name the Hub would
+    refuse) fails at once; a Hub id is asked for with one request, online, so a mistyped folder is named as one
+    instead of after datasets' retries ("Couldn't reach 'data/coco' on the Hub"). When the Hub cannot be reached
+    datasets still tries its cache."""
+    from ..hub import repo_id_problem
+    from ..model import HUB_PROBE_TIMEOUT, hub_offline
+
+    if file_builder(name) or os.path.splitext(name)[1].lower() == ".tar" or repo_id_problem(name):
+        raise DataError(f"{name}: no such file or directory")
+    if hub_offline():
+        return
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        HfApi().dataset_info(name, revision=revision, timeout=HUB_PROBE_TIMEOUT)
+    except GatedRepoError:  # a RepositoryNotFoundError too: the download says whether this login has access
+        return
+    except RepositoryNotFoundError:
+        raise DataError(f"{name}: no local file or folder of that name, and no Hub dataset of that name either (a "
+                        "private one needs a login: `hf auth login` or HF_TOKEN)") from None  # fmt: skip
+    except RevisionNotFoundError:
+        raise DataError(f"{name}: the Hub dataset has no revision {revision!r} (dataset_revision)") from None
+    except Exception:  # no connection: datasets tries its cache, and says why it failed
+        return
 
 
 def _load_raw_splits(source: str, data_args) -> tuple[dict, str | None]:
