@@ -87,12 +87,33 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
         path = latest_complete_checkpoint(output_dir)
         if path is None:
             raise ValueError(f"resume_from_checkpoint: true, but {output_dir} has no complete checkpoint-N directory")
-        return path
-    if not is_complete_checkpoint(value):
+    else:
+        path = value
+        if not is_complete_checkpoint(path):
+            raise ValueError(
+                f"resume_from_checkpoint: {path} is not a complete checkpoint (no trainer_state.json/weights)"
+            )
+    if not holds_optimizer_state(path):
+        # The Trainer would resume anyway, with fresh Adam moments and the schedule from its start (warmup again).
         raise ValueError(
-            f"resume_from_checkpoint: {value} is not a complete checkpoint (no trainer_state.json/weights)"
+            f"resume_from_checkpoint: {path} holds weights but no optimizer state (a run's final output, or a "
+            f"checkpoint saved with save_only_model: true), so a resume would not continue that run. Train on from "
+            f"its weights in a new run instead: --model_name_or_path {path}"
         )
-    return value
+    return path
+
+
+def holds_optimizer_state(checkpoint: str) -> bool:
+    """optimizer.pt (one process, DDP), optimizer.bin or optimizer_0/ (FSDP), global_stepN/ (DeepSpeed)."""
+    return any(name.startswith(("optimizer", "global_step")) for name in os.listdir(checkpoint))
+
+
+def resume_hint(training_args) -> str:
+    """How to continue a run from its last checkpoint, in the messages of a run that stopped."""
+    if training_args.save_only_model:
+        return ("train on from its weights in a new run (--model_name_or_path CHECKPOINT): save_only_model: true "
+                "keeps no optimizer state to resume from")  # fmt: skip
+    return "continue with --resume_from_checkpoint true"
 
 
 # Everything a run (and `evaluate`/`score` on its files) writes into output_dir, but its lock: what

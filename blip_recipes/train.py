@@ -39,6 +39,7 @@ from .checkpoints import (
     remove_earlier_run,
     resolve_resume,
     resume_conflicts,
+    resume_hint,
 )
 from .config import RecipeError, wants_evaluation
 from .data import DataError
@@ -172,8 +173,8 @@ def interrupted(training_args) -> int:
     if training_args.process_index == 0:
         latest = latest_complete_checkpoint(training_args.output_dir)
         if latest:
-            logger.warning("interrupted (Ctrl-C): the last complete checkpoint is %s; continue with "
-                           "--resume_from_checkpoint true", latest)  # fmt: skip
+            logger.warning("interrupted (Ctrl-C): the last complete checkpoint is %s; %s", latest,
+                           resume_hint(training_args))  # fmt: skip
         else:
             logger.warning("interrupted (Ctrl-C) before the first checkpoint: nothing to resume from in %s",
                            training_args.output_dir)  # fmt: skip
@@ -238,8 +239,8 @@ def run(recipe) -> int:
             preemption.restore_signal_handler()
         detach_vision_features(trainer.model)  # evaluation runs the encoder on pixels; free the store
         if preemption.received:
-            logger.warning("pre-empted: checkpoint saved at step %s in %s; continue with --resume_from_checkpoint "
-                           "true", preemption.stopped_at_step, training_args.output_dir)  # fmt: skip
+            logger.warning("pre-empted: checkpoint saved at step %s in %s; %s", preemption.stopped_at_step,
+                           training_args.output_dir, resume_hint(training_args))  # fmt: skip
             return PREEMPTED_EXIT_CODE
         save_outputs(trainer, model_args.merge_lora, train_result.metrics)
     except (OSError, RuntimeError) as error:
@@ -247,8 +248,8 @@ def run(recipe) -> int:
             raise
         latest = latest_complete_checkpoint(training_args.output_dir)
         logger.error("could not write to %s: the disk is full (%s). The last complete checkpoint is %s; free space, "
-                     "then continue with --resume_from_checkpoint true", training_args.output_dir,
-                     str(error).splitlines()[0][:200], latest or "none")  # fmt: skip
+                     "then %s", training_args.output_dir, str(error).splitlines()[0][:200], latest or "none",
+                     resume_hint(training_args))  # fmt: skip
         return WRITE_FAILED_EXIT_CODE
     card_metrics = evaluate_after_training(trainer, recipe)
     if isinstance(card_metrics, int):

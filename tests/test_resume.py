@@ -72,6 +72,7 @@ def test_incomplete_checkpoints_are_never_latest(tmp_path):
     complete.mkdir()
     (complete / "model.safetensors").write_bytes(b"weights")
     (complete / "trainer_state.json").write_text('{"global_step": 4}')
+    (complete / "optimizer.pt").write_bytes(b"state")
     killed_while_saving = tmp_path / "checkpoint-8"
     killed_while_saving.mkdir()
     (killed_while_saving / "model.safetensors").write_bytes(b"half")
@@ -84,3 +85,25 @@ def test_incomplete_checkpoints_are_never_latest(tmp_path):
         resolve_resume(str(killed_while_saving), str(tmp_path))
     with pytest.raises(ValueError, match="has no complete checkpoint"):
         resolve_resume("true", str(tmp_path / "empty"))
+    assert resolve_resume("true", str(tmp_path)) == str(complete)
+
+
+@pytest.mark.parametrize("state", [None, "optimizer.pt", "optimizer_0", "global_step4"])
+def test_a_resume_needs_the_optimizer_state(tmp_path, state):
+    """A run's final output, or a checkpoint saved with save_only_model: true, holds the weights only; the Trainer
+    resumed from it anyway, with fresh Adam moments and the schedule from its start (warmup again)."""
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 4}')
+    if state == "optimizer.pt":  # one process or DDP
+        (checkpoint / state).write_bytes(b"state")
+    elif state:  # FSDP's sharded optimizer, DeepSpeed's global_stepN
+        (checkpoint / state).mkdir()
+    for value in ("true", str(checkpoint)):
+        if state:
+            assert resolve_resume(value, str(tmp_path)) == str(checkpoint)
+            continue
+        with pytest.raises(ValueError, match=f"{checkpoint} holds weights but no optimizer state .* new run instead: "
+                           f"--model_name_or_path {checkpoint}$"):  # fmt: skip
+            resolve_resume(value, str(tmp_path))

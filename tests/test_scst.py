@@ -230,6 +230,7 @@ def test_resuming_with_ema_needs_the_average_in_the_checkpoint(tmp_path):
     checkpoint.mkdir()
     (checkpoint / "model.safetensors").write_bytes(b"weights")
     (checkpoint / "trainer_state.json").write_text('{"global_step": 3}')
+    (checkpoint / "optimizer.pt").write_bytes(b"state")
     recipe = quick_recipe(tmp_path, "--ema_decay", "0.9", "--resume_from_checkpoint", "true")
     with pytest.raises(RecipeError, match="no ema.safetensors, but this recipe sets ema_decay"):
         check_before_loading(recipe)
