@@ -396,6 +396,11 @@ def check_values(recipe: Recipe) -> None:
         check(value is None or 0 <= value < 2**32, f"{key} must be in [0, 2**32), got {value}")
     workers = training.dataloader_num_workers
     check(workers >= 0, f"dataloader_num_workers must be 0 (load in the training process) or more, got {workers}")
+    check(
+        workers > 0 or not training.dataloader_persistent_workers,  # torch's DataLoader refuses it at step 0
+        "dataloader_persistent_workers: true needs dataloader_num_workers above 0 (with 0 there are no workers to "
+        "keep); set dataloader_persistent_workers: false",
+    )
     check(training.caption_grid_size >= 0, f"caption_grid_size must be 0 (no grid) or more, got "
           f"{training.caption_grid_size}")  # fmt: skip
     if training.torch_compile_mode is not None:

@@ -99,6 +99,10 @@ def test_a_token_copied_into_another_key_by_an_alias_is_refused(tmp_path):
         (["--adam_beta2", "-0.5"], r"adam_beta2 must be in \[0, 1\), got -0.5"),
         (["--adam_epsilon", "-1e-8"], "adam_epsilon must be 0 or more"),
         (["--dataloader_num_workers", "-1"], "dataloader_num_workers must be 0 .* or more, got -1"),
+        (
+            ["--dataloader_num_workers", "0", "--dataloader_persistent_workers", "true"],
+            "dataloader_persistent_workers: true needs dataloader_num_workers above 0",
+        ),  # fmt: skip
         (["--torch_compile_mode", "fastest"], "torch_compile_mode must be one of default, .*reduce-overhead.*, got"),
         # the Trainer would silently do something else: no clipping, no logging, no training, every checkpoint kept
         (["--max_grad_norm", "nan"], r"max_grad_norm must be 0 \(no clipping\) or more, got nan"),
