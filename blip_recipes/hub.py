@@ -14,6 +14,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from transformers import TrainerCallback
 
 from . import __version__
+from .builtin import is_builtin
 from .metrics import METRIC_DISPLAY_NAMES
 from .model import adapter_base, hub_offline
 
@@ -42,7 +43,11 @@ NEVER_PUSHED = ["*/*", ".*", "*.pt", "*.pth", "*.bin", "*.pkl"]
 
 
 class PushError(RuntimeError):
-    """The upload did not happen; the local output is complete and can be pushed later."""
+    """The upload did not happen; the local output is complete and can be pushed later. `reason`: why, alone."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def metric_results(results: dict, prefix: str) -> dict:
@@ -54,6 +59,32 @@ def metric_results(results: dict, prefix: str) -> dict:
     }
 
 
+def hub_model_id(name: str) -> str | None:
+    """`name` when it is a Hub model id; None for a builtin or a local folder. A folder this project wrote names
+    its own Hub base (CARD_INPUTS), which is then the lineage the card gives."""
+    if is_builtin(name):
+        return None
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        try:
+            with open(os.path.join(path, CARD_INPUTS), encoding="utf-8") as handle:
+                inputs = json.load(handle)
+        except (OSError, ValueError):
+            return None
+        base = inputs.get("base_model_id") if isinstance(inputs, dict) else None
+        return base if isinstance(base, str) and repo_id_problem(base) is None else None
+    return name if repo_id_problem(name) is None else None
+
+
+def hub_dataset_id(name: str) -> str | None:
+    """`name` when it is a Hub dataset id; None for local data (a file, folder, glob of shards) or a builtin."""
+    if is_builtin(name) or os.path.exists(os.path.expanduser(name)) or repo_id_problem(name) is not None:
+        return None
+    if os.path.splitext(name)[1].lower() in (".json", ".jsonl", ".csv", ".tar"):  # a file path, wherever it is
+        return None
+    return name
+
+
 def build_model_card(
     repo_id: str,
     base_model: str,
@@ -63,27 +94,36 @@ def build_model_card(
     metrics: dict[str, dict],
     generation: dict,
     prompt: str = "",
+    base_model_id: str | None = None,
+    dataset_id: str | None = None,
 ) -> ModelCard:
     """metrics: {split name: {"cider": ..., "bleu_4": ...}} -> a card whose model-index carries every number.
 
     The body is templates/model_card.md; its usage snippet runs on stock transformers (and peft for adapters).
+    The metadata names the base model and dataset only by Hub id (`base_model_id`, `dataset_id`; None for local
+    ones): the Hub refuses a commit whose card metadata holds a local path ("datasets[0] with value ... is not
+    valid"), and a builtin or a path would be a broken link; local data is named by its file or folder name.
     """
     lora = training_mode == "lora"
+    dataset_name = dataset_id or os.path.basename(os.path.normpath(dataset)) or dataset
     data = ModelCardData(
         model_name=repo_id.split("/")[-1],
-        base_model=base_model,
-        datasets=[dataset],
+        base_model=base_model_id,
+        datasets=[dataset_id] if dataset_id else None,
         library_name="peft" if lora else "transformers",
         pipeline_tag="image-to-text",
         license="bsd-3-clause",
         tags=["image-captioning", "blip", "blip-recipes", training_mode] + (["lora"] if lora else []),
-        eval_results=_eval_results(dataset, metrics) or None,
+        eval_results=_eval_results(dataset_name, metrics) or None,
     )
-    table = "\n".join(
-        f"| {split} | "
-        + " | ".join(f"{values.get(key, float('nan')):.4f}" for key in ("bleu_4", "meteor", "rouge_l", "cider"))
-        + " |"
-        for split, values in metrics.items()
+    table = (
+        "\n".join(
+            f"| {split} | "
+            + " | ".join(f"{values.get(key, float('nan')):.4f}" for key in ("bleu_4", "meteor", "rouge_l", "cider"))
+            + " |"
+            for split, values in metrics.items()
+        )
+        or "| (not evaluated in this run: `blip-recipes evaluate --model MODEL` scores it) | | | | |"
     )
     loading = (
         f'base = BlipForConditionalGeneration.from_pretrained("{base_model}")\n'
@@ -95,7 +135,7 @@ def build_model_card(
     template = resources.files("blip_recipes").joinpath("templates", "model_card.md").read_text(encoding="utf-8")
     content = string.Template(template).substitute(
         metadata=data.to_yaml(), model_name=repo_id.split("/")[-1], base_model_url=_hub_url(base_model),
-        dataset=dataset, version=__version__, training_mode=training_mode, num_beams=generation.get("num_beams"),
+        dataset=dataset_name, version=__version__, training_mode=training_mode, num_beams=generation.get("num_beams"),
         max_length=generation.get("max_length"), min_length=generation.get("min_length"),
         prompt_note=f', prompt "{prompt}"' if prompt else "", results_table=table,
         peft_import="from peft import PeftModel" if lora else "", repo_id=repo_id, loading=loading,
@@ -133,8 +173,10 @@ def push_folder(
     private: bool | None = None,
     revision: str | None = None,
     commit_message: str = "Upload fine-tuned BLIP (blip-recipes)",
+    with_card: bool = True,
 ) -> str:
-    """Create the repo if needed and upload the allow-listed files of `folder`. Returns the commit URL."""
+    """Create the repo if needed and upload the allow-listed files of `folder` (README.md only `with_card`).
+    Returns the commit URL."""
     if hub_offline():
         raise PushError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set. The run is saved in {folder}.")
     api = HfApi(token=token)
@@ -145,14 +187,15 @@ def push_folder(
             repo_id=repo_id,
             revision=revision,
             allow_patterns=PUSHED_FILES,
-            ignore_patterns=NEVER_PUSHED,
+            ignore_patterns=NEVER_PUSHED + ([] if with_card else ["README.md"]),
             commit_message=commit_message,
         )
     except Exception as error:  # network, auth, server: all leave the local output as it is
         reason = f"{type(error).__name__}: {_redact(str(error), token)}"
         raise PushError(
             f"push to {repo_id} failed ({reason}). The run is saved in {folder}; "
-            f"retry with `blip-recipes push {folder} --hub_model_id {repo_id}`."
+            f"retry with `blip-recipes push {folder} --hub_model_id {repo_id}`.",
+            reason,
         ) from None
     return getattr(commit, "commit_url", str(commit))
 
@@ -184,6 +227,8 @@ class HubPushCallback(TrainerCallback):
     """hub_strategy: every_save -- after each checkpoint, push its model files (never its optimizer state).
 
     A failed push during training is logged and training goes on; the final push at the end decides the exit code.
+    The checkpoint's README.md is not pushed: it is peft's template for an adapter, whose metadata names the base
+    model by path when it is local, which makes the Hub refuse the whole commit; the run's card comes at the end.
     """
 
     def __init__(self, repo_id: str, token: str | None, private: bool | None):
@@ -195,9 +240,10 @@ class HubPushCallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         try:
             push_folder(folder, self.repo_id, self.token, self.private,
-                        commit_message=f"Training in progress, step {state.global_step}")  # fmt: skip
-        except PushError as error:
-            logger.warning("%s", error)
+                        commit_message=f"Training in progress, step {state.global_step}", with_card=False)  # fmt: skip
+        except PushError as error:  # a checkpoint is no run to push by hand: the end pushes the final model
+            logger.warning("push of checkpoint-%d to %s failed (%s); training goes on, and the model is pushed at "
+                           "the end", state.global_step, self.repo_id, error.reason)  # fmt: skip
 
 
 def _redact(text: str, token: str | None) -> str:
@@ -221,6 +267,9 @@ def retarget_model_card(folder: str, repo_id: str) -> bool:
     with open(path, encoding="utf-8") as handle:
         inputs = json.load(handle)
     if inputs.pop("repo_id") != repo_id:
+        # Inputs saved before the card kept Hub ids apart: decided here, where the folder is pushed from.
+        inputs.setdefault("base_model_id", hub_model_id(inputs["base_model"]))
+        inputs.setdefault("dataset_id", hub_dataset_id(inputs["dataset"]))
         write_model_card(folder, repo_id, **inputs)
     return True
 
@@ -242,9 +291,11 @@ def publish_run(recipe, card_metrics: dict) -> bool:
     base_model = model_args.model_name_or_path
     if model_args.training_mode == "lora":
         base_model = adapter_base(base_model, model_args.model_revision) or base_model
+    dataset = recipe.data.dataset_name
     card = dict(
-        base_model=base_model, dataset=recipe.data.dataset_name, recipe_yaml=recipe.as_yaml(),
-        metrics=card_metrics, generation=generation, prompt=recipe.data.prompt,
+        base_model=base_model, dataset=dataset, recipe_yaml=recipe.as_yaml(), metrics=card_metrics,
+        generation=generation, prompt=recipe.data.prompt, base_model_id=hub_model_id(base_model),
+        dataset_id=hub_dataset_id(dataset),
     )  # fmt: skip
     write_model_card(output_dir, repo_id, training_mode=model_args.training_mode, **card)
     merged_dir = os.path.join(output_dir, "merged")

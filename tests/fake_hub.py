@@ -5,6 +5,26 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import yaml
+
+
+def metadata_problem(card: str) -> str | None:
+    """What the Hub says of a card whose metadata names a base model or dataset by anything but a repo id (a local
+    path: "datasets[0] with value /var/hf/images/ is not valid", huggingface/autotrain-advanced#648)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    metadata = yaml.safe_load(card.split("---")[1]) if card.startswith("---") else {}
+    named = [("base_model", metadata.get("base_model"))]
+    named += [(f"datasets[{index}]", name) for index, name in enumerate(metadata.get("datasets") or [])]
+    for key, value in named:
+        if value is None:
+            continue
+        try:
+            validate_repo_id(value)
+        except HFValidationError:
+            return f'"{key}" with value "{value}" is not valid. If possible, use an id from https://hf.co'
+    return None
+
 
 class FakeHub:
     def __init__(self):
@@ -62,7 +82,11 @@ class FakeHub:
                     hub.created.append({"repo": name, "private": request.get("private")})
                     return self._reply({"url": f"http://{self.headers['Host']}/{name}", "name": name, "id": name})
                 if parts == ["api", "validate-yaml"]:
-                    hub.validated.append(json.loads(body).get("content", ""))
+                    content = json.loads(body).get("content", "")
+                    hub.validated.append(content)
+                    problem = metadata_problem(content)
+                    if problem:
+                        return self._reply({"error": problem}, status=400)
                     return self._reply({})
                 if len(parts) >= 6 and parts[0] == "api" and parts[4] == "preupload":
                     files = json.loads(body)["files"]

@@ -52,7 +52,12 @@ def test_push_uploads_the_model_and_a_card_with_the_metrics(tmp_path, hub):
     assert not any(name.startswith(("checkpoint", "evaluations", ".")) for name in merged["files"])
 
     card = ModelCard(adapter["files"]["README.md"].decode())
-    assert card.data.base_model == "builtin:tiny-blip" and card.data.library_name == "peft"
+    # builtin:tiny-blip and builtin:shapes are no Hub ids: the Hub refuses a commit whose card metadata names one
+    # (the fake Hub's validate-yaml too); the README passed it before anything was uploaded.
+    assert card.data.base_model is None and card.data.datasets is None and card.data.library_name == "peft"
+    assert len(hub.validated) == 2 and 'base = BlipForConditionalGeneration.from_pretrained("builtin:tiny-blip")' in (
+        card.text
+    )
     results = read_json(output_dir / "eval_results.json")
     reported = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert reported == {name: round(results[f"eval_{name}"], 4) for name in ("bleu_1", "bleu_2", "bleu_3", "bleu_4",
@@ -81,6 +86,9 @@ def test_every_save_pushes_model_files_of_each_checkpoint(tmp_path, hub):
         "Upload fine-tuned BLIP (blip-recipes)",
     ]
     assert not any(name.endswith((".pt", ".pth")) or "optimizer" in name for name in hub.commits[0]["files"])
+    # peft writes a template card into each adapter checkpoint whose metadata names the local base by path, which
+    # the Hub refuses (so did the fake Hub): checkpoints go without it, the run's own card comes at the end.
+    assert [("README.md" in commit["files"]) for commit in hub.commits] == [False, False, True]
 
 
 UNREACHABLE = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
@@ -118,3 +126,37 @@ def test_a_push_that_fails_at_the_end_is_fast_clear_and_loses_nothing(tmp_path):
     for name in ("adapter_model.safetensors", "README.md", "eval_results.json", "merged/model.safetensors"):
         assert os.path.isfile(output_dir / name), name
     assert json.loads((output_dir / "eval_results.json").read_text())["eval_cider"] >= 0
+
+
+def test_the_card_names_base_model_and_dataset_by_hub_id_only(tmp_path):
+    """A card naming local data or a local model in its metadata is refused by the Hub at the push, after training
+    ("datasets[0] with value /var/hf/images/ is not valid"); they are named in the text instead."""
+    from blip_recipes.hub import build_model_card, hub_dataset_id, hub_model_id
+    from tests.fake_hub import metadata_problem
+
+    data = tmp_path / "captions.jsonl"
+    data.write_text("{}\n")
+    parent = tmp_path / "stage-1"  # a local run this project wrote: its card inputs name its own Hub base
+    parent.mkdir()
+    (parent / "model_card.json").write_text(json.dumps({"base_model_id": "Salesforce/blip-image-captioning-base"}))
+    assert hub_dataset_id(str(data)) is None and hub_dataset_id("data/elsewhere.jsonl") is None
+    assert hub_dataset_id("/data/cc3m/*.tar") is None and hub_dataset_id("builtin:shapes") is None
+    assert hub_dataset_id("ybelkada/football-dataset") == "ybelkada/football-dataset"
+    assert hub_model_id("builtin:tiny-blip") is None and hub_model_id(str(tmp_path)) is None
+    assert hub_model_id(str(parent)) == "Salesforce/blip-image-captioning-base"
+    assert hub_model_id("Salesforce/blip-image-captioning-large") == "Salesforce/blip-image-captioning-large"
+    common = dict(training_mode="full", recipe_yaml="seed: 1\n", generation={"num_beams": 3},
+                  metrics={"validation": {"cider": 1.5}})  # fmt: skip
+    ids = dict(base_model_id=hub_model_id(str(parent)), dataset_id=hub_dataset_id(str(data)))
+    local = build_model_card("me/blip", base_model=str(parent), dataset=str(data), **common, **ids)
+    assert metadata_problem(str(local)) is None
+    assert local.data.base_model == "Salesforce/blip-image-captioning-base" and local.data.datasets is None
+    assert local.data.eval_results[0].dataset_name == "captions.jsonl" and "on `captions.jsonl`" in local.text
+    hub = build_model_card("me/blip", base_model="Salesforce/blip-image-captioning-base",
+                           dataset="ybelkada/football-dataset", **common,
+                           base_model_id="Salesforce/blip-image-captioning-base",
+                           dataset_id="ybelkada/football-dataset")  # fmt: skip
+    assert hub.data.datasets == ["ybelkada/football-dataset"]
+    assert hub.data.eval_results[0].dataset_type == "ybelkada/football-dataset"
+    unvalidated = build_model_card("me/blip", base_model="x", dataset="y", **common, base_model_id="/home/me/blip")
+    assert 'base_model" with value "/home/me/blip" is not valid' in metadata_problem(str(unvalidated))
