@@ -266,8 +266,9 @@ def retarget_model_card(folder: str, repo_id: str) -> bool:
         return False
     with open(path, encoding="utf-8") as handle:
         inputs = json.load(handle)
-    if inputs.pop("repo_id") != repo_id:
-        # Inputs saved before the card kept Hub ids apart: decided here, where the folder is pushed from.
+    # Inputs saved before the card kept Hub ids apart wrote metadata the Hub refuses (a local path): decided here.
+    older = "base_model_id" not in inputs or "dataset_id" not in inputs
+    if inputs.pop("repo_id") != repo_id or older:
         inputs.setdefault("base_model_id", hub_model_id(inputs["base_model"]))
         inputs.setdefault("dataset_id", hub_dataset_id(inputs["dataset"]))
         write_model_card(folder, repo_id, **inputs)

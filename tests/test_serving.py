@@ -229,6 +229,23 @@ def test_push_command_uploads_a_finished_run(lora_run):
     assert os.path.basename(lora_run) not in card.replace(str(lora_run), "")
 
 
+def test_push_command_rewrites_a_card_whose_metadata_the_hub_would_refuse(tmp_path, lora_run):
+    """Cards written before the metadata kept to Hub ids named builtin:tiny-blip and builtin:shapes there."""
+    older = tmp_path / "older-run"
+    shutil.copytree(lora_run, older)
+    inputs = json.loads((older / "model_card.json").read_text())
+    for key in ("base_model_id", "dataset_id"):
+        inputs.pop(key)
+    (older / "model_card.json").write_text(json.dumps(inputs))
+    card = (older / "README.md").read_text()
+    (older / "README.md").write_text(card.replace("---\n", "---\nbase_model: builtin:tiny-blip\n", 1))
+    with FakeHub() as hub:
+        result = run_cli(["push", str(older), "--hub_model_id", inputs["repo_id"], "--token", "hf_x"],
+                         env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "base_model:" not in hub.commits[0]["files"]["README.md"].decode()
+
+
 def test_push_command_pushes_an_older_runs_card_as_it_is_and_says_so(tmp_path, lora_run):
     older = tmp_path / "older-run"
     shutil.copytree(lora_run, older)
