@@ -200,17 +200,22 @@ def _captioner(args):
 
 
 def _image_files(paths: list[str]) -> list[str]:
+    """Files as given; directories walked for image extensions, leaving out hidden files and folders (macOS's
+    `._photo.jpg` beside every copied photo is no image, `.thumbnails/` no photo of the folder's)."""
     files = []
     for path in paths:
-        if os.path.isdir(path):
-            files += sorted(
-                os.path.join(root, name)
-                for root, _dirs, names in os.walk(path)
-                for name in names
-                if name.lower().endswith(IMAGE_EXTENSIONS)
-            )
-        else:
+        if not os.path.isdir(path):
             files.append(path)
+            continue
+        found = []
+        for root, dirs, names in os.walk(path):
+            dirs[:] = [name for name in dirs if not name.startswith(".")]
+            found += [
+                os.path.join(root, name)
+                for name in names
+                if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+            ]
+        files += sorted(found)
     return files
 
 

@@ -150,6 +150,9 @@ def test_caption_cli_walks_directories_and_reports_bad_files(tmp_path, tiny_mode
         Image.open(path).save(folder / os.path.basename(path))
     (folder / "broken.jpg").write_text("not an image")
     (folder / "notes.txt").write_text("ignored: not an image extension")
+    (folder / "._00000.png").write_bytes(b"\x00\x05\x16\x07")  # macOS metadata beside a copied photo: hidden
+    (folder / ".thumbnails").mkdir()
+    Image.open(validation_images(shapes_dir, 1)[0]).save(folder / ".thumbnails" / "00000.png")
     result = run_cli(["caption", str(folder), "--model", tiny_model_dir, "--batch_size", "2"])
     assert result.returncode == 1  # one file could not be read
     assert "broken.jpg: skipped, not an image file" in result.stderr
