@@ -84,6 +84,14 @@ def check_before_loading(recipe) -> str | None:
     if wants_evaluation(training_args):
         check_metric_requirements(training_args.eval_metrics)
     model_args = recipe.model
+    if model_args.training_mode != "lora" and model_args.torch_dtype != "float32":
+        # The weights that train would be half precision: AdamW's updates smaller than their rounding step vanish
+        # (at a learning rate of 1e-5, 85% of the tiny model's weights had not moved after 3 steps in bfloat16).
+        raise RecipeError(
+            f"torch_dtype {model_args.torch_dtype} makes the weights that train {model_args.torch_dtype}, where most "
+            f"of an optimizer step's updates round away; train with float32 weights and bf16: true (mixed "
+            f"precision keeps float32 weights), or use training_mode lora (its adapters stay float32)"
+        )
     name = model_args.model_name_or_path
     check_model_source(name, model_args.model_revision)
     merges = model_args.training_mode != "lora" and adapter_base(name, model_args.model_revision) is not None
