@@ -318,12 +318,18 @@ def serve_command(argv: list[str]) -> int:
     except ImportError:
         print("error: serving needs the serve extra: pip install 'blip-recipes[serve]'", file=sys.stderr)
         return 2
-    from .serve import serve
+    from .serve import listening_socket, serve
 
+    try:
+        sock = listening_socket(args.host, args.port)
+    except OSError as error:  # before the model loads, which takes a while for BLIP-large
+        print(f"error: cannot listen on {args.host} port {args.port} ({error.strerror or error})", file=sys.stderr)
+        return 2
     captioner = _captioner(args)
     if captioner is None:
+        sock.close()
         return 2
-    serve(captioner, args.host, args.port, int(args.max_upload_mb * 2**20), args.max_image_pixels)
+    serve(captioner, sock, int(args.max_upload_mb * 2**20), args.max_image_pixels)
     return 0
 
 

@@ -90,7 +90,28 @@ def create_app(
     return app
 
 
-def serve(captioner, host: str, port: int, max_upload_bytes: int, max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
+def listening_socket(host: str, port: int):
+    """The server's socket, bound before the model loads: a port in use or a host that is not this machine's is an
+    error at once, not after the model has loaded (uvicorn binds only when it starts)."""
+    import socket
+
+    family, kind, protocol, _name, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                flags=socket.AI_PASSIVE)[0]  # fmt: skip
+    sock = socket.socket(family, kind, protocol)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts reuse the port
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def serve(captioner, sock, max_upload_bytes: int, max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """Serve on `sock` (listening_socket's) until stopped."""
     import uvicorn
 
-    uvicorn.run(create_app(captioner, max_upload_bytes, max_image_pixels), host=host, port=port, log_level="info")
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(create_app(captioner, max_upload_bytes, max_image_pixels), host=host, port=port,
+                            log_level="info")  # fmt: skip
+    uvicorn.Server(config).run(sockets=[sock])

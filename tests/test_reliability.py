@@ -10,6 +10,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -353,11 +354,21 @@ def test_caption_evaluate_and_serve_refuse_settings_they_cannot_run_with(capsys,
     assert "generation_max_length 100 exceeds the text decoder's 64 token positions" in command_error(
         capsys, *evaluate, "--max_length", "100"
     )
-    serve = ("serve", "--model", tiny_model_dir)
+    serve = ("serve", "--model", tiny_model_dir, "--port", "0")  # port 0: any free one, bound before the model loads
     assert "--num_beams must be at least 1, got 0" in command_error(capsys, *serve, "--num_beams", "0")
     assert "argument --device: cuda:4096: this machine has" in command_error(capsys, *serve, "--device", "cuda:4096")
     assert "argument --port: must be in 0..65535, got 70000" in command_error(capsys, *serve, "--port", "70000")
     assert "--max_upload_mb: must be above 0, got 0" in command_error(capsys, *serve, "--max_upload_mb", "0")
+    with socket.socket() as taken:  # a port in use, or a host that is not here: before the model (none here) loads
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        error = command_error(capsys, "serve", "--model", str(tmp_path / "no-such-model"), "--port", str(port))
+    assert f"error: cannot listen on 127.0.0.1 port {port} (Address already in use)" in error
+    error = command_error(
+        capsys, "serve", "--model", str(tmp_path / "no-such-model"), "--host", "no-such-host.invalid"
+    )
+    assert "error: cannot listen on no-such-host.invalid port 8000" in error
 
 
 def test_a_model_without_its_tokenizer_files_is_refused(tmp_path, tiny_model_dir):

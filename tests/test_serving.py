@@ -83,7 +83,7 @@ def test_an_adapter_whose_base_model_is_gone_is_named_by_every_command(tmp_path,
         ["evaluate", "--model", moved, "--dataset", "builtin:shapes", "--split", "validation",
          "--output_dir", tmp_path / "evaluation"],
         ["merge-lora", moved, tmp_path / "merged"],
-        ["serve", "--model", moved],
+        ["serve", "--model", moved, "--port", "0"],
     ):  # fmt: skip
         code, error = cli(capsys, *command)
         assert code == 2 and message in error, (command, error)
