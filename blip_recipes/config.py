@@ -262,6 +262,7 @@ class CaptionTrainingArguments(Seq2SeqTrainingArguments):
             self.lr_scheduler_kwargs = {"mode": "max", **(self.lr_scheduler_kwargs or {})}
 
 
+STRATEGY_KEYS = ("eval_strategy", "save_strategy", "logging_strategy")
 METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")  # step on an evaluation metric (metric_for_best_model)
 
 
@@ -584,6 +585,13 @@ def check_combinations(recipe: Recipe) -> None:
         )
     if data.streaming:
         check(training.max_steps > 0, "streaming: true needs max_steps (a stream has no length to count epochs by)")
+        # The Trainer counts a stream's whole run (max_steps) as one epoch: "epoch" would mean once, at the end.
+        by_epoch = [key for key in STRATEGY_KEYS if choice_name(getattr(training, key)) == "epoch"]
+        check(
+            not by_epoch,
+            f"{', '.join(by_epoch)}: epoch with streaming: true means once, at the end of max_steps (a stream has "
+            f"no epochs); use steps with {', '.join(key.replace('strategy', 'steps') for key in by_epoch)}",
+        )
         for key in ("image_cache", "max_train_samples"):
             check(not getattr(data, key), f"{key} does not apply to a stream (streaming: true)")
         check(not model.cache_vision_features, "cache_vision_features encodes a map-style split; not with streaming")

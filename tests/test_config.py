@@ -40,7 +40,8 @@ def test_the_recipe_a_run_records_is_a_recipe_for_the_same_run(path, tmp_path):
 def test_a_streaming_runs_record_reruns_too(tmp_path):
     recipe = parse_recipe([os.path.join(REPO, "recipes", "shapes", "lora.yaml"), "--output_dir", str(tmp_path),
                            "--streaming", "true", "--dataset_name", str(tmp_path / "shards"), "--max_steps", "5",
-                           "--eval_dataset_name", "builtin:shapes", "--cache_vision_features", "false"])  # fmt: skip
+                           "--eval_dataset_name", "builtin:shapes", "--cache_vision_features", "false",
+                           "--eval_strategy", "steps", "--save_strategy", "steps"])  # fmt: skip
     recipe.write_resolved(str(tmp_path / "recipe.yaml"))
     assert parse_recipe([str(tmp_path / "recipe.yaml")]).resolved() == recipe.resolved()
 

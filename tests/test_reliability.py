@@ -133,6 +133,11 @@ def test_a_token_copied_into_another_key_by_an_alias_is_refused(tmp_path):
             ["--training_objective", "scst", "--include_num_input_tokens_seen", "true"],
             "include_num_input_tokens_seen counts the caption tokens a cross_entropy step",
         ),  # fmt: skip
+        # a stream's whole run is one epoch to the Trainer: epoch strategies would act once, at the end
+        (
+            ["--streaming", "true", "--max_steps", "100", "--eval_dataset_name", "builtin:shapes"],
+            "eval_strategy, save_strategy: epoch with streaming: true means once, at the end of max_steps",
+        ),  # fmt: skip
         # evaluation metrics are better higher; the Trainer's defaults assume a loss
         (
             ["--metric_for_best_model", "cider", "--greater_is_better", "false"],
