@@ -225,6 +225,29 @@ def check_continued_adapter(
         )
 
 
+def check_lora_targets(model_name_or_path: str, revision: str, lora_target_modules) -> None:
+    """Every lora_target_modules entry names modules of this BLIP, known from its config before anything loads.
+    peft refuses only a list of which nothing matches, once the model has loaded (after the data check), and
+    silently drops an entry that matches nothing beside others that do (a typo such as 'querry')."""
+    from accelerate import init_empty_weights
+    from transformers import BlipConfig, BlipForConditionalGeneration
+
+    base = adapter_base(model_name_or_path, revision)
+    path = resolve_model_path(base) if base else resolve_model_path(model_name_or_path, revision)
+    config = BlipConfig.from_pretrained(path, revision="main" if base else revision)
+    with init_empty_weights():  # modules without memory: BLIP-large's names in well under a second
+        modules = dict(BlipForConditionalGeneration(config).named_modules())
+    missing = [target for target in lora_target_modules
+               if not any(name == target or name.endswith(f".{target}") for name in modules)]  # fmt: skip
+    if missing:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in modules.items()
+                         if isinstance(module, torch.nn.Linear)})  # fmt: skip
+        raise ModelError(
+            f"lora_target_modules {missing}: no module of this BLIP is named so (peft matches the end of a module "
+            f"name); its linear layers end in: {', '.join(linear)}"
+        )
+
+
 def load_processor(model_name_or_path: str, revision: str = "main"):
     """The BlipProcessor saved with a model (for a LoRA adapter: the adapter's own copy, else its base model's)."""
     from transformers import BlipProcessor

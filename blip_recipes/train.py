@@ -47,7 +47,14 @@ from .distributed import broadcast_from_main
 from .ema import EMA_FILE
 from .hub import HubPushCallback, metric_results, publish_run, push_blocker
 from .metrics import METRIC_KEYS, MetricsError, check_metric_requirements
-from .model import ModelError, adapter_base, check_continued_adapter, check_model_source, save_merged
+from .model import (
+    ModelError,
+    adapter_base,
+    check_continued_adapter,
+    check_lora_targets,
+    check_model_source,
+    save_merged,
+)
 from .recipe_parser import parse_recipe, recipe_argument_parser
 from .trainer import EvaluationInterrupted
 from .vision_features import VisionFeaturesError
@@ -104,6 +111,7 @@ def check_before_loading(recipe) -> str | None:
     if model_args.training_mode == "lora":
         check_continued_adapter(name, model_args.model_revision, model_args.lora_r, model_args.lora_alpha,
                                 model_args.lora_dropout, model_args.lora_target_modules)  # fmt: skip
+        check_lora_targets(name, model_args.model_revision, model_args.lora_target_modules)
     blocker = push_blocker(training_args.hub_token) if training_args.push_to_hub else None
     if blocker and training_args.process_index == 0:  # only the main process pushes (its machine's login counts)
         raise RecipeError(

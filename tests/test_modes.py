@@ -119,6 +119,23 @@ def test_half_precision_weights_train_only_under_lora(tmp_path, tiny_processor, 
     assert trained == {torch.float32} and frozen == {torch.bfloat16}
 
 
+def test_lora_targets_that_name_no_module_are_refused_before_anything_loads(tmp_path):
+    """peft dropped an entry that matches nothing beside entries that do ('querry' trained query alone), and
+    refused a list that matches nothing only after the data check."""
+    from blip_recipes.model import ModelError
+    from blip_recipes.train import check_before_loading
+
+    def recipe(targets):
+        return parse_recipe([os.path.join(REPO, "recipes", "shapes", "lora.yaml"), "--output_dir", str(tmp_path),
+                             "--lora_target_modules", targets, "--cache_vision_features", "false"])  # fmt: skip
+
+    with pytest.raises(ModelError, match=r"lora_target_modules \['querry', 'q_proj'\]: no module of this BLIP is "
+                       r"named so .* its linear layers end in: decoder, dense, fc1, fc2, key, projection, qkv, query, "
+                       r"value$"):  # fmt: skip
+        check_before_loading(recipe("query,querry,q_proj"))
+    check_before_loading(recipe("qkv,text_decoder.bert.encoder.layer.0.attention.self.value"))  # a suffix, a path
+
+
 @pytest.fixture(scope="module")
 def trained_adapter(tmp_path_factory):
     """A LoRA adapter saved as a run saves it, with its merged model for reference."""
