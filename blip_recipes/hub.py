@@ -80,9 +80,9 @@ def hub_dataset_id(name: str) -> str | None:
     """`name` when it is a Hub dataset id; None for local data (a file, folder, glob of shards) or a builtin."""
     if is_builtin(name) or os.path.exists(os.path.expanduser(name)) or repo_id_problem(name) is not None:
         return None
-    if os.path.splitext(name)[1].lower() in (".json", ".jsonl", ".csv", ".tar"):  # a file path, wherever it is
-        return None
-    return name
+    from .data.sources import names_a_data_file
+
+    return None if names_a_data_file(name) else name
 
 
 def build_model_card(

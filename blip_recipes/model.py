@@ -81,34 +81,48 @@ def in_hub_cache(repo_id: str, revision: str = "main") -> bool:
 HUB_PROBE_TIMEOUT = 10  # seconds
 
 
-@functools.cache  # one request per repo and process
-def hub_model_problem(repo_id: str, revision: str = "main") -> str | None:
-    """Why a name that is not a local directory cannot be had from the Hub, asked with one request; None when it
-    can (or when only the download can tell: gated). Without it a mistyped local path, or a machine without network,
-    waits minutes (huggingface_hub retries each file that cannot connect for ~25 s, and several files are asked
-    for) for an error about the processor. A model in the local cache still loads when the Hub cannot be reached."""
+def ask_hub(repo_id: str, revision: str | None = None, repo_type: str = "model") -> tuple[str, str]:
+    """One request for a repo's info: (answer, reason), answer one of found, gated (the download says whether this
+    login has access), missing (no such repo, or private), no revision, unreachable (no connection, a timeout, a
+    server error: the transport's own errors vary with the huggingface_hub version, hence the broad except)."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        HfApi().model_info(repo_id, revision=revision, timeout=HUB_PROBE_TIMEOUT)
-    except GatedRepoError:  # a RepositoryNotFoundError too: the download says whether this login has access
-        return None
+        HfApi().repo_info(repo_id, revision=revision, repo_type=repo_type, timeout=HUB_PROBE_TIMEOUT)
+    except GatedRepoError:  # a RepositoryNotFoundError too
+        return "gated", ""
     except RepositoryNotFoundError:
-        return "no Hub model of that name either (a private one needs a login: `hf auth login` or HF_TOKEN)"
+        return "missing", ""
     except RevisionNotFoundError:
+        return "no revision", ""
+    except Exception as error:
+        text = str(error).strip()
+        return "unreachable", text.splitlines()[0][:200] if text else type(error).__name__
+    return "found", ""
+
+
+@functools.cache  # one request per repo and process
+def hub_model_problem(repo_id: str, revision: str = "main") -> str | None:
+    """Why a name that is not a local directory cannot be had from the Hub (ask_hub); None when it can. Without it
+    a mistyped local path, or a machine without network, waits minutes (huggingface_hub retries each file that
+    cannot connect for ~25 s, and several files are asked for) for an error about the processor. A model in the
+    local cache still loads when the Hub cannot be reached."""
+    answer, reason = ask_hub(repo_id, revision)
+    if answer == "missing":
+        return "no Hub model of that name either (a private one needs a login: `hf auth login` or HF_TOKEN)"
+    if answer == "no revision":
         return f"the Hub model has no revision {revision!r} (model_revision)"
-    except Exception as error:  # no connection, timeout, a server error: the transport's errors vary by version
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        if in_hub_cache(repo_id, revision):
-            logger.warning("asking the Hub for %s failed (%s): it loads from the local cache (HF_HUB_OFFLINE=1 "
-                           "skips the Hub's retries)", repo_id, reason)  # fmt: skip
-            return None
-        return (
-            f"asking the Hub for it failed ({reason}); check the path, or download the model where there is "
-            f"network (`hf download {repo_id}`) and set HF_HUB_OFFLINE=1"
-        )
-    return None
+    if answer != "unreachable":
+        return None
+    if in_hub_cache(repo_id, revision):
+        logger.warning("asking the Hub for %s failed (%s): it loads from the local cache (HF_HUB_OFFLINE=1 skips "
+                       "the Hub's retries)", repo_id, reason)  # fmt: skip
+        return None
+    return (
+        f"asking the Hub for it failed ({reason}); check the path, or download the model where there is network "
+        f"(`hf download {repo_id}`) and set HF_HUB_OFFLINE=1"
+    )
 
 
 def hub_offline() -> bool:

@@ -44,26 +44,18 @@ def check_hub_dataset(name: str, revision: str | None) -> None:
     instead of after datasets' retries ("Couldn't reach 'data/coco' on the Hub"). When the Hub cannot be reached
     datasets still tries its cache."""
     from ..hub import repo_id_problem
-    from ..model import HUB_PROBE_TIMEOUT, hub_offline
+    from ..model import ask_hub, hub_offline
 
-    if file_builder(name) or os.path.splitext(name)[1].lower() == ".tar" or repo_id_problem(name):
+    if names_a_data_file(name) or repo_id_problem(name):
         raise DataError(f"{name}: no such file or directory")
     if hub_offline():
         return
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
-    try:
-        HfApi().dataset_info(name, revision=revision, timeout=HUB_PROBE_TIMEOUT)
-    except GatedRepoError:  # a RepositoryNotFoundError too: the download says whether this login has access
-        return
-    except RepositoryNotFoundError:
+    answer, _reason = ask_hub(name, revision, repo_type="dataset")  # unreachable: datasets tries its cache
+    if answer == "missing":
         raise DataError(f"{name}: no local file or folder of that name, and no Hub dataset of that name either (a "
-                        "private one needs a login: `hf auth login` or HF_TOKEN)") from None  # fmt: skip
-    except RevisionNotFoundError:
-        raise DataError(f"{name}: the Hub dataset has no revision {revision!r} (dataset_revision)") from None
-    except Exception:  # no connection: datasets tries its cache, and says why it failed
-        return
+                        "private one needs a login: `hf auth login` or HF_TOKEN)")  # fmt: skip
+    if answer == "no revision":
+        raise DataError(f"{name}: the Hub dataset has no revision {revision!r} (dataset_revision)")
 
 
 def _load_raw_splits(source: str, data_args) -> tuple[dict, str | None]:
@@ -123,6 +115,11 @@ def _load_raw_splits(source: str, data_args) -> tuple[dict, str | None]:
         )
     loaded = datasets.load_dataset(source, data_args.dataset_config_name, revision=data_args.dataset_revision)
     return dict(loaded), None
+
+
+def names_a_data_file(name: str) -> bool:
+    """A data file's extension (JSON, JSONL, CSV, a WebDataset .tar): a path, wherever it is, never a Hub id."""
+    return file_builder(name) is not None or os.path.splitext(name)[1].lower() == ".tar"
 
 
 def file_builder(path: str) -> str | None:
