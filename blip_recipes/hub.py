@@ -78,11 +78,11 @@ def hub_model_id(name: str) -> str | None:
 
 def hub_dataset_id(name: str) -> str | None:
     """`name` when it is a Hub dataset id; None for local data (a file, folder, glob of shards) or a builtin."""
-    if is_builtin(name) or os.path.exists(os.path.expanduser(name)) or repo_id_problem(name) is not None:
-        return None
-    from .data.sources import names_a_data_file
+    from .data.sources import can_only_be_a_path
 
-    return None if names_a_data_file(name) else name
+    if is_builtin(name) or os.path.exists(os.path.expanduser(name)) or can_only_be_a_path(name):
+        return None
+    return name
 
 
 def build_model_card(

@@ -43,10 +43,9 @@ def check_hub_dataset(name: str, revision: str | None) -> None:
     refuse) fails at once; a Hub id is asked for with one request, online, so a mistyped folder is named as one
     instead of after datasets' retries ("Couldn't reach 'data/coco' on the Hub"). When the Hub cannot be reached
     datasets still tries its cache."""
-    from ..hub import repo_id_problem
     from ..model import ask_hub, hub_offline
 
-    if names_a_data_file(name) or repo_id_problem(name):
+    if can_only_be_a_path(name):
         raise DataError(f"{name}: no such file or directory")
     if hub_offline():
         return
@@ -117,9 +116,13 @@ def _load_raw_splits(source: str, data_args) -> tuple[dict, str | None]:
     return dict(loaded), None
 
 
-def names_a_data_file(name: str) -> bool:
-    """A data file's extension (JSON, JSONL, CSV, a WebDataset .tar): a path, wherever it is, never a Hub id."""
-    return file_builder(name) is not None or os.path.splitext(name)[1].lower() == ".tar"
+def can_only_be_a_path(name: str) -> bool:
+    """A dataset_name that is never a Hub dataset id, wherever it is read: a data file's extension (JSON, JSONL,
+    CSV, a WebDataset .tar), or a name the Hub would refuse as a repo id (an absolute path, ./x, a glob)."""
+    from ..hub import repo_id_problem
+
+    data_file = file_builder(name) is not None or os.path.splitext(name)[1].lower() == ".tar"
+    return data_file or repo_id_problem(name) is not None
 
 
 def file_builder(path: str) -> str | None:
