@@ -56,6 +56,35 @@ def run_cli(args, cwd=REPO, timeout=600, env=None, launcher=None):
     )
 
 
+def run_main(arguments, capfd, caplog) -> subprocess.CompletedProcess:
+    """`blip-recipes ARGUMENTS` through blip_recipes.cli.main in this process, answered as run_cli answers, with the
+    log records at the end of stderr. Without the 6 s a new interpreter takes to import torch and transformers; an
+    exception that escapes fails the test, as a traceback would. Runs that depend on what huggingface_hub read from
+    the environment at import (HF_ENDPOINT, HF_HUB_OFFLINE), on signals or on a launcher go through run_cli."""
+    import logging
+
+    import datasets
+    import transformers
+
+    from blip_recipes.cli import main
+
+    arguments = [str(argument) for argument in arguments]
+    # train sets these from its log_level; the next test starts from the defaults again.
+    levels = (transformers.logging.get_verbosity(), datasets.logging.get_verbosity(),
+              logging.getLogger("blip_recipes").level)  # fmt: skip
+    caplog.clear()
+    try:
+        code = main(arguments)
+    except SystemExit as exit:  # argparse's own errors
+        code = exit.code
+    finally:
+        transformers.logging.set_verbosity(levels[0])
+        datasets.logging.set_verbosity(levels[1])
+        logging.getLogger("blip_recipes").setLevel(levels[2])
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(arguments, code, out, err + caplog.text)
+
+
 def signal_at(args, marker, sig, count=1, env=None, process_group=False):
     """Run `python -m blip_recipes.cli ARGS`, send `sig` when the `count`-th line containing `marker` appears (to the
     whole process group with `process_group`, as a terminal sends Ctrl-C), and return (exit code, whole log)."""

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from blip_recipes.transforms import BadImageError, ImageTransform, open_image
-from tests.conftest import QUICK, read_jsonl, run_cli
+from tests.conftest import QUICK, read_jsonl, run_main
 
 
 def save(image, path, **kwargs):
@@ -109,10 +109,10 @@ def write_dataset(tmp_path, images, shapes_dir):
     return str(path), rows
 
 
-def test_bad_rows_are_listed_before_training(tmp_path, images, shapes_dir):
+def test_bad_rows_are_listed_before_training(tmp_path, images, shapes_dir, capfd, caplog):
     path, rows = write_dataset(tmp_path, images, shapes_dir)
-    result = run_cli(["train", "recipes/shapes/full.yaml", "--dataset_name", path, "--output_dir",
-                      str(tmp_path / "out"), "--max_steps", "2", *QUICK])  # fmt: skip
+    result = run_main(["train", "recipes/shapes/full.yaml", "--dataset_name", path, "--output_dir", tmp_path / "out",
+                       "--max_steps", "2", *QUICK], capfd, caplog)  # fmt: skip
     log = result.stdout + result.stderr
     assert result.returncode == 2, log[-3000:]
     assert "9 bad row(s) found before training" in log
@@ -124,12 +124,12 @@ def test_bad_rows_are_listed_before_training(tmp_path, images, shapes_dir):
     assert not os.path.exists(tmp_path / "out")
 
 
-def test_skip_bad_samples_trains_and_evaluates_on_the_rest(tmp_path, images, shapes_dir):
+def test_skip_bad_samples_trains_and_evaluates_on_the_rest(tmp_path, images, shapes_dir, capfd, caplog):
     path, rows = write_dataset(tmp_path, images, shapes_dir)
     output_dir = tmp_path / "out"
-    result = run_cli(["train", "recipes/shapes/full.yaml", "--dataset_name", path, "--skip_bad_samples", "true",
-                      "--validation_split_percentage", "20", "--output_dir", str(output_dir), "--max_steps", "2",
-                      *QUICK, "--do_eval", "true", "--eval_metrics", "bleu,cider"])  # fmt: skip
+    result = run_main(["train", "recipes/shapes/full.yaml", "--dataset_name", path, "--skip_bad_samples", "true",
+                       "--validation_split_percentage", "20", "--output_dir", output_dir, "--max_steps", "2", *QUICK,
+                       "--do_eval", "true", "--eval_metrics", "bleu,cider"], capfd, caplog)  # fmt: skip
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     assert log.count("skipping bad sample:") == 9 and "skipped 9 bad sample(s)" in log

@@ -10,7 +10,7 @@ from PIL import Image
 from blip_recipes.config import DataArguments
 from blip_recipes.data import blip_caption, load_caption_splits
 from blip_recipes.data.coco import load_coco_karpathy_file, load_lavis_karpathy_dir
-from tests.conftest import read_json, read_jsonl, run_cli
+from tests.conftest import read_json, read_jsonl, run_main
 
 SPLITS = {"train": 10, "restval": 4, "val": 4, "test": 4}
 
@@ -70,16 +70,17 @@ def test_blip_caption_preprocessing_matches_lavis():
     assert len(blip_caption("word " * 80).split()) == 50
 
 
-def test_base_recipe_runs_end_to_end_on_the_fixture(coco, tmp_path):
+def test_base_recipe_runs_end_to_end_on_the_fixture(coco, tmp_path, capfd, caplog):
     output_dir = tmp_path / "coco-run"
     # The published recipe as written, except: the model (tiny, offline), the data location, sizes, and the
     # GPU-only switches (torch.compile, worker count) that make no sense on a 2-core CPU.
-    result = run_cli(
+    result = run_main(
         ["train", "recipes/coco_karpathy/blip_base_full.yaml", "--model_name_or_path", "builtin:tiny-blip",
          "--dataset_name", str(coco / "annotations" / "dataset_coco.json"), "--image_root", str(coco / "images"),
          "--output_dir", str(output_dir), "--num_train_epochs", "2", "--per_device_train_batch_size", "8",
          "--per_device_eval_batch_size", "4", "--torch_compile", "false", "--dataloader_num_workers", "0",
-         "--dataloader_persistent_workers", "false", "--dataloader_prefetch_factor", "null", "--logging_steps", "2"]
+         "--dataloader_persistent_workers", "false", "--dataloader_prefetch_factor", "null", "--logging_steps", "2"],
+        capfd, caplog,
     )  # fmt: skip
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]

@@ -11,7 +11,7 @@ import torch
 
 from blip_recipes.config import DataArguments
 from blip_recipes.data import DataError, load_caption_splits
-from tests.conftest import QUICK, run_cli
+from tests.conftest import QUICK, run_main
 
 
 def make_jsonl_dataset(tmp_path, shapes_dir, rows=12, one_row_per_caption=False):
@@ -126,15 +126,15 @@ def test_empty_dataset(tmp_path):
         load_caption_splits(DataArguments(dataset_name=str(tmp_path / "empty.jsonl")), 0, False)
 
 
-def test_cli_fails_before_training_on_an_unreadable_image(tmp_path, shapes_dir):
+def test_cli_fails_before_training_on_an_unreadable_image(tmp_path, shapes_dir, capfd, caplog):
     path = make_jsonl_dataset(tmp_path, shapes_dir, rows=8)
     lines = open(path).read().splitlines()
     lines[3] = json.dumps({"image": "images/missing.png", "caption": "a lost image"})
     open(path, "w").write("\n".join(lines) + "\n")
     output_dir = tmp_path / "out"
-    result = run_cli(
+    result = run_main(
         ["train", "recipes/shapes/full.yaml", "--dataset_name", path, "--caption_column", "caption",
-         "--output_dir", str(output_dir), "--max_steps", "2", *QUICK]
+         "--output_dir", str(output_dir), "--max_steps", "2", *QUICK], capfd, caplog
     )  # fmt: skip
     log = result.stdout + result.stderr
     assert result.returncode == 2, log[-2000:]
@@ -144,10 +144,12 @@ def test_cli_fails_before_training_on_an_unreadable_image(tmp_path, shapes_dir):
     assert not os.path.exists(output_dir / "trainer_state.json") and not os.path.exists(output_dir / "recipe.yaml")
 
 
-def test_cli_names_a_missing_caption_column(tmp_path, shapes_dir):
+def test_cli_names_a_missing_caption_column(tmp_path, shapes_dir, capfd, caplog):
     path = make_jsonl_dataset(tmp_path, shapes_dir, rows=4)
-    result = run_cli(
-        ["train", "recipes/shapes/full.yaml", "--dataset_name", path, "--output_dir", str(tmp_path / "o"), *QUICK]
+    result = run_main(
+        ["train", "recipes/shapes/full.yaml", "--dataset_name", path, "--output_dir", str(tmp_path / "o"), *QUICK],
+        capfd,
+        caplog,
     )
     assert result.returncode == 2
     assert "split 'train' has no column 'text' (columns: image, caption)" in result.stdout + result.stderr

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from blip_recipes.evaluation import Captioner
-from tests.conftest import QUICK, assert_readable_by_everyone, read_json, run_cli
+from tests.conftest import QUICK, assert_readable_by_everyone, read_json, run_main
 
 PROMPT = "a picture of "
 DECODING = {"num_beams": 2, "max_length": 12, "min_length": 4, "prompt": PROMPT}
@@ -14,11 +14,12 @@ DECODING = {"num_beams": 2, "max_length": 12, "min_length": 4, "prompt": PROMPT}
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, shapes_dir):
+    from blip_recipes.cli import main
+
     output_dir = tmp_path_factory.mktemp("lora-prompt-run")
-    result = run_cli(["train", "recipes/shapes/lora.yaml", "--output_dir", str(output_dir), "--max_steps", "4",
-                      *QUICK, "--prompt", PROMPT, "--generation_num_beams", "2", "--generation_max_length", "12",
-                      "--generation_min_length", "4", "--merge_lora", "true"])  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(["train", "recipes/shapes/lora.yaml", "--output_dir", str(output_dir), "--max_steps", "4", *QUICK,
+                 "--prompt", PROMPT, "--generation_num_beams", "2", "--generation_max_length", "12",
+                 "--generation_min_length", "4", "--merge_lora", "true"]) == 0  # fmt: skip
     return output_dir
 
 
@@ -49,20 +50,22 @@ def test_captioning_defaults_to_the_saved_decoding(lora_run, shapes_dir):
     assert Captioner(str(lora_run), device="cpu", prompt="").decoding["prompt"] == ""
 
 
-def test_evaluate_with_equals_form_uses_the_saved_decoding(tmp_path, lora_run):
-    result = run_cli(["evaluate", f"--model={lora_run}", "--dataset=builtin:shapes",
-                      "--split=validation", "--max_eval_samples=6", "--metrics=bleu,cider",
-                      f"--output_dir={tmp_path / 'ev'}"])  # fmt: skip
+def test_evaluate_with_equals_form_uses_the_saved_decoding(tmp_path, lora_run, capfd, caplog):
+    result = run_main(["evaluate", f"--model={lora_run}", "--dataset=builtin:shapes", "--split=validation",
+                       "--max_eval_samples=6", "--metrics=bleu,cider", f"--output_dir={tmp_path / 'ev'}"], capfd,
+                      caplog)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "decoding: prompt='a picture of ', num_beams=2, max_length=12, min_length=4" in result.stdout
+    assert (
+        "decoding: prompt='a picture of ', num_beams=2, max_length=12, min_length=4" in result.stdout + result.stderr
+    )
     results = json.loads((tmp_path / "ev" / "eval_results.json").read_text())
     assert {"validation_bleu_4", "validation_cider"} <= set(results)
     # An explicit value wins over the saved one.
-    again = run_cli(["evaluate", f"--model={lora_run}", "--dataset", "builtin:shapes", "--split", "validation",
-                     "--max_eval_samples", "6", "--metrics", "bleu", "--num_beams", "1",
-                     "--output_dir", str(tmp_path / "ev1")])  # fmt: skip
+    again = run_main(["evaluate", f"--model={lora_run}", "--dataset", "builtin:shapes", "--split", "validation",
+                      "--max_eval_samples", "6", "--metrics", "bleu", "--num_beams", "1", "--output_dir",
+                      tmp_path / "ev1"], capfd, caplog)  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "num_beams=1" in again.stdout
+    assert "num_beams=1" in again.stdout + again.stderr
 
 
 def test_model_card_usage_passes_the_decoding_explicitly(lora_run):

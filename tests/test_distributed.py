@@ -4,7 +4,7 @@ import os
 import re
 import sys
 
-from tests.conftest import QUICK, read_json, read_jsonl, run_cli
+from tests.conftest import QUICK, read_json, read_jsonl, run_cli, run_main
 
 
 def two_process_launcher(port: int) -> list[str]:
@@ -12,7 +12,7 @@ def two_process_launcher(port: int) -> list[str]:
             "--main_process_port", str(port), "-m", "blip_recipes.cli"]  # fmt: skip
 
 
-def test_two_process_training_and_evaluation(tmp_path, shapes_dir):
+def test_two_process_training_and_evaluation(tmp_path, shapes_dir, capfd, caplog):
     output_dir = tmp_path / "ddp"
     launcher = two_process_launcher(port=29517)
     result = run_cli(
@@ -39,9 +39,9 @@ def test_two_process_training_and_evaluation(tmp_path, shapes_dir):
     assert os.path.isfile(output_dir / "model.safetensors")
 
     # The same model scored by one process gives the same captions and the same metrics.
-    single = run_cli(["evaluate", "--model", str(output_dir), "--dataset", "builtin:shapes", "--split", "validation",
-                      "--num_beams", "3", "--max_length", "20", "--min_length", "3", "--batch_size", "7",
-                      "--output_dir", str(tmp_path / "single")])  # fmt: skip
+    single = run_main(["evaluate", "--model", output_dir, "--dataset", "builtin:shapes", "--split", "validation",
+                       "--num_beams", "3", "--max_length", "20", "--min_length", "3", "--batch_size", "7",
+                       "--output_dir", tmp_path / "single"], capfd, caplog)  # fmt: skip
     assert single.returncode == 0, single.stderr[-3000:]
     distributed = read_json(output_dir / "eval_results.json")
     alone = read_json(tmp_path / "single" / "eval_results.json")

@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import QUICK, REPO, read_json, run_cli, signal_at
+from tests.conftest import QUICK, REPO, read_json, run_cli, run_main, signal_at
 
-ARGS = ["train", "recipes/shapes/full.yaml", *QUICK, "--max_steps", "150", "--per_device_train_batch_size", "32"]
+ARGS = ["train", "recipes/shapes/full.yaml", *QUICK, "--max_steps", "40", "--per_device_train_batch_size", "32"]
 
 
-def test_sigterm_checkpoints_and_resume_is_exact(tmp_path):
+def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, capfd, caplog):
     interrupted = tmp_path / "interrupted"
     process = subprocess.Popen(
         [sys.executable, "-m", "blip_recipes.cli", *ARGS, "--output_dir", str(interrupted)],
@@ -40,13 +40,14 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path):
     checkpoints = [name for name in os.listdir(interrupted) if name.startswith("checkpoint-")]
     assert len(checkpoints) == 1
     stopped_at = int(checkpoints[0].split("-")[1])
-    assert 3 <= stopped_at < 150
+    assert 3 <= stopped_at < 40
     assert read_json(interrupted / checkpoints[0] / "trainer_state.json")["global_step"] == stopped_at
     assert not os.path.exists(interrupted / "model.safetensors")  # no final save: the run did not finish
 
-    resumed = run_cli([*ARGS, "--output_dir", str(interrupted), "--resume_from_checkpoint", "true"])
+    # The rest in this process (conftest.run_main): only the interrupted run needs one of its own.
+    resumed = run_main([*ARGS, "--output_dir", interrupted, "--resume_from_checkpoint", "true"], capfd, caplog)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    straight = run_cli([*ARGS, "--output_dir", str(tmp_path / "straight")])
+    straight = run_main([*ARGS, "--output_dir", tmp_path / "straight"], capfd, caplog)
     assert straight.returncode == 0, straight.stderr[-3000:]
     expected = load_file(tmp_path / "straight" / "model.safetensors")
     got = load_file(interrupted / "model.safetensors")

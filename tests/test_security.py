@@ -10,7 +10,7 @@ import torch
 
 from blip_recipes.config import RecipeError
 from blip_recipes.recipe_parser import parse_recipe
-from tests.conftest import QUICK, REPO, run_cli
+from tests.conftest import QUICK, REPO, run_cli, run_main
 
 SENTINEL_CLI = "hf_SENTINELcliTOKEN0123456789abcdef"
 SENTINEL_ENV = "hf_SENTINELenvTOKEN0123456789abcdef"
@@ -35,10 +35,11 @@ def test_hub_token_never_reaches_logs_or_files(tmp_path):
         assert SENTINEL_CLI.encode() not in content and SENTINEL_ENV.encode() not in content, path
 
 
-def test_only_safetensors_weights_and_data_only_state(tmp_path):
+def test_only_safetensors_weights_and_data_only_state(tmp_path, capfd, caplog):
     output_dir = tmp_path / "run"
-    result = run_cli(["train", "recipes/shapes/lora.yaml", "--output_dir", str(output_dir), "--max_steps", "2",
-                      *QUICK, "--save_strategy", "steps", "--save_steps", "2", "--merge_lora", "true"])  # fmt: skip
+    result = run_main(["train", "recipes/shapes/lora.yaml", "--output_dir", output_dir, "--max_steps", "2", *QUICK,
+                       "--save_strategy", "steps", "--save_steps", "2", "--merge_lora", "true"], capfd,
+                      caplog)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     files = [p for p in glob.glob(f"{output_dir}/**/*", recursive=True) if os.path.isfile(p)]
     weights = [p for p in files if re.search(r"(model|adapter_model)\.", os.path.basename(p))]

@@ -15,34 +15,41 @@ import torch
 from PIL import Image
 
 from blip_recipes.evaluation import Captioner
-from tests.conftest import QUICK, REPO, assert_readable_by_everyone, hub_cache_with, read_jsonl, run_cli
+from tests.conftest import QUICK, REPO, assert_readable_by_everyone, hub_cache_with, read_jsonl, run_cli, run_main
 from tests.fake_hub import FakeHub
 
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, shapes_dir):
+    from blip_recipes.cli import main
+
     output_dir = tmp_path_factory.mktemp("lora-run")
-    result = run_cli(["train", "recipes/shapes/lora.yaml", "--output_dir", str(output_dir), "--max_steps", "4",
-                      *QUICK, "--save_strategy", "no"])  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert main(["train", recipe("lora"), "--output_dir", str(output_dir), "--max_steps", "4", *QUICK,
+                 "--save_strategy", "no"]) == 0  # fmt: skip
     return output_dir
+
+
+def recipe(mode: str) -> str:
+    return os.path.join(REPO, "recipes", "shapes", f"{mode}.yaml")
 
 
 def validation_images(shapes_dir, count=5):
     return [os.path.join(shapes_dir, "validation", f"{i:05d}.png") for i in range(count)]
 
 
-def test_caption_cli_with_a_lora_adapter_matches_the_merged_model(tmp_path, lora_run, shapes_dir):
+def test_caption_cli_with_a_lora_adapter_matches_the_merged_model(tmp_path, lora_run, shapes_dir, capfd, caplog):
     images = validation_images(shapes_dir)
-    adapter = run_cli(["caption", *images, "--model", str(lora_run), "--output", str(tmp_path / "adapter.jsonl")])
+    adapter = run_main(
+        ["caption", *images, "--model", lora_run, "--output", tmp_path / "adapter.jsonl"], capfd, caplog
+    )
     assert adapter.returncode == 0, adapter.stderr[-2000:]
     merged_dir = tmp_path / "merged"
-    merge = run_cli(["merge-lora", str(lora_run), str(merged_dir)])
+    merge = run_main(["merge-lora", lora_run, merged_dir], capfd, caplog)
     assert merge.returncode == 0, merge.stderr[-2000:]
     assert_readable_by_everyone(merged_dir)
     rows = read_jsonl(tmp_path / "adapter.jsonl")
     assert [row["image"] for row in rows] == images
-    direct = run_cli(["caption", *images, "--model", str(merged_dir)])
+    direct = run_main(["caption", *images, "--model", merged_dir], capfd, caplog)
     assert [line.split("\t")[1] for line in direct.stdout.strip().splitlines()] == [row["caption"] for row in rows]
 
 
@@ -69,7 +76,7 @@ def test_merge_lora_writes_a_new_folder_and_never_over_a_model(tmp_path, lora_ru
     assert os.path.getmtime(merged / "model.safetensors") == written
 
 
-def test_an_adapter_whose_base_model_is_gone_is_named_by_every_command(tmp_path, lora_run, capsys):
+def test_an_adapter_whose_base_model_is_gone_is_named_by_every_command(tmp_path, lora_run, capfd, caplog):
     moved = tmp_path / "moved-adapter"
     shutil.copytree(lora_run, moved)
     config = json.loads((moved / "adapter_config.json").read_text())
@@ -85,20 +92,20 @@ def test_an_adapter_whose_base_model_is_gone_is_named_by_every_command(tmp_path,
         ["merge-lora", moved, tmp_path / "merged"],
         ["serve", "--model", moved, "--port", "0"],
     ):  # fmt: skip
-        code, error = cli(capsys, *command)
+        code, error = cli(capfd, *command)
         assert code == 2 and message in error, (command, error)
     assert not os.path.exists(tmp_path / "merged")
-    train = run_cli(["train", "recipes/shapes/lora.yaml", "--model_name_or_path", str(moved),
-                     "--output_dir", str(tmp_path / "run")])  # fmt: skip
-    assert train.returncode == 2 and message in train.stdout and "Traceback" not in train.stderr
+    train = run_main(["train", recipe("lora"), "--model_name_or_path", moved, "--output_dir", tmp_path / "run"], capfd,
+                     caplog)  # fmt: skip
+    assert train.returncode == 2 and message in train.stderr
 
 
-def test_a_pushed_adapter_is_used_from_the_hub_as_a_local_one_is(tmp_path, lora_run, shapes_dir):
+def test_a_pushed_adapter_is_used_from_the_hub_as_a_local_one_is(tmp_path, lora_run, shapes_dir, capfd, caplog):
     """A Hub repo holding an adapter (what `push` uploads for a LoRA run) has no config.json: loaded by id it gave
     "could not load its processor". Every command now takes it as it takes the run's folder."""
     env = hub_cache_with(tmp_path / "hub", "someone/shapes-lora", lora_run)
     images = validation_images(shapes_dir, 3)
-    local = run_cli(["caption", *images, "--model", str(lora_run)])
+    local = run_main(["caption", *images, "--model", lora_run], capfd, caplog)
     hub = run_cli(["caption", *images, "--model", "someone/shapes-lora"], env=env)
     assert local.returncode == 0 and hub.returncode == 0, hub.stderr[-2000:]
     assert hub.stdout == local.stdout and len(hub.stdout.splitlines()) == 3
@@ -121,21 +128,24 @@ def test_a_saved_adapter_loads_with_stock_peft_alone(lora_run):
     assert result.stdout.split() == ["BlipForConditionalGeneration", "False"], result.stderr[-2000:]
 
 
-def test_evaluate_with_a_runs_own_recipe_writes_beside_not_into_the_run(tmp_path, lora_run):
+def test_evaluate_with_a_runs_own_recipe_writes_beside_not_into_the_run(
+    tmp_path, lora_run, monkeypatch, capfd, caplog
+):
     """The recipe's output_dir is where its training writes (here: the run being evaluated, so evaluate refused);
     evaluate writes into evaluations/MODEL unless --output_dir says otherwise."""
-    result = run_cli(["evaluate", str(lora_run / "recipe.yaml"), "--model", str(lora_run), "--max_eval_samples", "6",
-                      "--metrics", "bleu,cider"], cwd=tmp_path)  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    result = run_main(["evaluate", lora_run / "recipe.yaml", "--model", lora_run, "--max_eval_samples", "6",
+                       "--metrics", "bleu,cider"], capfd, caplog)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     written = tmp_path / "evaluations" / os.path.basename(lora_run)
     assert {"eval_results.json", "predictions.jsonl"} <= set(os.listdir(written))
     assert len(read_jsonl(written / "predictions.jsonl")) == 6
 
 
-def test_evaluate_command_scores_a_lora_adapter(tmp_path, lora_run):
-    result = run_cli(["evaluate", "--model", str(lora_run), "--dataset", "builtin:shapes", "--split", "validation",
-                      "--max_eval_samples", "12", "--metrics", "bleu,cider",
-                      "--output_dir", str(tmp_path / "ev")])  # fmt: skip
+def test_evaluate_command_scores_a_lora_adapter(tmp_path, lora_run, capfd, caplog):
+    result = run_main(["evaluate", "--model", lora_run, "--dataset", "builtin:shapes", "--split", "validation",
+                       "--max_eval_samples", "12", "--metrics", "bleu,cider", "--output_dir", tmp_path / "ev"], capfd,
+                      caplog)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((tmp_path / "ev" / "eval_results.json").read_text())
     assert {"validation_bleu_4", "validation_cider"} <= set(results)
@@ -143,7 +153,7 @@ def test_evaluate_command_scores_a_lora_adapter(tmp_path, lora_run):
     assert len(rows) == 12 and os.path.isfile(tmp_path / "ev" / "caption_grid.png")
 
 
-def test_caption_cli_walks_directories_and_reports_bad_files(tmp_path, tiny_model_dir, shapes_dir):
+def test_caption_cli_walks_directories_and_reports_bad_files(tmp_path, tiny_model_dir, shapes_dir, capfd, caplog):
     folder = tmp_path / "pictures"
     folder.mkdir()
     for path in validation_images(shapes_dir, 3):
@@ -153,7 +163,7 @@ def test_caption_cli_walks_directories_and_reports_bad_files(tmp_path, tiny_mode
     (folder / "._00000.png").write_bytes(b"\x00\x05\x16\x07")  # macOS metadata beside a copied photo: hidden
     (folder / ".thumbnails").mkdir()
     Image.open(validation_images(shapes_dir, 1)[0]).save(folder / ".thumbnails" / "00000.png")
-    result = run_cli(["caption", str(folder), "--model", tiny_model_dir, "--batch_size", "2"])
+    result = run_main(["caption", folder, "--model", tiny_model_dir, "--batch_size", "2"], capfd, caplog)
     assert result.returncode == 1  # one file could not be read
     assert "broken.jpg: skipped, not an image file" in result.stderr
     lines = result.stdout.strip().splitlines()
@@ -189,13 +199,17 @@ def test_caption_output_keeps_every_finished_batch_when_interrupted(tmp_path, ti
     assert read_jsonl(output) == everything  # the earlier run's file, untouched
 
 
-def test_caption_output_on_a_full_disk_keeps_whole_batches_and_says_so(tmp_path, tiny_model_dir, shapes_dir):
+def test_caption_output_on_a_full_disk_keeps_whole_batches_and_says_so(tmp_path, tiny_model_dir, shapes_dir, capfd,
+                                                                         caplog):  # fmt: skip
     import resource
     import signal
 
     images = validation_images(shapes_dir, 5)
     everything = tmp_path / "everything.jsonl"
-    assert run_cli(["caption", *images, "--model", tiny_model_dir, "--output", str(everything)]).returncode == 0
+    assert (
+        run_main(["caption", *images, "--model", tiny_model_dir, "--output", everything], capfd, caplog).returncode
+        == 0
+    )
     lines = everything.read_text(encoding="utf-8").splitlines(keepends=True)
     first_batch = "".join(lines[:2])
     limit = len(first_batch.encode()) + 20  # the second batch fits only partly, as on a disk that fills up
@@ -322,12 +336,12 @@ def test_bad_uploads_get_4xx_with_a_message(server, files, status, message):
     assert message in json.dumps(response.json())
 
 
-def test_training_can_start_from_a_fine_tuned_checkpoint(tmp_path, lora_run):
+def test_training_can_start_from_a_fine_tuned_checkpoint(tmp_path, capfd, caplog):
     first = tmp_path / "first"
-    result = run_cli(["train", "recipes/shapes/full.yaml", "--output_dir", str(first), "--max_steps", "2", *QUICK])
+    result = run_main(["train", recipe("full"), "--output_dir", first, "--max_steps", "2", *QUICK], capfd, caplog)
     assert result.returncode == 0
-    second = run_cli(["train", "recipes/shapes/frozen_vision.yaml", "--model_name_or_path", str(first),
-                      "--output_dir", str(tmp_path / "second"), "--max_steps", "2", *QUICK])  # fmt: skip
+    second = run_main(["train", recipe("frozen_vision"), "--model_name_or_path", first, "--output_dir",
+                       tmp_path / "second", "--max_steps", "2", *QUICK], capfd, caplog)  # fmt: skip
     assert second.returncode == 0, second.stderr[-2000:]
     from safetensors.torch import load_file
 

@@ -18,7 +18,7 @@ from PIL import Image
 from blip_recipes.data.sources import DataError
 from blip_recipes.data.streaming import CaptionStream, TarShard, write_shards
 from blip_recipes.transforms import ImageTransform
-from tests.conftest import QUICK, REPO, read_json, run_cli
+from tests.conftest import QUICK, REPO, read_json, run_cli, run_main
 
 TRANSFORM = ImageTransform(16, 16, Image.BICUBIC)
 
@@ -281,11 +281,12 @@ def test_two_processes_stream_disjoint_shards(tmp_path, shapes_shards):
     assert read_json(output_dir / "eval_results.json")["eval_cider"] > 0
 
 
-def test_streaming_needs_max_steps_and_an_eval_source(tmp_path, shapes_shards):
-    no_steps = run_cli(["train", *streaming_arguments(shapes_shards, tmp_path / "a")])
+def test_streaming_needs_max_steps_and_an_eval_source(tmp_path, shapes_shards, capfd, caplog):
+    no_steps = run_main(["train", *streaming_arguments(shapes_shards, tmp_path / "a")], capfd, caplog)
     assert no_steps.returncode == 2 and "streaming: true needs max_steps" in no_steps.stderr
     arguments = streaming_arguments(shapes_shards, tmp_path / "b", "--max_steps", "2", "--do_eval", "true")
-    no_eval = run_cli(["train", *[a for a in arguments if a not in ("--eval_dataset_name", "builtin:shapes")]])
+    no_eval = run_main(["train", *[a for a in arguments if a not in ("--eval_dataset_name", "builtin:shapes")]], capfd,
+                       caplog)  # fmt: skip
     assert no_eval.returncode == 2 and "needs eval_dataset_name" in no_eval.stderr
 
 
