@@ -102,13 +102,18 @@ def ask_hub(repo_id: str, revision: str | None = None, repo_type: str = "model")
     return "found", ""
 
 
-@functools.cache  # one request per repo and process
+@functools.cache  # one request per repo and process, for the check and the loaders alike
+def hub_model_answer(repo_id: str, revision: str = "main") -> tuple[str, str]:
+    return ask_hub(repo_id, revision)
+
+
+@functools.cache
 def hub_model_problem(repo_id: str, revision: str = "main") -> str | None:
     """Why a name that is not a local directory cannot be had from the Hub (ask_hub); None when it can. Without it
     a mistyped local path, or a machine without network, waits minutes (huggingface_hub retries each file that
     cannot connect for ~25 s, and several files are asked for) for an error about the processor. A model in the
     local cache still loads when the Hub cannot be reached."""
-    answer, reason = ask_hub(repo_id, revision)
+    answer, reason = hub_model_answer(repo_id, revision)
     if answer == "missing":
         return "no Hub model of that name either (a private one needs a login: `hf auth login` or HF_TOKEN)"
     if answer == "no revision":
@@ -116,8 +121,7 @@ def hub_model_problem(repo_id: str, revision: str = "main") -> str | None:
     if answer != "unreachable":
         return None
     if in_hub_cache(repo_id, revision):
-        logger.warning("asking the Hub for %s failed (%s): it loads from the local cache (HF_HUB_OFFLINE=1 skips "
-                       "the Hub's retries)", repo_id, reason)  # fmt: skip
+        logger.warning("asking the Hub for %s failed (%s): it loads from the local cache", repo_id, reason)
         return None
     return (
         f"asking the Hub for it failed ({reason}); check the path, or download the model where there is network "
@@ -161,7 +165,24 @@ def resolve_model_path(model_name_or_path: str, revision: str = "main") -> str:
         return resolve_builtin(model_name_or_path)
     if os.path.isdir(model_name_or_path) or not _HUB_ID.match(model_name_or_path):
         return model_name_or_path
-    return _hub_adapter_folder(model_name_or_path, revision) or model_name_or_path
+    return (
+        snapshot_when_hub_unreachable(model_name_or_path, revision)
+        or _hub_adapter_folder(model_name_or_path, revision)
+        or model_name_or_path
+    )
+
+
+def snapshot_when_hub_unreachable(repo_id: str, revision: str = "main") -> str | None:
+    """A cached Hub repo's snapshot folder when the Hub cannot be reached (HF_HUB_OFFLINE unset): loaded by id,
+    huggingface_hub retried each file it checked for ~25 s (`caption` with a cached model took 5.5 minutes)."""
+    from huggingface_hub import snapshot_download
+
+    if hub_offline() or hub_model_answer(repo_id, revision)[0] != "unreachable":
+        return None
+    try:
+        return snapshot_download(repo_id, revision=revision, local_files_only=True)
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError)
+        return None
 
 
 @functools.cache  # asked by each check and loader: one Hub request per repo and process
@@ -303,6 +324,7 @@ def load_model(
 
         base_name = lora_base_model(path)
         base = BlipForConditionalGeneration.from_pretrained(resolve_model_path(base_name), dtype=dtype)
+        name_by_hub_id(base, base_name)
         if os.path.isfile(os.path.join(path, "generation_config.json")):
             base.generation_config = GenerationConfig.from_pretrained(path)
         model = PeftModel.from_pretrained(base, path, is_trainable=lora_trainable and not merge_adapter)
@@ -312,7 +334,16 @@ def load_model(
                         model_name_or_path, base_name)  # fmt: skip
     else:
         model = BlipForConditionalGeneration.from_pretrained(path, revision=revision, dtype=dtype)
+        name_by_hub_id(model, model_name_or_path)
     return adapt_blip(model, attn_implementation, image_mean, image_std)
+
+
+def name_by_hub_id(model, model_name_or_path: str) -> None:
+    """A Hub model loaded from its cached snapshot (snapshot_when_hub_unreachable) is named by its Hub id, as a
+    download names it: peft records the name as an adapter's base_model_name_or_path, which must not be a folder in
+    this machine's cache."""
+    if _HUB_ID.match(model_name_or_path) and not is_builtin(model_name_or_path):
+        model.config._name_or_path = model.name_or_path = model_name_or_path  # peft reads the model's attribute
 
 
 def set_decoding(model, num_beams: int, max_length: int, min_length: int, prompt: str) -> None:
