@@ -341,8 +341,8 @@ def load_model(
 def name_by_hub_id(model, model_name_or_path: str) -> None:
     """A Hub model loaded from its cached snapshot (snapshot_when_hub_unreachable) is named by its Hub id, as a
     download names it: peft records the name as an adapter's base_model_name_or_path, which must not be a folder in
-    this machine's cache."""
-    if _HUB_ID.match(model_name_or_path) and not is_builtin(model_name_or_path):
+    this machine's cache. Any other name is the path from_pretrained was given and named it by already."""
+    if _HUB_ID.match(model_name_or_path):  # a builtin (builtin:...) keeps its generated folder's name
         model.config._name_or_path = model.name_or_path = model_name_or_path  # peft reads the model's attribute
 
 

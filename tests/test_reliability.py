@@ -364,55 +364,55 @@ def test_a_prompt_or_length_the_text_decoder_cannot_hold_is_refused_before_train
     assert "generation_max_length 100 exceeds the text decoder's 64 token positions" in log  # builtin:tiny-blip
 
 
-def command_error(capsys, *arguments) -> str:
-    """blip_recipes.cli.main in this process: exit code 2 and its message, no traceback."""
-    from blip_recipes.cli import main
-
-    try:
-        code = main(list(arguments))
-    except SystemExit as exit:  # argparse's own errors
-        code = exit.code
-    assert code == 2
-    return capsys.readouterr().err
+def command_error(capfd, caplog, *arguments) -> str:
+    """A command run in this process (conftest.run_main) exits 2: what it said."""
+    result = run_main(arguments, capfd, caplog)
+    assert result.returncode == 2, result.stderr[-3000:]
+    return result.stderr
 
 
-def test_caption_evaluate_and_serve_refuse_settings_they_cannot_run_with(capsys, tmp_path, tiny_model_dir, shapes_dir):
+def test_caption_evaluate_and_serve_refuse_settings_they_cannot_run_with(capfd, caplog, tmp_path, tiny_model_dir,
+                                                                          shapes_dir):  # fmt: skip
     image = os.path.join(shapes_dir, "validation", "00000.png")
     caption = ("caption", image, "--model", tiny_model_dir)
-    assert "--num_beams must be at least 1, got 0" in command_error(capsys, *caption, "--num_beams", "0")
+    assert "--num_beams must be at least 1, got 0" in command_error(capfd, caplog, *caption, "--num_beams", "0")
     assert "--max_length 100 exceeds the text decoder's 64 token positions" in command_error(
-        capsys, *caption, "--max_length", "100"
+        capfd, caplog, *caption, "--max_length", "100"
     )
     assert "--max_length 30 leaves no room for a caption after [DEC] and the --prompt" in command_error(
-        capsys, *caption, "--prompt", LONG_PROMPT
+        capfd, caplog, *caption, "--prompt", LONG_PROMPT
     )
-    assert "--max_length (4) must exceed --min_length (5)" in command_error(capsys, *caption, "--max_length", "4")
-    assert "argument --device: cuda:4096: this machine has" in command_error(capsys, *caption, "--device",
+    assert "--max_length (4) must exceed --min_length (5)" in command_error(
+        capfd, caplog, *caption, "--max_length", "4"
+    )
+    assert "argument --device: cuda:4096: this machine has" in command_error(capfd, caplog, *caption, "--device",
                                                                              "cuda:4096")  # fmt: skip
-    assert "argument --device: not a device: 'gpu'" in command_error(capsys, *caption, "--device", "gpu")
+    assert "argument --device: not a device: 'gpu'" in command_error(capfd, caplog, *caption, "--device", "gpu")
     # --output that cannot be written fails before the model loads, not after every image is captioned
-    assert f"--output {tmp_path}: is a directory" in command_error(capsys, *caption, "--output", str(tmp_path))
+    assert f"--output {tmp_path}: is a directory" in command_error(capfd, caplog, *caption, "--output", str(tmp_path))
     assert "--output /proc/captions.jsonl: /proc is not writable" in command_error(
-        capsys, *caption, "--output", "/proc/captions.jsonl"
+        capfd, caplog, *caption, "--output", "/proc/captions.jsonl"
     )
     evaluate = ("evaluate", "--model", tiny_model_dir, "--dataset", "builtin:shapes", "--split", "validation",
                 "--max_eval_samples", "4", "--output_dir", str(tmp_path / "evaluation"))  # fmt: skip
     assert "generation_max_length 100 exceeds the text decoder's 64 token positions" in command_error(
-        capsys, *evaluate, "--max_length", "100"
+        capfd, caplog, *evaluate, "--max_length", "100"
     )
     serve = ("serve", "--model", tiny_model_dir, "--port", "0")  # port 0: any free one, bound before the model loads
-    assert "--num_beams must be at least 1, got 0" in command_error(capsys, *serve, "--num_beams", "0")
-    assert "argument --device: cuda:4096: this machine has" in command_error(capsys, *serve, "--device", "cuda:4096")
-    assert "argument --port: must be in 0..65535, got 70000" in command_error(capsys, *serve, "--port", "70000")
-    assert "--max_upload_mb: must be above 0, got 0" in command_error(capsys, *serve, "--max_upload_mb", "0")
+    assert "--num_beams must be at least 1, got 0" in command_error(capfd, caplog, *serve, "--num_beams", "0")
+    assert "argument --device: cuda:4096: this machine has" in command_error(
+        capfd, caplog, *serve, "--device", "cuda:4096"
+    )
+    assert "argument --port: must be in 0..65535, got 70000" in command_error(capfd, caplog, *serve, "--port", "70000")
+    assert "--max_upload_mb: must be above 0, got 0" in command_error(capfd, caplog, *serve, "--max_upload_mb", "0")
     with socket.socket() as taken:  # a port in use, or a host that is not here: before the model (none here) loads
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        error = command_error(capsys, "serve", "--model", str(tmp_path / "no-such-model"), "--port", str(port))
+        error = command_error(capfd, caplog, "serve", "--model", str(tmp_path / "no-such-model"), "--port", str(port))
     assert f"error: cannot listen on 127.0.0.1 port {port} (Address already in use)" in error
     error = command_error(
-        capsys, "serve", "--model", str(tmp_path / "no-such-model"), "--host", "no-such-host.invalid"
+        capfd, caplog, "serve", "--model", str(tmp_path / "no-such-model"), "--host", "no-such-host.invalid"
     )
     assert "error: cannot listen on no-such-host.invalid port 8000" in error
 

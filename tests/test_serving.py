@@ -53,26 +53,15 @@ def test_caption_cli_with_a_lora_adapter_matches_the_merged_model(tmp_path, lora
     assert [line.split("\t")[1] for line in direct.stdout.strip().splitlines()] == [row["caption"] for row in rows]
 
 
-def cli(capsys, *arguments) -> tuple[int, str]:
-    """blip_recipes.cli.main in this process: (exit code, stderr)."""
-    from blip_recipes.cli import main
-
-    try:
-        code = main([str(argument) for argument in arguments])
-    except SystemExit as exit:  # argparse's own errors
-        code = exit.code
-    return code, capsys.readouterr().err
-
-
-def test_merge_lora_writes_a_new_folder_and_never_over_a_model(tmp_path, lora_run, capsys):
-    code, error = cli(capsys, "merge-lora", lora_run, lora_run)
-    assert code == 2 and f"{lora_run} already holds a model (adapter_config.json)" in error
+def test_merge_lora_writes_a_new_folder_and_never_over_a_model(tmp_path, lora_run, capfd, caplog):
+    result = run_main(["merge-lora", lora_run, lora_run], capfd, caplog)
+    assert result.returncode == 2 and f"{lora_run} already holds a model (adapter_config.json)" in result.stderr
     assert not os.path.exists(lora_run / "model.safetensors")
     merged = tmp_path / "new" / "merged"
-    assert cli(capsys, "merge-lora", lora_run, merged)[0] == 0
+    assert run_main(["merge-lora", lora_run, merged], capfd, caplog).returncode == 0
     written = os.path.getmtime(merged / "model.safetensors")
-    code, error = cli(capsys, "merge-lora", lora_run, merged)
-    assert code == 2 and "already holds a model (config.json, model.safetensors)" in error
+    result = run_main(["merge-lora", lora_run, merged], capfd, caplog)
+    assert result.returncode == 2 and "already holds a model (config.json, model.safetensors)" in result.stderr
     assert os.path.getmtime(merged / "model.safetensors") == written
 
 
@@ -92,8 +81,8 @@ def test_an_adapter_whose_base_model_is_gone_is_named_by_every_command(tmp_path,
         ["merge-lora", moved, tmp_path / "merged"],
         ["serve", "--model", moved, "--port", "0"],
     ):  # fmt: skip
-        code, error = cli(capfd, *command)
-        assert code == 2 and message in error, (command, error)
+        result = run_main(command, capfd, caplog)
+        assert result.returncode == 2 and message in result.stderr, (command, result.stderr)
     assert not os.path.exists(tmp_path / "merged")
     train = run_main(["train", recipe("lora"), "--model_name_or_path", moved, "--output_dir", tmp_path / "run"], capfd,
                      caplog)  # fmt: skip
