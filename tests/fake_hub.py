@@ -1,9 +1,14 @@
-"""A local stand-in for the Hub's HTTP API (repo creation, preupload, commit), recording what it receives."""
+"""A local stand-in for the Hub's HTTP API, recording what it receives: repo creation, preupload and commit for
+pushes, and read-only dataset repos served from local folders (info, tree, paths-info, file downloads with byte
+ranges) for what datasets and huggingface_hub read."""
 
 import base64
+import hashlib
 import json
+import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote
 
 import yaml
 
@@ -26,12 +31,51 @@ def metadata_problem(card: str) -> str | None:
     return None
 
 
+class DatasetRepo:
+    """A dataset repo's files, read from a local folder, at one commit named by their content."""
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+        self.files = sorted(
+            os.path.relpath(os.path.join(root, name), self.folder)
+            for root, _dirs, names in os.walk(self.folder)
+            for name in names
+        )
+        digest = hashlib.sha1()
+        for name in self.files:
+            digest.update(name.encode() + self.read(name))
+        self.sha = digest.hexdigest()
+
+    def read(self, name):
+        with open(os.path.join(self.folder, name), "rb") as handle:
+            return handle.read()
+
+    def entry(self, path):
+        """A tree entry as the Hub lists it: a file (size, blob id) or a folder, or None."""
+        if path in self.files:
+            data = self.read(path)
+            return {"type": "file", "path": path, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+        if any(name.startswith(path + "/") for name in self.files):
+            return {"type": "directory", "path": path, "oid": hashlib.sha1(path.encode()).hexdigest()}
+        return None
+
+    def listing(self, folder):
+        """The entries directly under `folder` ("" for the top)."""
+        prefix = folder + "/" if folder else ""
+        children = sorted(
+            {prefix + name[len(prefix) :].split("/")[0] for name in self.files if name.startswith(prefix)}
+        )
+        return [self.entry(child) for child in children]
+
+
 class FakeHub:
-    def __init__(self):
+    def __init__(self, datasets=None):
+        """`datasets`: {repo id: local folder} served as read-only dataset repos."""
         self.requests = []  # (method, path, authorization header)
         self.commits = []  # {"repo": ..., "summary": ..., "files": {path: bytes}}
         self.created = []
         self.validated = []  # model card YAML the client asked the Hub to validate
+        self.datasets = {repo: DatasetRepo(folder) for repo, folder in (datasets or {}).items()}
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -53,9 +97,72 @@ class FakeHub:
             def _record(self):
                 hub.requests.append((self.command, self.path, self.headers.get("Authorization")))
 
+            def _not_found(self, code="RepoNotFound"):
+                data = json.dumps({"error": "not found"}).encode()
+                self.send_response(404)
+                self.send_header("X-Error-Code", code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            def _serve_dataset(self, parts):
+                """GET/HEAD of a served dataset repo; False when the path names none."""
+                if parts[:2] == ["api", "datasets"] and len(parts) >= 4:
+                    repo = hub.datasets.get("/".join(parts[2:4]))
+                    rest = parts[4:]
+                    if repo is None:
+                        return False
+                    if rest[:1] == ["revision"] or not rest:  # info: the commit and its files
+                        siblings = [{"rfilename": name} for name in repo.files]
+                        info = {"id": "/".join(parts[2:4]), "sha": repo.sha, "private": False, "siblings": siblings}
+                        self._reply(info)
+                    elif rest[:1] == ["tree"]:
+                        folder = unquote("/".join(rest[2:]))
+                        if folder and (repo.entry(folder) or {}).get("type") != "directory":
+                            self._not_found("EntryNotFound")
+                        else:
+                            self._reply(repo.listing(folder))
+                    else:
+                        self._not_found("EntryNotFound")
+                    return True
+                if parts[:1] == ["datasets"] and len(parts) >= 6 and parts[3] == "resolve":
+                    repo = hub.datasets.get("/".join(parts[1:3]))
+                    if repo is None:
+                        return False
+                    name = unquote("/".join(parts[5:]))
+                    if name not in repo.files:
+                        self._not_found("EntryNotFound")
+                        return True
+                    self._send_file(repo, repo.read(name))
+                    return True
+                return False
+
+            def _send_file(self, repo, data):
+                """The file, or the byte range asked for (how datasets streams a parquet file)."""
+                first, last, status = 0, len(data) - 1, 200
+                asked = self.headers.get("Range")
+                if asked and self.command == "GET":
+                    start, _, end = asked.split("=", 1)[1].partition("-")
+                    first, last, status = int(start), min(int(end) if end else last, last), 206
+                part = data[first : last + 1]
+                self.send_response(status)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(part) if self.command == "GET" else len(data)))
+                self.send_header("X-Repo-Commit", repo.sha)
+                self.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')
+                if status == 206:
+                    self.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
+                self.end_headers()
+                if self.command == "GET":
+                    self.wfile.write(part)
+
             def do_GET(self):
                 self._record()
                 parts = self.path.split("?")[0].strip("/").split("/")
+                if self._serve_dataset(parts):
+                    return
                 if parts[0] == "api" and parts[1:2] in (["models"], ["datasets"]) and len(parts) >= 4:
                     # model or dataset info: no such repo here, said as the Hub says it
                     data = json.dumps({"error": "Repository not found"}).encode()
@@ -69,13 +176,19 @@ class FakeHub:
 
             def do_HEAD(self):
                 self._record()
-                self.send_response(404)
-                self.end_headers()
+                if not self._serve_dataset(self.path.split("?")[0].strip("/").split("/")):
+                    self.send_response(404)
+                    self.end_headers()
 
             def do_POST(self):
                 self._record()
                 body = self._body()
                 parts = self.path.split("?")[0].strip("/").split("/")
+                repo = hub.datasets.get("/".join(parts[2:4])) if parts[:2] == ["api", "datasets"] else None
+                if repo is not None and parts[4:5] == ["paths-info"]:
+                    asked = json.loads(body) if body.startswith(b"{") else parse_qs(body.decode())
+                    found = [repo.entry(path) for path in asked.get("paths", [])]
+                    return self._reply([entry for entry in found if entry])
                 if parts[:3] == ["api", "repos", "create"]:
                     request = json.loads(body)
                     name = f"{request.get('organization') or 'user'}/{request['name']}"

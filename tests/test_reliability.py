@@ -306,12 +306,12 @@ def test_a_dataset_name_that_is_no_file_or_folder_is_named_as_one(tmp_path):
     for name in ("data/no-such.jsonl", "./data/no-such", str(tmp_path / "no-such")):
         with pytest.raises(DataError, match=f"^{re.escape(name)}: no such file or directory$"):
             load_raw_splits(DataArguments(dataset_name=name))
-    with pytest.raises(DataError, match="^data/no-such: no local file or folder of that name, and loading it as a "
-                       "Hub dataset failed"):  # fmt: skip
-        load_raw_splits(DataArguments(dataset_name="data/no-such"))  # offline, as the tests run: datasets' reason
+    with pytest.raises(DataError, match="^data/no-such: no local file or folder of that name; offline "
+                       r"\(HF_HUB_OFFLINE or HF_DATASETS_OFFLINE\), and neither"):  # fmt: skip
+        load_raw_splits(DataArguments(dataset_name="data/no-such"))  # offline, as the tests run
     with FakeHub() as hub:
-        log = train_error_with({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url}, tmp_path, "--dataset_name",
-                               "data/no-such")  # fmt: skip
+        online = {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_ENDPOINT": hub.url}
+        log = train_error_with(online, tmp_path, "--dataset_name", "data/no-such")
     assert "data/no-such: no local file or folder of that name, and no Hub dataset of that name either" in log
 
 

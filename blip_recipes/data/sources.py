@@ -6,9 +6,12 @@ Karpathy files (coco.py) and builtin:shapes.
 
 import csv
 import json
+import logging
 import os
 
 from ..builtin import is_builtin, resolve_builtin
+
+logger = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -24,37 +27,104 @@ def load_raw_splits(data_args) -> tuple[dict, str | None]:
     source = _resolve_source(data_args.dataset_name)
     if os.path.isfile(source) and os.path.getsize(source) == 0:
         raise DataError(f"{source}: empty file, no rows")
-    local = os.path.exists(source)
-    if not local:
-        check_hub_dataset(source, data_args.dataset_revision)
+    if os.path.exists(source):
+        try:
+            return _load_raw_splits(source, data_args)
+        except DataError:
+            raise
+        except Exception as error:  # datasets raises anything from StopIteration to pyarrow errors on bad files
+            raise DataError(f"{source}: could not load the dataset ({type(error).__name__}: {error})") from error
+    return read_hub_dataset(source, data_args), None
+
+
+def read_hub_dataset(name: str, data_args, streaming: bool = False) -> dict:
+    """A Hub dataset's splits, through datasets: from the Hub, or from the Hub cache's snapshot when the Hub cannot
+    be reached (hub_dataset_snapshot), or when offline and datasets has not prepared a copy of its own."""
+    snapshot = hub_dataset_snapshot(name, data_args.dataset_revision)
     try:
-        return _load_raw_splits(source, data_args)
-    except DataError:
-        raise
+        try:
+            return _load_hub_dataset(snapshot or name, data_args, streaming)
+        except ConnectionError:  # offline, and nothing in datasets' cache ("Couldn't reach ... on the Hub")
+            if snapshot is not None or not datasets_offline():
+                raise
+            snapshot = cached_hub_dataset(name, data_args.dataset_revision)
+            if snapshot is None:
+                raise
+            logger.warning("%s: offline, and datasets has not prepared this dataset: reading it from the Hub cache "
+                           "(%s)", name, snapshot)  # fmt: skip
+            return _load_hub_dataset(snapshot, data_args, streaming)
     except Exception as error:  # datasets raises anything from StopIteration to pyarrow errors on bad files
-        what = "could not load the dataset"
-        if not local:
-            what = "no local file or folder of that name, and loading it as a Hub dataset failed"
-        raise DataError(f"{source}: {what} ({type(error).__name__}: {error})") from error
+        if isinstance(error, ConnectionError):
+            why = "the Hub cannot be reached"
+            if datasets_offline():
+                why = "offline (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)"
+            raise DataError(f"{name}: no local file or folder of that name; {why}, and neither datasets' cache "
+                            "nor the Hub cache holds a Hub dataset of that name (download it where there is network: "
+                            f"`hf download --repo-type dataset {name}`)") from error  # fmt: skip
+        raise DataError(f"{name}: no local file or folder of that name, and loading it as a Hub dataset failed "
+                        f"({type(error).__name__}: {error})") from error  # fmt: skip
 
 
-def check_hub_dataset(name: str, revision: str | None) -> None:
-    """A dataset_name that is no local file or folder: a path (a data file's extension, or a name the Hub would
-    refuse) fails at once; a Hub id is asked for with one request, online, so a mistyped folder is named as one
-    instead of after datasets' retries ("Couldn't reach 'data/coco' on the Hub"). When the Hub cannot be reached
-    datasets still tries its cache."""
-    from ..model import ask_hub, hub_offline
+def _load_hub_dataset(name_or_snapshot: str, data_args, streaming: bool) -> dict:
+    import datasets
+
+    # A snapshot folder is read as datasets reads the repo: the same card configs, data files and splits.
+    revision = None if os.path.isdir(name_or_snapshot) else data_args.dataset_revision
+    loaded = datasets.load_dataset(name_or_snapshot, data_args.dataset_config_name, revision=revision,
+                                   streaming=streaming)  # fmt: skip
+    return dict(loaded)
+
+
+def hub_dataset_snapshot(name: str, revision: str | None) -> str | None:
+    """Checks a dataset_name that is no local file or folder and says where to read it: None for the Hub (through
+    datasets), or the Hub cache's snapshot folder when the Hub cannot be reached and the cache holds it.
+
+    A path (a data file's extension, or a name the Hub would refuse) fails at once; a Hub id is asked for with one
+    request, online, so a mistyped folder is named as one instead of after datasets' retries ("Couldn't reach
+    'data/coco' on the Hub"). When the Hub cannot be reached, datasets retries for ~25 s and then reads only a copy
+    it prepared itself: a dataset fetched with `hf download --repo-type dataset`, or prepared in another datasets
+    cache (another machine's), failed with "Couldn't reach"."""
+    from ..model import ask_hub
 
     if can_only_be_a_path(name):
         raise DataError(f"{name}: no such file or directory")
-    if hub_offline():
-        return
-    answer, _reason = ask_hub(name, revision, repo_type="dataset")  # unreachable: datasets tries its cache
+    if datasets_offline():
+        return None  # datasets reads its own prepared copy at once; read_hub_dataset falls back to the Hub cache
+    answer, reason = ask_hub(name, revision, repo_type="dataset")
     if answer == "missing":
         raise DataError(f"{name}: no local file or folder of that name, and no Hub dataset of that name either (a "
                         "private one needs a login: `hf auth login` or HF_TOKEN)")  # fmt: skip
     if answer == "no revision":
         raise DataError(f"{name}: the Hub dataset has no revision {revision!r} (dataset_revision)")
+    if answer != "unreachable":
+        return None
+    snapshot = cached_hub_dataset(name, revision)
+    if snapshot is None:
+        logger.warning("%s: asking the Hub for the dataset failed (%s) and the Hub cache does not hold it: datasets "
+                       "tries its own cache", name, reason)  # fmt: skip
+    else:
+        logger.warning("%s: asking the Hub for the dataset failed (%s): reading it from the Hub cache (%s)", name,
+                       reason, snapshot)  # fmt: skip
+    return snapshot
+
+
+def datasets_offline() -> bool:
+    """No Hub calls from datasets: HF_DATASETS_OFFLINE, else HF_HUB_OFFLINE (both read at import)."""
+    import datasets
+
+    from ..model import hub_offline
+
+    return bool(datasets.config.HF_HUB_OFFLINE) or hub_offline()
+
+
+def cached_hub_dataset(name: str, revision: str | None) -> str | None:
+    """The Hub cache's snapshot folder of a dataset repo at `revision` (main), or None."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, repo_type="dataset", revision=revision, local_files_only=True)
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError), or a name the Hub would refuse
+        return None
 
 
 def _load_raw_splits(source: str, data_args) -> tuple[dict, str | None]:
@@ -112,8 +182,7 @@ def _load_raw_splits(source: str, data_args) -> tuple[dict, str | None]:
             f"{source}: directory is neither a save_to_disk dataset, an imagefolder with metadata.jsonl/metadata.csv, "
             "nor split files (train.jsonl, validation.jsonl, ...)"
         )
-    loaded = datasets.load_dataset(source, data_args.dataset_config_name, revision=data_args.dataset_revision)
-    return dict(loaded), None
+    raise DataError(f"{source}: no such file or directory")
 
 
 def can_only_be_a_path(name: str) -> bool:

@@ -163,7 +163,7 @@ def stream_shards(data_args) -> list:
         return [TarShard(path) for path in tar_files]
     import datasets
 
-    from .sources import _resolve_source, file_builder
+    from .sources import _resolve_source, file_builder, read_hub_dataset
 
     source = _resolve_source(data_args.dataset_name)
     if os.path.isfile(source):
@@ -174,8 +174,7 @@ def stream_shards(data_args) -> list:
     elif os.path.isdir(source):
         loaded = datasets.load_dataset("imagefolder", data_dir=source, streaming=True)
     else:
-        loaded = datasets.load_dataset(source, data_args.dataset_config_name, revision=data_args.dataset_revision,
-                                       streaming=True)  # fmt: skip
+        loaded = read_hub_dataset(source, data_args, streaming=True)
     if data_args.train_split not in loaded:
         raise DataError(f"{source}: no split {data_args.train_split!r} (splits: {', '.join(loaded)}); set train_split")
     dataset = loaded[data_args.train_split]

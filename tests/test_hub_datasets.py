@@ -1,0 +1,169 @@
+"""Hub datasets, read through a local stand-in for the Hub (tests/fake_hub.py), and from the Hub cache when the Hub
+cannot be reached: a cluster node without network, after `hf download --repo-type dataset` or a run elsewhere."""
+
+import json
+import os
+import shutil
+import sys
+import time
+
+import pytest
+
+from tests.conftest import read_json, read_jsonl, run_cli
+from tests.fake_hub import FakeHub
+
+FOOTBALL = "ybelkada/football-dataset"
+UNREACHABLE = "http://127.0.0.1:9"
+
+CARD = """---
+dataset_info:
+  features:
+  - name: image
+    dtype: image
+  - name: text
+    dtype: string
+  splits:
+  - name: train
+    num_bytes: 4000
+    num_examples: 6
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*
+---
+# A stand-in for ybelkada/football-dataset
+"""
+
+
+@pytest.fixture(scope="module")
+def football_repo(tmp_path_factory, shapes_dir):
+    """The files of a repo laid out as ybelkada/football-dataset is: a card with its configs and split sizes, and one
+    parquet file of 6 rows, an Image column with embedded bytes and a text column (shapes images stand in)."""
+    import datasets
+
+    folder = tmp_path_factory.mktemp("football-repo")
+    metadata = read_jsonl(os.path.join(shapes_dir, "train", "metadata.jsonl"))[:6]
+    rows = []
+    for row in metadata:
+        with open(os.path.join(shapes_dir, "train", row["file_name"]), "rb") as handle:
+            rows.append({"image": {"bytes": handle.read(), "path": row["file_name"]}, "text": row["text"][0]})
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    os.makedirs(folder / "data")
+    datasets.Dataset.from_list(rows, features=features).to_parquet(
+        str(folder / "data" / "train-00000-of-00001.parquet")
+    )
+    (folder / "README.md").write_text(CARD)
+    return folder
+
+
+def hub_env(tmp_path, endpoint, offline=False, datasets_cache="datasets"):
+    """The Hub at `endpoint`, a Hub cache and a datasets cache of this test's own."""
+    flag = "1" if offline else "0"
+    return {"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": flag, "HF_DATASETS_OFFLINE": flag, "HF_TOKEN": "",
+            "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_DATASETS_CACHE": str(tmp_path / datasets_cache),
+            "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
+
+
+def train_football(tmp_path, env, output):
+    """recipes/football/full.yaml as written (its dataset_name is the Hub id), the tiny model swapped in."""
+    return run_cli(
+        ["train", "recipes/football/full.yaml", "--model_name_or_path", "builtin:tiny-blip", "--output_dir",
+         str(tmp_path / output), "--num_train_epochs", "2", "--eval_steps", "3", "--save_steps", "3",
+         "--dataloader_num_workers", "0"],
+        env=env,
+    )  # fmt: skip
+
+
+def training_losses(output_dir):
+    return [entry["loss"] for entry in read_json(output_dir / "trainer_state.json")["log_history"] if "loss" in entry]
+
+
+def test_the_football_recipe_trains_on_its_hub_dataset_and_on_the_hub_cache_when_the_hub_cannot_be_reached(
+    tmp_path, football_repo
+):
+    """Online, the recipe reads ybelkada/football-dataset from the Hub as the notebook did. On a machine that cannot
+    reach the Hub, with the dataset in the Hub cache but not prepared by this machine's datasets cache (fetched on a
+    login node, or with `hf download`), datasets retried ~25 s and failed "Couldn't reach": now the cached snapshot
+    is read at once, and the run trains on the same rows to the same captions."""
+    with FakeHub(datasets={FOOTBALL: football_repo}) as hub:
+        online = train_football(tmp_path, hub_env(tmp_path, hub.url), "online")
+        downloads = [path for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path]
+    assert online.returncode == 0, online.stdout[-3000:] + online.stderr[-3000:]
+    assert any(path.endswith("data/train-00000-of-00001.parquet") for path in downloads)
+    predictions = read_jsonl(tmp_path / "online" / "eval_predictions.jsonl")
+    assert len(predictions) == 6
+    card = (tmp_path / "online" / "README.md").read_text()
+    assert f"- {FOOTBALL}" in card.split("---")[1]  # named by its Hub id in the card's metadata
+
+    start = time.monotonic()
+    cached = train_football(tmp_path, hub_env(tmp_path, UNREACHABLE, datasets_cache="datasets-elsewhere"), "cached")
+    assert cached.returncode == 0, cached.stdout[-3000:] + cached.stderr[-3000:]
+    log = cached.stdout + cached.stderr
+    assert f"{FOOTBALL}: asking the Hub for the dataset failed" in log
+    assert "reading it from the Hub cache" in log and "Retrying" not in log
+    assert time.monotonic() - start < 120
+    assert read_jsonl(tmp_path / "cached" / "eval_predictions.jsonl") == predictions
+    assert training_losses(tmp_path / "cached") == training_losses(tmp_path / "online") != []
+    assert f"- {FOOTBALL}" in (tmp_path / "cached" / "README.md").read_text().split("---")[1]
+
+
+READ = """
+import json, sys
+from blip_recipes.config import DataArguments
+from blip_recipes.data.sources import DataError, load_raw_splits
+from blip_recipes.data.streaming import stream_shards
+
+arguments = DataArguments(dataset_name=sys.argv[1], image_column="image", caption_column="text")
+try:
+    splits, _root = load_raw_splits(arguments)
+    shards = stream_shards(arguments)
+except DataError as error:
+    print(json.dumps({"error": str(error)}))
+    sys.exit(0)
+rows = [row["text"] for row in splits["train"]]
+streamed = [sample.captions for shard in shards for sample in shard.samples()]
+print(json.dumps({"rows": rows, "streamed": streamed, "shards": len(shards)}))
+"""
+
+
+def read_dataset(env, name=FOOTBALL):
+    """The training split's captions as load_raw_splits reads them, and as stream_shards streams them."""
+    result = run_cli(["-c", READ, name], env=env, launcher=[sys.executable])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+
+def test_hub_datasets_stream_from_the_hub_and_read_from_the_hub_cache_offline(tmp_path, football_repo):
+    """Streaming a Hub id goes through the Hub as datasets streams it (byte ranges of the parquet file). Offline
+    (HF_HUB_OFFLINE), a dataset that datasets has not prepared but the Hub cache holds is read from the cache,
+    map-style and streamed; one the Hub cache lacks too fails naming `hf download`, not "Couldn't reach"."""
+    with FakeHub(datasets={FOOTBALL: football_repo}) as hub:
+        online, _log = read_dataset(hub_env(tmp_path, hub.url))
+        ranges = [path for method, path, _ in hub.requests if method == "GET" and path.endswith(".parquet")]
+    expected = online["rows"]
+    assert len(expected) == 6 and online["streamed"] == expected and online["shards"] == 1 and ranges
+
+    offline, log = read_dataset(hub_env(tmp_path, UNREACHABLE, offline=True, datasets_cache="datasets-elsewhere"))
+    assert offline == online
+    assert f"{FOOTBALL}: offline, and datasets has not prepared this dataset: reading it from the Hub cache" in log
+
+    missing, _log = read_dataset(hub_env(tmp_path, UNREACHABLE, offline=True), name="someone/not-downloaded")
+    assert missing["error"] == (
+        "someone/not-downloaded: no local file or folder of that name; offline (HF_HUB_OFFLINE or "
+        "HF_DATASETS_OFFLINE), and neither datasets' cache nor the Hub cache holds a Hub dataset of that name "
+        "(download it where there is network: `hf download --repo-type dataset someone/not-downloaded`)"
+    )
+
+
+def test_a_partly_downloaded_hub_dataset_in_the_cache_is_refused_by_its_card_split_sizes(tmp_path, football_repo):
+    """A snapshot missing rows (a download cut off between files) is not trained on silently: datasets checks the
+    split sizes the dataset card declares."""
+    partial = tmp_path / "partial-repo"
+    shutil.copytree(football_repo, partial)
+    (partial / "README.md").write_text(CARD.replace("num_examples: 6", "num_examples: 60"))
+    with FakeHub(datasets={FOOTBALL: partial}) as hub:
+        read_dataset(hub_env(tmp_path, hub.url))  # online: fills the Hub cache (the check fails there too)
+    result, _log = read_dataset(hub_env(tmp_path, UNREACHABLE, datasets_cache="datasets-elsewhere"))
+    assert result["error"].startswith(f"{FOOTBALL}: no local file or folder of that name, and loading it as a Hub "
+                                      "dataset failed (NonMatchingSplitsSizesError")  # fmt: skip
