@@ -196,3 +196,41 @@ def test_a_lora_adapter_trains_further_as_it_is_and_other_lora_settings_are_refu
 def test_image_cache_changes_nothing_but_speed(tmp_path):
     _, _, _, losses = train_steps("full", tmp_path, extra=["--image_cache", "true"])
     assert losses == pytest.approx(PINNED_LOSSES["full"], abs=5e-4)
+
+
+def test_activation_checkpointing_recomputes_both_encoders_and_changes_no_loss(tmp_path):
+    """LAVIS' vit_grad_ckpt (`gradient_checkpointing: true`, recipes/coco_karpathy/blip_large_full.yaml): every vision
+    and text layer runs its forward again in the backward pass (what frees its activations), through the SDPA swaps
+    and under peft, and training is the same: the pinned losses in full, equal losses and adapters under LoRA with
+    adapters in both encoders."""
+
+    def train_counting(mode, run, extra, steps=3):
+        recipe = parse_recipe([os.path.join(REPO, "recipes", "shapes", f"{mode}.yaml"), "--output_dir",
+                               str(tmp_path / run), "--max_steps", str(steps), "--warmup_steps", "0", *QUICK,
+                               *extra])  # fmt: skip
+        trainer = build_trainer(recipe)
+        blip, calls = unwrap_blip(trainer.model), {"vision": 0, "text": 0}
+
+        def count(name):
+            return lambda *_: calls.__setitem__(name, calls[name] + 1)
+
+        # A layer's first module: a recompute stops once the tensors backward needs are back, so a later one may
+        # not run again.
+        blip.vision_model.encoder.layers[0].layer_norm1.register_forward_hook(count("vision"))
+        blip.text_decoder.bert.encoder.layer[0].attention.register_forward_hook(count("text"))
+        trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        trained = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        return calls, losses, trained
+
+    checkpointing = ["--gradient_checkpointing", "true"]
+    calls, losses, _ = train_counting("full", "full", checkpointing, steps=5)
+    assert calls == {"vision": 10, "text": 10}  # 5 steps, each layer run twice
+    assert losses == pytest.approx(PINNED_LOSSES["full"], abs=5e-4)
+    both = ["--lora_target_modules", "query,key,value,qkv", "--cache_vision_features", "false"]
+    plain_calls, plain_losses, plain_adapters = train_counting("lora", "lora", both)
+    calls, losses, adapters = train_counting("lora", "lora-checkpointing", [*both, *checkpointing])
+    assert plain_calls == {"vision": 3, "text": 3} and calls == {"vision": 6, "text": 6}
+    assert any(".vision_model." in name for name in adapters) and adapters.keys() == plain_adapters.keys()
+    assert losses == pytest.approx(plain_losses, abs=1e-6)
+    assert all(torch.allclose(adapters[n], plain_adapters[n], atol=1e-6) for n in adapters)
