@@ -137,10 +137,20 @@ def read_dataset(env, name=FOOTBALL):
 def test_hub_datasets_stream_from_the_hub_and_read_from_the_hub_cache_offline(tmp_path, football_repo):
     """Streaming a Hub id goes through the Hub as datasets streams it (byte ranges of the parquet file). Offline
     (HF_HUB_OFFLINE), a dataset that datasets has not prepared but the Hub cache holds is read from the cache,
-    map-style and streamed; one the Hub cache lacks too fails naming `hf download`, not "Couldn't reach"."""
-    with FakeHub(datasets={FOOTBALL: football_repo}) as hub:
+    map-style and streamed; one the Hub cache lacks too fails naming `hf download`, not "Couldn't reach". A dataset
+    of several configurations names dataset_config_name, on one line."""
+    two_configs = tmp_path / "two-configs"
+    shutil.copytree(football_repo / "data", two_configs / "a")
+    shutil.copytree(football_repo / "data", two_configs / "b")
+    configs = "".join(f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train-*\n" for c in "ab")
+    (two_configs / "README.md").write_text(f"---\nconfigs:\n{configs}---\n")
+    with FakeHub(datasets={FOOTBALL: football_repo, "someone/two-configs": two_configs}) as hub:
         online, _log = read_dataset(hub_env(tmp_path, hub.url))
         ranges = [path for method, path, _ in hub.requests if method == "GET" and path.endswith(".parquet")]
+        unnamed, _log = read_dataset(hub_env(tmp_path, hub.url), name="someone/two-configs")
+    assert unnamed["error"].startswith("someone/two-configs: the Hub dataset has several configurations: set "
+                                       "dataset_config_name to one of them (Config name is missing. "
+                                       "Please pick one among the available configs: ['a', 'b']")  # fmt: skip
     expected = online["rows"]
     assert len(expected) == 6 and online["streamed"] == expected and online["shards"] == 1 and ranges
 

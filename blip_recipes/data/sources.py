@@ -61,8 +61,13 @@ def read_hub_dataset(name: str, data_args, streaming: bool = False) -> dict:
             raise DataError(f"{name}: no local file or folder of that name; {why}, and neither datasets' cache "
                             "nor the Hub cache holds a Hub dataset of that name (download it where there is network: "
                             f"`hf download --repo-type dataset {name}`)") from error  # fmt: skip
+        # On one line: datasets' own message spans several ("Config name is missing.\nPlease pick one among ...").
+        said = " ".join(str(error).split())
+        if "Config name is missing" in said:
+            raise DataError(f"{name}: the Hub dataset has several configurations: set dataset_config_name to one of "
+                            f"them ({said})") from error  # fmt: skip
         raise DataError(f"{name}: no local file or folder of that name, and loading it as a Hub dataset failed "
-                        f"({type(error).__name__}: {error})") from error  # fmt: skip
+                        f"({type(error).__name__}: {said})") from error  # fmt: skip
 
 
 def _load_hub_dataset(name_or_snapshot: str, data_args, streaming: bool) -> dict:
