@@ -203,6 +203,9 @@ def build_trainer(recipe: Recipe, callbacks=(), data: CaptionData | None = None)
     train_dataset, changes, scst = datasets.train, {}, None
     collator = build_collator(processor, model, data_args.prompt, data_args.max_caption_length,
                               data_args.pad_to_multiple_of)  # fmt: skip
+    if isinstance(datasets.train, CaptionTrainDataset) and training_args.process_index == 0:
+        report_caption_lengths([caption for _, caption in datasets.train.pairs], processor.tokenizer, data_args.prompt,
+                               data_args.max_caption_length, decoding["max_length"])  # fmt: skip
     if training_args.training_objective == "scst":  # one item per image; the loss samples its captions
         train_dataset = CaptionEvalDataset(data.train, datasets.train.transform, datasets.train.cache,
                                            model_args.cache_vision_features)  # fmt: skip
@@ -218,6 +221,48 @@ def build_trainer(recipe: Recipe, callbacks=(), data: CaptionData | None = None)
         eval_dataset=datasets.evaluation, test_dataset=datasets.test, processing_class=processor,
         caption_collator=collator, callbacks=list(callbacks), scst=scst,
     )  # fmt: skip
+
+
+CAPTION_LENGTH_SAMPLE = 20_000  # captions measured at most (600k COCO captions take ~50 s to tokenize on 2 cores)
+TOO_LONG_TO_GENERATE = 0.1  # share of training captions longer than generation_max_length worth a warning
+
+
+def report_caption_lengths(
+    captions: list[str], tokenizer, prompt: str, max_caption_length: int, generation_max_length: int
+) -> dict:
+    """Logs the training captions' lengths in decoder tokens ([DEC] + prompt + caption + [SEP], what both length
+    limits count), and warns about what the limits do silently: a longer caption is cut to max_caption_length and
+    trained to end there; generation stops at generation_max_length, so a model trained on longer captions is scored
+    on cut ones. Returns the numbers logged."""
+    import random
+
+    if not captions:
+        return {}
+    sample = captions
+    if len(captions) > CAPTION_LENGTH_SAMPLE:
+        sample = random.Random(0).sample(captions, CAPTION_LENGTH_SAMPLE)
+    encoded = tokenizer([prompt + caption for caption in sample], add_special_tokens=True, verbose=False)
+    lengths = sorted(len(ids) for ids in encoded["input_ids"])
+    cut = sum(length > max_caption_length for length in lengths)
+    too_long = sum(length > generation_max_length for length in lengths)
+    numbers = {"median": lengths[len(lengths) // 2], "p95": lengths[int(0.95 * (len(lengths) - 1))],
+               "longest": lengths[-1], "cut": cut, "too_long_to_generate": too_long}  # fmt: skip
+    measured = f"{len(captions):,}"
+    if len(sample) < len(captions):
+        measured = f"a sample of {len(sample):,} of {len(captions):,}"
+    logger.info("training captions (%s): %d tokens median, %d at the 95th percentile, %d the longest ([DEC] + "
+                "prompt + caption + [SEP])", measured, numbers["median"], numbers["p95"], lengths[-1])  # fmt: skip
+    if cut:
+        logger.warning("%s of %s training captions (%.1f%%) have more than max_caption_length %d tokens (the "
+                       "longest %d): each is cut there and trained to end there; raise max_caption_length to train "
+                       "them whole", f"{cut:,}", measured, 100 * cut / len(sample), max_caption_length,
+                       lengths[-1])  # fmt: skip
+    if too_long > TOO_LONG_TO_GENERATE * len(sample):
+        logger.warning("%.1f%% of %s training captions have more than generation_max_length %d tokens: generated "
+                       "captions stop there, shorter than the references they are scored against; raise "
+                       "generation_max_length", 100 * too_long / len(sample), measured,
+                       generation_max_length)  # fmt: skip
+    return numbers
 
 
 def check_one_whole_batch(train_dataset, training_args) -> None:

@@ -97,3 +97,35 @@ def test_pixels_match_the_blip_image_processor(tiny_processor, tiny_model_dir):
         positional = model.vision_model(uint8).last_hidden_state
     torch.testing.assert_close(from_uint8, from_float, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(positional, from_uint8)
+
+
+def test_caption_lengths_are_reported_and_what_the_limits_cut_is_said(tiny_processor, collator, caplog, tmp_path):
+    """A caption longer than max_caption_length is cut and trained to end there, and generation stops at
+    generation_max_length: neither said so. Lengths count what the collator makes: [DEC] + prompt + caption + [SEP]."""
+    import logging
+    import os
+
+    from blip_recipes.builders import build_trainer, report_caption_lengths
+    from blip_recipes.recipe_parser import parse_recipe
+    from tests.conftest import QUICK, REPO
+
+    captions = ["a red circle"] * 8 + ["a red circle on a blue square next to a green triangle"] * 2
+    made = [int(row.sum()) for row in collator()(features(captions))["attention_mask"]]
+    short, long = made[0], made[-1]
+    with caplog.at_level(logging.INFO, logger="blip_recipes"):
+        numbers = report_caption_lengths(captions, tiny_processor.tokenizer, "", long - 1, short + 1)
+    assert numbers == {"median": short, "p95": long, "longest": long, "cut": 2, "too_long_to_generate": 2}
+    assert f"training captions (10): {short} tokens median, {long} at the 95th percentile, {long} the longest" in (
+        caplog.text
+    )
+    assert f"2 of 10 training captions (20.0%) have more than max_caption_length {long - 1} tokens" in caplog.text
+    assert f"20.0% of 10 training captions have more than generation_max_length {short + 1} tokens" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="blip_recipes"):  # within both limits, and a prompt counted
+        report_caption_lengths(captions, tiny_processor.tokenizer, "a picture of ", long + 3, long + 3)
+        assert "training captions (10)" in caplog.text and "WARNING" not in caplog.text
+        # A run says it before training: two thirds of the shapes captions are longer than 8 tokens.
+        recipe = parse_recipe([os.path.join(REPO, "recipes", "shapes", "full.yaml"), "--output_dir", str(tmp_path),
+                               "--max_caption_length", "8", *QUICK])  # fmt: skip
+        build_trainer(recipe)
+    assert "960 of 1,440 training captions (66.7%) have more than max_caption_length 8 tokens" in caplog.text
