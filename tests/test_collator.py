@@ -109,17 +109,17 @@ def test_caption_lengths_are_reported_and_what_the_limits_cut_is_said(tiny_proce
     from blip_recipes.recipe_parser import parse_recipe
     from tests.conftest import QUICK, REPO
 
-    captions = ["a red circle"] * 8 + ["a red circle on a blue square next to a green triangle"] * 2
+    captions = ["a red circle"] * 7 + ["a red circle on a blue square next to a green triangle"] * 3
     made = [int(row.sum()) for row in collator()(features(captions))["attention_mask"]]
     short, long = made[0], made[-1]
     with caplog.at_level(logging.INFO, logger="blip_recipes"):
         numbers = report_caption_lengths(captions, tiny_processor.tokenizer, "", long - 1, short + 1)
-    assert numbers == {"median": short, "p95": long, "longest": long, "cut": 2, "too_long_to_generate": 2}
+    assert numbers == {"median": short, "p95": long, "longest": long, "cut": 3, "too_long_to_generate": 3}
     assert f"training captions (10): {short} tokens median, {long} at the 95th percentile, {long} the longest" in (
         caplog.text
     )
-    assert f"2 of 10 training captions (20.0%) have more than max_caption_length {long - 1} tokens" in caplog.text
-    assert f"20.0% of 10 training captions have more than generation_max_length {short + 1} tokens" in caplog.text
+    assert f"3 of 10 training captions (30.0%) have more than max_caption_length {long - 1} tokens" in caplog.text
+    assert f"30.0% of 10 training captions have more than generation_max_length {short + 1} tokens" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="blip_recipes"):  # within both limits, and a prompt counted
         report_caption_lengths(captions, tiny_processor.tokenizer, "a picture of ", long + 3, long + 3)
