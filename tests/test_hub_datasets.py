@@ -70,7 +70,7 @@ def train_football(tmp_path, env, output):
     return run_cli(
         ["train", "recipes/football/full.yaml", "--model_name_or_path", "builtin:tiny-blip", "--output_dir",
          str(tmp_path / output), "--num_train_epochs", "2", "--eval_steps", "3", "--save_steps", "3",
-         "--dataloader_num_workers", "0"],
+         "--eval_on_start", "false", "--dataloader_num_workers", "0"],
         env=env,
     )  # fmt: skip
 
@@ -114,66 +114,65 @@ from blip_recipes.config import DataArguments
 from blip_recipes.data.sources import DataError, load_raw_splits
 from blip_recipes.data.streaming import stream_shards
 
-arguments = DataArguments(dataset_name=sys.argv[1], image_column="image", caption_column="text")
-try:
-    splits, _root = load_raw_splits(arguments)
-    shards = stream_shards(arguments)
-except DataError as error:
-    print(json.dumps({"error": str(error)}))
-    sys.exit(0)
-rows = [row["text"] for row in splits["train"]]
-streamed = [sample.captions for shard in shards for sample in shard.samples()]
-print(json.dumps({"rows": rows, "streamed": streamed, "shards": len(shards)}))
+for name in sys.argv[1:]:
+    arguments = DataArguments(dataset_name=name, image_column="image", caption_column="text")
+    try:
+        splits, _root = load_raw_splits(arguments)
+        shards = stream_shards(arguments)
+    except DataError as error:
+        print(json.dumps({"error": str(error)}))
+        continue
+    rows = [row["text"] for row in splits["train"]]
+    streamed = [sample.captions for shard in shards for sample in shard.samples()]
+    print(json.dumps({"rows": rows, "streamed": streamed, "shards": len(shards)}))
 """
 
 
-def read_dataset(env, name=FOOTBALL):
-    """The training split's captions as load_raw_splits reads them, and as stream_shards streams them."""
-    result = run_cli(["-c", READ, name], env=env, launcher=[sys.executable])
+def read_datasets(env, *names):
+    """Each dataset's training captions as load_raw_splits reads them and as stream_shards streams them (or the
+    DataError), in one process; and its log."""
+    result = run_cli(["-c", READ, *names], env=env, launcher=[sys.executable])
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+    return [json.loads(line) for line in result.stdout.strip().splitlines()[-len(names) :]], result.stderr
 
 
-def test_hub_datasets_stream_from_the_hub_and_read_from_the_hub_cache_offline(tmp_path, football_repo):
-    """Streaming a Hub id goes through the Hub as datasets streams it (byte ranges of the parquet file). Offline
-    (HF_HUB_OFFLINE), a dataset that datasets has not prepared but the Hub cache holds is read from the cache,
-    map-style and streamed; one the Hub cache lacks too fails naming `hf download`, not "Couldn't reach". A dataset
-    of several configurations names dataset_config_name, on one line."""
-    two_configs = tmp_path / "two-configs"
+def test_hub_datasets_stream_from_the_hub_and_read_from_the_hub_cache_when_unreachable_or_offline(
+    tmp_path, football_repo
+):
+    """Streaming a Hub id goes through the Hub as datasets streams it (byte ranges of the parquet file). When the Hub
+    cannot be reached, or offline (HF_HUB_OFFLINE) without a copy datasets prepared, a dataset the Hub cache holds
+    is read from there, map-style and streamed; one the Hub cache lacks too fails naming `hf download`, not
+    "Couldn't reach". A cached copy with fewer rows than its card declares (a download cut off between files) is
+    refused, not trained on. A dataset of several configurations names dataset_config_name, on one line."""
+    two_configs, partial = tmp_path / "two-configs", tmp_path / "partial"
     shutil.copytree(football_repo / "data", two_configs / "a")
     shutil.copytree(football_repo / "data", two_configs / "b")
     configs = "".join(f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train-*\n" for c in "ab")
     (two_configs / "README.md").write_text(f"---\nconfigs:\n{configs}---\n")
-    with FakeHub(datasets={FOOTBALL: football_repo, "someone/two-configs": two_configs}) as hub:
-        online, _log = read_dataset(hub_env(tmp_path, hub.url))
+    shutil.copytree(football_repo, partial)
+    (partial / "README.md").write_text(CARD.replace("num_examples: 6", "num_examples: 60"))
+    repos = {FOOTBALL: football_repo, "someone/two-configs": two_configs, "someone/partial": partial}
+    with FakeHub(datasets=repos) as hub:
+        (online, unnamed, short), _log = read_datasets(hub_env(tmp_path, hub.url), *repos)
         ranges = [path for method, path, _ in hub.requests if method == "GET" and path.endswith(".parquet")]
-        unnamed, _log = read_dataset(hub_env(tmp_path, hub.url), name="someone/two-configs")
+    assert len(online["rows"]) == 6 and online["streamed"] == online["rows"] and online["shards"] == 1 and ranges
     assert unnamed["error"].startswith("someone/two-configs: the Hub dataset has several configurations: set "
                                        "dataset_config_name to one of them (Config name is missing. "
                                        "Please pick one among the available configs: ['a', 'b']")  # fmt: skip
-    expected = online["rows"]
-    assert len(expected) == 6 and online["streamed"] == expected and online["shards"] == 1 and ranges
+    refused = "someone/partial: no local file or folder of that name, and loading it as a Hub dataset failed "
+    assert short["error"].startswith(refused + "(NonMatchingSplitsSizesError")
 
-    offline, log = read_dataset(hub_env(tmp_path, UNREACHABLE, offline=True, datasets_cache="datasets-elsewhere"))
-    assert offline == online
+    unreachable = hub_env(tmp_path, UNREACHABLE, datasets_cache="datasets-unreachable")
+    (cached, short), log = read_datasets(unreachable, FOOTBALL, "someone/partial")
+    assert cached == online and short["error"].startswith(refused + "(NonMatchingSplitsSizesError")
+    assert f"{FOOTBALL}: asking the Hub for the dataset failed" in log and "Retrying" not in log
+
+    offline = hub_env(tmp_path, UNREACHABLE, offline=True, datasets_cache="datasets-offline")
+    (cached, missing), log = read_datasets(offline, FOOTBALL, "someone/not-downloaded")
+    assert cached == online
     assert f"{FOOTBALL}: offline, and datasets has not prepared this dataset: reading it from the Hub cache" in log
-
-    missing, _log = read_dataset(hub_env(tmp_path, UNREACHABLE, offline=True), name="someone/not-downloaded")
     assert missing["error"] == (
         "someone/not-downloaded: no local file or folder of that name; offline (HF_HUB_OFFLINE or "
         "HF_DATASETS_OFFLINE), and neither datasets' cache nor the Hub cache holds a Hub dataset of that name "
         "(download it where there is network: `hf download --repo-type dataset someone/not-downloaded`)"
     )
-
-
-def test_a_partly_downloaded_hub_dataset_in_the_cache_is_refused_by_its_card_split_sizes(tmp_path, football_repo):
-    """A snapshot missing rows (a download cut off between files) is not trained on silently: datasets checks the
-    split sizes the dataset card declares."""
-    partial = tmp_path / "partial-repo"
-    shutil.copytree(football_repo, partial)
-    (partial / "README.md").write_text(CARD.replace("num_examples: 6", "num_examples: 60"))
-    with FakeHub(datasets={FOOTBALL: partial}) as hub:
-        read_dataset(hub_env(tmp_path, hub.url))  # online: fills the Hub cache (the check fails there too)
-    result, _log = read_dataset(hub_env(tmp_path, UNREACHABLE, datasets_cache="datasets-elsewhere"))
-    assert result["error"].startswith(f"{FOOTBALL}: no local file or folder of that name, and loading it as a Hub "
-                                      "dataset failed (NonMatchingSplitsSizesError")  # fmt: skip

@@ -187,7 +187,7 @@ def _load_raw_splits(source: str, data_args) -> tuple[dict, str | None]:
             f"{source}: directory is neither a save_to_disk dataset, an imagefolder with metadata.jsonl/metadata.csv, "
             "nor split files (train.jsonl, validation.jsonl, ...)"
         )
-    raise DataError(f"{source}: no such file or directory")
+    raise DataError(f"{source}: neither a file nor a directory")  # a socket, a device
 
 
 def can_only_be_a_path(name: str) -> bool:
