@@ -59,13 +59,15 @@ class DatasetRepo:
             return {"type": "directory", "path": path, "oid": hashlib.sha1(path.encode()).hexdigest()}
         return None
 
-    def listing(self, folder):
-        """The entries directly under `folder` ("" for the top)."""
+    def listing(self, folder, recursive=False):
+        """The entries under `folder` ("" for the top): its children, or with `recursive` every file and folder."""
         prefix = folder + "/" if folder else ""
-        children = sorted(
-            {prefix + name[len(prefix) :].split("/")[0] for name in self.files if name.startswith(prefix)}
-        )
-        return [self.entry(child) for child in children]
+        below = [name[len(prefix) :].split("/") for name in self.files if name.startswith(prefix)]
+        if recursive:
+            found = {prefix + "/".join(parts[:depth]) for parts in below for depth in range(1, len(parts) + 1)}
+        else:
+            found = {prefix + parts[0] for parts in below}
+        return [self.entry(path) for path in sorted(found)]
 
 
 class FakeHub:
@@ -123,7 +125,8 @@ class FakeHub:
                         if folder and (repo.entry(folder) or {}).get("type") != "directory":
                             self._not_found("EntryNotFound")
                         else:
-                            self._reply(repo.listing(folder))
+                            recursive = "recursive=true" in self.path.lower()
+                            self._reply(repo.listing(folder, recursive))
                     else:
                         self._not_found("EntryNotFound")
                     return True

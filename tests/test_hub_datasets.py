@@ -111,6 +111,7 @@ def test_the_football_recipe_trains_on_its_hub_dataset_and_on_the_hub_cache_when
 READ = """
 import json, sys
 from blip_recipes.config import DataArguments
+from blip_recipes.data.records import collect_splits
 from blip_recipes.data.sources import DataError, load_raw_splits
 from blip_recipes.data.streaming import stream_shards
 
@@ -119,12 +120,14 @@ for name in sys.argv[1:]:
     try:
         splits, _root = load_raw_splits(arguments)
         shards = stream_shards(arguments)
+        records = collect_splits(arguments, seed=0, need_eval=False)[0].train.records
     except DataError as error:
         print(json.dumps({"error": str(error)}))
         continue
     rows = [row["text"] for row in splits["train"]]
     streamed = [sample.captions for shard in shards for sample in shard.samples()]
-    print(json.dumps({"rows": rows, "streamed": streamed, "shards": len(shards)}))
+    names = sorted(record.image_id for record in records)
+    print(json.dumps({"rows": rows, "streamed": streamed, "shards": len(shards), "names": names}))
 """
 
 
@@ -137,13 +140,15 @@ def read_datasets(env, *names):
 
 
 def test_hub_datasets_stream_from_the_hub_and_read_from_the_hub_cache_when_unreachable_or_offline(
-    tmp_path, football_repo
+    tmp_path, football_repo, shapes_dir
 ):
     """Streaming a Hub id goes through the Hub as datasets streams it (byte ranges of the parquet file). When the Hub
     cannot be reached, or offline (HF_HUB_OFFLINE) without a copy datasets prepared, a dataset the Hub cache holds
     is read from there, map-style and streamed; one the Hub cache lacks too fails naming `hf download`, not
     "Couldn't reach". A cached copy with fewer rows than its card declares (a download cut off between files) is
-    refused, not trained on. A dataset of several configurations names dataset_config_name, on one line."""
+    refused, not trained on. A dataset of several configurations names dataset_config_name, on one line. An
+    imagefolder repo without a card (datasets leaves no refs/main in the Hub cache then) is read from its one cached
+    snapshot, and its images are named by their paths in the repo, not in this machine's cache."""
     two_configs, partial = tmp_path / "two-configs", tmp_path / "partial"
     shutil.copytree(football_repo / "data", two_configs / "a")
     shutil.copytree(football_repo / "data", two_configs / "b")
@@ -151,11 +156,20 @@ def test_hub_datasets_stream_from_the_hub_and_read_from_the_hub_cache_when_unrea
     (two_configs / "README.md").write_text(f"---\nconfigs:\n{configs}---\n")
     shutil.copytree(football_repo, partial)
     (partial / "README.md").write_text(CARD.replace("num_examples: 6", "num_examples: 60"))
-    repos = {FOOTBALL: football_repo, "someone/two-configs": two_configs, "someone/partial": partial}
+    folder = tmp_path / "folder"
+    os.makedirs(folder / "train")
+    metadata = read_jsonl(os.path.join(shapes_dir, "train", "metadata.jsonl"))[:6]
+    for row in metadata:
+        shutil.copy(os.path.join(shapes_dir, "train", row["file_name"]), folder / "train")
+    (folder / "train" / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in metadata))
+    repos = {FOOTBALL: football_repo, "someone/folder": folder, "someone/two-configs": two_configs,
+             "someone/partial": partial}  # fmt: skip
     with FakeHub(datasets=repos) as hub:
-        (online, unnamed, short), _log = read_datasets(hub_env(tmp_path, hub.url), *repos)
+        (online, images, unnamed, short), _log = read_datasets(hub_env(tmp_path, hub.url), *repos)
         ranges = [path for method, path, _ in hub.requests if method == "GET" and path.endswith(".parquet")]
     assert len(online["rows"]) == 6 and online["streamed"] == online["rows"] and online["shards"] == 1 and ranges
+    assert images["rows"] == [row["text"] for row in metadata] and images["streamed"] == images["rows"]
+    assert images["names"] == [f"train/{row['file_name']}" for row in metadata]
     assert unnamed["error"].startswith("someone/two-configs: the Hub dataset has several configurations: set "
                                        "dataset_config_name to one of them (Config name is missing. "
                                        "Please pick one among the available configs: ['a', 'b']")  # fmt: skip
@@ -163,13 +177,16 @@ def test_hub_datasets_stream_from_the_hub_and_read_from_the_hub_cache_when_unrea
     assert short["error"].startswith(refused + "(NonMatchingSplitsSizesError")
 
     unreachable = hub_env(tmp_path, UNREACHABLE, datasets_cache="datasets-unreachable")
-    (cached, short), log = read_datasets(unreachable, FOOTBALL, "someone/partial")
-    assert cached == online and short["error"].startswith(refused + "(NonMatchingSplitsSizesError")
+    (cached, cached_images, short), log = read_datasets(unreachable, FOOTBALL, "someone/folder", "someone/partial")
+    assert cached == online and cached_images == images
+    assert short["error"].startswith(refused + "(NonMatchingSplitsSizesError")
     assert f"{FOOTBALL}: asking the Hub for the dataset failed" in log and "Retrying" not in log
 
     offline = hub_env(tmp_path, UNREACHABLE, offline=True, datasets_cache="datasets-offline")
-    (cached, missing), log = read_datasets(offline, FOOTBALL, "someone/not-downloaded")
-    assert cached == online
+    (cached, cached_images, missing), log = read_datasets(
+        offline, FOOTBALL, "someone/folder", "someone/not-downloaded"
+    )
+    assert cached == online and cached_images == images
     assert f"{FOOTBALL}: offline, and datasets has not prepared this dataset: reading it from the Hub cache" in log
     assert missing["error"] == (
         "someone/not-downloaded: no local file or folder of that name; offline (HF_HUB_OFFLINE or "

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -175,6 +176,10 @@ def image_identities(table: ImageTable, split: str) -> tuple[list[str], list[str
     return identities, names
 
 
+# A file of a Hub dataset repo in the Hub cache: .../datasets--OWNER--NAME/snapshots/COMMIT/PATH/IN/REPO
+HUB_SNAPSHOT_FILE = re.compile(r"[\\/]datasets--[^\\/]+[\\/]snapshots[\\/][0-9a-f]{40}[\\/](.+)$")
+
+
 def _image_identity(value, root: str | None) -> tuple[str | None, str | None]:
     if isinstance(value, str):
         return value, value
@@ -184,8 +189,11 @@ def _image_identity(value, root: str | None) -> tuple[str | None, str | None]:
     name = None
     if path:
         name = path
+        in_hub_cache = HUB_SNAPSHOT_FILE.search(path)
         if root and os.path.isabs(path) and os.path.abspath(path).startswith(os.path.abspath(root) + os.sep):
             name = os.path.relpath(path, root)
+        elif in_hub_cache:  # a Hub dataset's file: named by its path in the repo, not in this machine's cache
+            name = in_hub_cache.group(1)
     if value.get("bytes"):
         return "sha1:" + hashlib.sha1(value["bytes"]).hexdigest(), name
     return (os.path.abspath(path) if path else None), name

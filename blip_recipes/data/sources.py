@@ -124,12 +124,17 @@ def datasets_offline() -> bool:
 
 def cached_hub_dataset(name: str, revision: str | None) -> str | None:
     """The Hub cache's snapshot folder of a dataset repo at `revision` (main), or None."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     try:
         return snapshot_download(name, repo_type="dataset", revision=revision, local_files_only=True)
     except (OSError, ValueError):  # not cached (LocalEntryNotFoundError), or a name the Hub would refuse
-        return None
+        pass
+    # datasets downloads a repo's files by commit, and names the branch only when it fetches the card (README.md):
+    # a repo without one leaves no refs/main. Its one snapshot is the copy to read; with several, none is certain.
+    snapshots = os.path.join(constants.HF_HUB_CACHE, "datasets--" + name.replace("/", "--"), "snapshots")
+    found = sorted(os.listdir(snapshots)) if revision in (None, "main") and os.path.isdir(snapshots) else []
+    return os.path.join(snapshots, found[0]) if len(found) == 1 else None
 
 
 def _load_raw_splits(source: str, data_args) -> tuple[dict, str | None]:
