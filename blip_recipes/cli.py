@@ -311,6 +311,9 @@ def serve_command(argv: list[str]) -> int:
     parser.add_argument("--port", type=_bounded(int, 0, 65_535), default=8000)
     parser.add_argument("--max_upload_mb", type=_bounded(float, 0, above=True), default=20.0,
                         help="larger uploads get 413")  # fmt: skip
+    parser.add_argument("--max_batch_size", type=_bounded(int, 1), default=8,
+                        help="most images captioned in one generation: requests that arrive while one runs go "
+                        "together in the next")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         import fastapi  # noqa: F401
@@ -329,7 +332,7 @@ def serve_command(argv: list[str]) -> int:
     if captioner is None:
         sock.close()
         return 2
-    serve(captioner, sock, int(args.max_upload_mb * 2**20), args.max_image_pixels)
+    serve(captioner, sock, int(args.max_upload_mb * 2**20), args.max_image_pixels, args.max_batch_size)
     return 0
 
 

@@ -7,11 +7,14 @@ Bad uploads get a 4xx with a message (413 too large, 415 not an image, 400 empty
 limit is enforced while the body is read (a declared Content-Length over it is refused before reading, a chunked body
 as soon as it passes it), so an upload never costs more than the limit in memory or disk. Decoding and captioning run
 in worker threads, decoding at most `decode_workers` at a time and refusing images over `max_image_pixels` from
-their header, so a hostile image cannot block `/health` or other requests.
+their header, so a hostile image cannot block `/health` or other requests. One generation runs at a time, over the
+images of every request that arrived while the one before ran (CaptionBatcher).
 """
 
 import asyncio
+import queue
 import threading
+from concurrent.futures import Future
 from typing import Annotated
 
 from .transforms import MAX_IMAGE_PIXELS, BadImageError, open_image
@@ -50,17 +53,55 @@ class UploadLimit:
         return await self.app(scope, limited_receive, send)
 
 
+class CaptionBatcher:
+    """Captions concurrent requests together: one generation at a time (predictable memory on a shared GPU), over
+    every image that arrived while the one before ran, at most `max_batch_size`. A request that finds the model idle
+    starts at once: nothing waits to fill a batch. Generating a batch costs about what one image does on a GPU, so
+    under load the service answers up to `max_batch_size` times the requests, each with the caption it would get
+    alone."""
+
+    def __init__(self, captioner, max_batch_size: int = 8):
+        self.captioner, self.max_batch_size = captioner, max_batch_size
+        self.waiting = queue.Queue()
+        threading.Thread(target=self._generate, name="caption-batcher", daemon=True).start()
+
+    def submit(self, image) -> Future:
+        future = Future()
+        self.waiting.put((image, future))
+        return future
+
+    def _generate(self) -> None:
+        while True:
+            batch = [self.waiting.get()]
+            while len(batch) < self.max_batch_size and not self.waiting.empty():
+                batch.append(self.waiting.get())
+            # A request whose client went away was cancelled: no caption for it. The others can no longer be
+            # cancelled, so answering them cannot fail (and stop this thread).
+            batch = [(image, future) for image, future in batch if future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
+            try:
+                captions = self.captioner.caption([image for image, _ in batch])
+            except Exception as error:  # every request of the batch answers it (a 500), the service goes on
+                for _, future in batch:
+                    future.set_exception(error)
+                continue
+            for (_, future), caption in zip(batch, captions, strict=True):
+                future.set_result(caption)
+
+
 def create_app(
     captioner,
     max_upload_bytes: int = 20 * 2**20,
     max_image_pixels: int = MAX_IMAGE_PIXELS,
     decode_workers: int = 2,
+    max_batch_size: int = 8,
 ):
     from fastapi import FastAPI, File, HTTPException, UploadFile
     from fastapi.concurrency import run_in_threadpool
 
     app = FastAPI(title="blip-recipes captioning", version="1")
-    generation = threading.Lock()  # one generation at a time: predictable memory on a shared GPU
+    batcher = CaptionBatcher(captioner, max_batch_size)
     decode_slots = asyncio.Semaphore(decode_workers)
 
     @app.get("/health")
@@ -79,12 +120,7 @@ def create_app(
                 image = await run_in_threadpool(open_image, data, None, max_image_pixels)
         except BadImageError as error:
             raise HTTPException(415, f"{file.filename or 'upload'} is not a usable image: {error}") from None
-
-        def run():
-            with generation:
-                return captioner.caption([image])[0]
-
-        return {"caption": await run_in_threadpool(run)}
+        return {"caption": await asyncio.wrap_future(batcher.submit(image))}
 
     app.add_middleware(UploadLimit, max_bytes=max_upload_bytes)
     return app
@@ -107,11 +143,13 @@ def listening_socket(host: str, port: int):
     return sock
 
 
-def serve(captioner, sock, max_upload_bytes: int, max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
+def serve(
+    captioner, sock, max_upload_bytes: int, max_image_pixels: int = MAX_IMAGE_PIXELS, max_batch_size: int = 8
+) -> None:
     """Serve on `sock` (listening_socket's) until stopped."""
     import uvicorn
 
     host, port = sock.getsockname()[:2]
-    config = uvicorn.Config(create_app(captioner, max_upload_bytes, max_image_pixels), host=host, port=port,
-                            log_level="info")  # fmt: skip
+    app = create_app(captioner, max_upload_bytes, max_image_pixels, max_batch_size=max_batch_size)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info")
     uvicorn.Server(config).run(sockets=[sock])

@@ -112,3 +112,43 @@ def test_health_answers_while_an_image_decodes(monkeypatch):
         upload.join()
     assert result["caption"].status_code == 200
     assert health_seconds < 1.0, health_seconds  # not queued behind the 2 s decode
+
+
+def post_concurrently(client, uploads: list[bytes]) -> list:
+    responses = [None] * len(uploads)
+
+    def post(index):
+        responses[index] = client.post("/caption", files={"file": (f"{index}.png", uploads[index], "image/png")})
+
+    threads = [threading.Thread(target=post, args=(index,)) for index in range(len(uploads))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return responses
+
+
+def test_requests_that_arrive_during_a_generation_are_captioned_together_each_with_its_own_caption():
+    """One generation at a time, over every image that arrived while the one before ran (at most max_batch_size):
+    nine requests while generations take 0.5 s are three generations, not nine, and each gets its own image's
+    caption. A generation that fails answers its requests with 500 and the service goes on."""
+    from fastapi.testclient import TestClient
+
+    batches, failures = [], []
+
+    class SlowCaptioner(FakeCaptioner):
+        def caption(self, images):
+            batches.append(len(images))
+            time.sleep(0.5)
+            if failures:
+                raise RuntimeError(failures.pop())
+            return super().caption(images)
+
+    sizes = [(20 + index, 40 - index) for index in range(9)]
+    with TestClient(serve.create_app(SlowCaptioner(), max_batch_size=4), raise_server_exceptions=False) as client:
+        responses = post_concurrently(client, [png(size) for size in sizes])
+        assert [response.json() for response in responses] == [{"caption": f"{w}x{h}"} for w, h in sizes]
+        assert sum(batches) == 9 and max(batches) == 4 and len(batches) == 3, batches
+        failures.append("CUDA out of memory")
+        assert client.post("/caption", files={"file": ("a.png", png(), "image/png")}).status_code == 500
+        assert client.post("/caption", files={"file": ("a.png", png(), "image/png")}).json() == {"caption": "32x32"}

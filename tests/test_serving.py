@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -308,6 +309,25 @@ def test_http_caption_and_health(server, tiny_model_dir):
     caption = response.json()["caption"]
     expected = Captioner(tiny_model_dir).caption([Image.open(io.BytesIO(png_bytes())).convert("RGB")])[0]
     assert caption == expected
+
+
+def test_concurrent_requests_get_the_captions_each_image_gets_alone(server, tiny_model_dir, shapes_dir):
+    """Requests that arrive while a generation runs are captioned together (serve.CaptionBatcher): a batch's captions
+    are the ones each image gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = validation_images(shapes_dir, count=6)
+    uploads = [Path(path).read_bytes() for path in paths]
+
+    def post(data):
+        return httpx.post(f"{server}/caption", files={"file": ("a.png", data, "image/png")}, timeout=60)
+
+    with ThreadPoolExecutor(len(uploads)) as pool:
+        responses = list(pool.map(post, uploads))
+    captioner = Captioner(tiny_model_dir)
+    alone = [captioner.caption([Image.open(path).convert("RGB")])[0] for path in paths]
+    assert [response.json()["caption"] for response in responses] == alone
+    assert captioner.caption([Image.open(path).convert("RGB") for path in paths]) == alone
 
 
 @pytest.mark.parametrize(
