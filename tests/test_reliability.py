@@ -398,6 +398,9 @@ def test_caption_evaluate_and_serve_refuse_settings_they_cannot_run_with(capfd, 
     assert "generation_max_length 100 exceeds the text decoder's 64 token positions" in command_error(
         capfd, caplog, *evaluate, "--max_length", "100"
     )
+    assert "no split 'nope' (splits: train, validation); set eval_split (`blip-recipes evaluate`: --split)" in (
+        command_error(capfd, caplog, *evaluate, "--split", "nope")
+    )
     serve = ("serve", "--model", tiny_model_dir, "--port", "0")  # port 0: any free one, bound before the model loads
     assert "--num_beams must be at least 1, got 0" in command_error(capfd, caplog, *serve, "--num_beams", "0")
     assert "argument --device: cuda:4096: this machine has" in command_error(

@@ -324,7 +324,8 @@ def collect_splits(data_args, seed: int, need_eval: bool, need_train: bool = Tru
 
     def require(name: str, key: str) -> str:
         if name not in raw:
-            raise DataError(f"{source}: no split {name!r} (splits: {', '.join(raw)}); set {key}")
+            also = " (`blip-recipes evaluate`: --split)" if key == "eval_split" else ""
+            raise DataError(f"{source}: no split {name!r} (splits: {', '.join(raw)}); set {key}{also}")
         return name
 
     eval_name = data_args.eval_split
