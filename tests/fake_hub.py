@@ -1,6 +1,6 @@
 """A local stand-in for the Hub's HTTP API, recording what it receives: repo creation, preupload and commit for
-pushes, and read-only dataset repos served from local folders (info, tree, paths-info, file downloads with byte
-ranges) for what datasets and huggingface_hub read."""
+pushes, and read-only model and dataset repos served from local folders (info, tree, paths-info, file downloads
+with byte ranges) for what transformers, datasets and huggingface_hub read."""
 
 import base64
 import hashlib
@@ -31,8 +31,8 @@ def metadata_problem(card: str) -> str | None:
     return None
 
 
-class DatasetRepo:
-    """A dataset repo's files, read from a local folder, at one commit named by their content."""
+class Repo:
+    """A repo's files, read from a local folder, at one commit named by their content."""
 
     def __init__(self, folder):
         self.folder = str(folder)
@@ -71,13 +71,14 @@ class DatasetRepo:
 
 
 class FakeHub:
-    def __init__(self, datasets=None):
-        """`datasets`: {repo id: local folder} served as read-only dataset repos."""
+    def __init__(self, datasets=None, models=None):
+        """`datasets`, `models`: {repo id: local folder} served as read-only repos of that kind."""
         self.requests = []  # (method, path, authorization header)
         self.commits = []  # {"repo": ..., "summary": ..., "files": {path: bytes}}
         self.created = []
         self.validated = []  # model card YAML the client asked the Hub to validate
-        self.datasets = {repo: DatasetRepo(folder) for repo, folder in (datasets or {}).items()}
+        self.served = {kind: {repo: Repo(folder) for repo, folder in (given or {}).items()}
+                       for kind, given in (("datasets", datasets), ("models", models))}  # fmt: skip
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -109,17 +110,17 @@ class FakeHub:
                 if self.command != "HEAD":
                     self.wfile.write(data)
 
-            def _serve_dataset(self, parts):
-                """GET/HEAD of a served dataset repo; False when the path names none."""
-                if parts[:2] == ["api", "datasets"] and len(parts) >= 4:
-                    repo = hub.datasets.get("/".join(parts[2:4]))
-                    rest = parts[4:]
+            def _serve_repo(self, parts):
+                """GET/HEAD of a served repo (API: /api/KIND/ID/..., files: /datasets/ID/resolve/... for datasets,
+                /ID/resolve/... for models); False when the path names none."""
+                if parts[:1] == ["api"] and parts[1:2] in (["datasets"], ["models"]) and len(parts) >= 4:
+                    repo_id, rest = "/".join(parts[2:4]), parts[4:]
+                    repo = hub.served[parts[1]].get(repo_id)
                     if repo is None:
                         return False
                     if rest[:1] == ["revision"] or not rest:  # info: the commit and its files
                         siblings = [{"rfilename": name} for name in repo.files]
-                        info = {"id": "/".join(parts[2:4]), "sha": repo.sha, "private": False, "siblings": siblings}
-                        self._reply(info)
+                        self._reply({"id": repo_id, "sha": repo.sha, "private": False, "siblings": siblings})
                     elif rest[:1] == ["tree"]:
                         folder = unquote("/".join(rest[2:]))
                         if folder and (repo.entry(folder) or {}).get("type") != "directory":
@@ -130,15 +131,16 @@ class FakeHub:
                     else:
                         self._not_found("EntryNotFound")
                     return True
-                if parts[:1] == ["datasets"] and len(parts) >= 6 and parts[3] == "resolve":
-                    repo = hub.datasets.get("/".join(parts[1:3]))
+                kind, parts = ("datasets", parts[1:]) if parts[:1] == ["datasets"] else ("models", parts)
+                if len(parts) >= 5 and parts[2] == "resolve":
+                    repo = hub.served[kind].get("/".join(parts[:2]))
                     if repo is None:
                         return False
-                    name = unquote("/".join(parts[5:]))
-                    if name not in repo.files:
+                    name = unquote("/".join(parts[4:]))
+                    if name in repo.files:
+                        self._send_file(repo, repo.read(name))
+                    else:
                         self._not_found("EntryNotFound")
-                        return True
-                    self._send_file(repo, repo.read(name))
                     return True
                 return False
 
@@ -164,7 +166,7 @@ class FakeHub:
             def do_GET(self):
                 self._record()
                 parts = self.path.split("?")[0].strip("/").split("/")
-                if self._serve_dataset(parts):
+                if self._serve_repo(parts):
                     return
                 if parts[0] == "api" and parts[1:2] in (["models"], ["datasets"]) and len(parts) >= 4:
                     # model or dataset info: no such repo here, said as the Hub says it
@@ -179,7 +181,7 @@ class FakeHub:
 
             def do_HEAD(self):
                 self._record()
-                if not self._serve_dataset(self.path.split("?")[0].strip("/").split("/")):
+                if not self._serve_repo(self.path.split("?")[0].strip("/").split("/")):
                     self.send_response(404)
                     self.end_headers()
 
@@ -187,7 +189,8 @@ class FakeHub:
                 self._record()
                 body = self._body()
                 parts = self.path.split("?")[0].strip("/").split("/")
-                repo = hub.datasets.get("/".join(parts[2:4])) if parts[:2] == ["api", "datasets"] else None
+                served = hub.served.get(parts[1]) if parts[:1] == ["api"] and len(parts) > 1 else None
+                repo = served.get("/".join(parts[2:4])) if served is not None else None
                 if repo is not None and parts[4:5] == ["paths-info"]:
                     asked = json.loads(body) if body.startswith(b"{") else parse_qs(body.decode())
                     found = [repo.entry(path) for path in asked.get("paths", [])]

@@ -160,3 +160,27 @@ def test_the_card_names_base_model_and_dataset_by_hub_id_only(tmp_path):
     assert hub.data.eval_results[0].dataset_type == "ybelkada/football-dataset"
     unvalidated = build_model_card("me/blip", base_model="x", dataset="y", **common, base_model_id="/home/me/blip")
     assert 'base_model" with value "/home/me/blip" is not valid' in metadata_problem(str(unvalidated))
+
+
+def test_a_hub_model_is_downloaded_trained_on_named_by_its_id_and_used_from_the_cache_offline(
+    tmp_path, tiny_model_dir, shapes_dir
+):
+    """`model_name_or_path: someone/tiny-blip` through a local Hub: transformers downloads the model, a LoRA run on
+    it names the Hub id as its base (adapter config and card metadata: a local cache path would be refused by the
+    Hub), and its adapter captions the same later on a machine that cannot reach the Hub, from the Hub cache."""
+    image = os.path.join(shapes_dir, "validation", "00000.png")
+    cache = {"HF_HUB_CACHE": str(tmp_path / "hub-cache"), "HF_DATASETS_OFFLINE": "0"}
+    with FakeHub(models={"someone/tiny-blip": tiny_model_dir}) as fake:
+        env = {**online(fake), **cache}
+        train = run_cli([*TRAIN, "--model_name_or_path", "someone/tiny-blip", "--output_dir", str(tmp_path / "run"),
+                         "--max_steps", "2", "--do_eval", "false", "--merge_lora", "false"], env=env)  # fmt: skip
+        assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+        fetched = {path.rsplit("/", 1)[-1] for method, path, _ in fake.requests if method == "GET"}
+        assert "model.safetensors" in fetched and "tokenizer.json" in fetched
+        captioned = run_cli(["caption", image, "--model", str(tmp_path / "run")], env=env)
+    assert captioned.returncode == 0, captioned.stderr[-3000:]
+    assert read_json(tmp_path / "run" / "adapter_config.json")["base_model_name_or_path"] == "someone/tiny-blip"
+    assert ModelCard.load(tmp_path / "run" / "README.md").data.base_model == "someone/tiny-blip"
+    offline = run_cli(["caption", image, "--model", str(tmp_path / "run")], env={**UNREACHABLE, **cache})
+    assert offline.returncode == 0, offline.stderr[-3000:]
+    assert offline.stdout == captioned.stdout and captioned.stdout.startswith(image + "\t")
