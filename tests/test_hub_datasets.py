@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import sys
-import time
 
 import pytest
 
@@ -65,47 +64,23 @@ def hub_env(tmp_path, endpoint, offline=False, datasets_cache="datasets"):
             "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
 
 
-def train_football(tmp_path, env, output):
-    """recipes/football/full.yaml as written (its dataset_name is the Hub id), the tiny model swapped in."""
-    return run_cli(
-        ["train", "recipes/football/full.yaml", "--model_name_or_path", "builtin:tiny-blip", "--output_dir",
-         str(tmp_path / output), "--num_train_epochs", "2", "--eval_steps", "3", "--save_steps", "3",
-         "--eval_on_start", "false", "--dataloader_num_workers", "0"],
-        env=env,
-    )  # fmt: skip
-
-
-def training_losses(output_dir):
-    return [entry["loss"] for entry in read_json(output_dir / "trainer_state.json")["log_history"] if "loss" in entry]
-
-
-def test_the_football_recipe_trains_on_its_hub_dataset_and_on_the_hub_cache_when_the_hub_cannot_be_reached(
-    tmp_path, football_repo
-):
-    """Online, the recipe reads ybelkada/football-dataset from the Hub as the notebook did. On a machine that cannot
-    reach the Hub, with the dataset in the Hub cache but not prepared by this machine's datasets cache (fetched on a
-    login node, or with `hf download`), datasets retried ~25 s and failed "Couldn't reach": now the cached snapshot
-    is read at once, and the run trains on the same rows to the same captions."""
+def test_the_football_recipe_trains_on_its_hub_dataset_as_written(tmp_path, football_repo):
+    """recipes/football/full.yaml as written (its dataset_name is the Hub id ybelkada/football-dataset, eval on the
+    training images, image cache), the tiny model swapped in: the dataset comes through datasets from the Hub, and
+    the card names it by its id."""
     with FakeHub(datasets={FOOTBALL: football_repo}) as hub:
-        online = train_football(tmp_path, hub_env(tmp_path, hub.url), "online")
+        result = run_cli(
+            ["train", "recipes/football/full.yaml", "--model_name_or_path", "builtin:tiny-blip", "--output_dir",
+             str(tmp_path / "run"), "--num_train_epochs", "2", "--eval_steps", "3", "--save_steps", "3",
+             "--eval_on_start", "false", "--dataloader_num_workers", "0"],
+            env=hub_env(tmp_path, hub.url),
+        )  # fmt: skip
         downloads = [path for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path]
-    assert online.returncode == 0, online.stdout[-3000:] + online.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert any(path.endswith("data/train-00000-of-00001.parquet") for path in downloads)
-    predictions = read_jsonl(tmp_path / "online" / "eval_predictions.jsonl")
-    assert len(predictions) == 6
-    card = (tmp_path / "online" / "README.md").read_text()
-    assert f"- {FOOTBALL}" in card.split("---")[1]  # named by its Hub id in the card's metadata
-
-    start = time.monotonic()
-    cached = train_football(tmp_path, hub_env(tmp_path, UNREACHABLE, datasets_cache="datasets-elsewhere"), "cached")
-    assert cached.returncode == 0, cached.stdout[-3000:] + cached.stderr[-3000:]
-    log = cached.stdout + cached.stderr
-    assert f"{FOOTBALL}: asking the Hub for the dataset failed" in log
-    assert "reading it from the Hub cache" in log and "Retrying" not in log
-    assert time.monotonic() - start < 120
-    assert read_jsonl(tmp_path / "cached" / "eval_predictions.jsonl") == predictions
-    assert training_losses(tmp_path / "cached") == training_losses(tmp_path / "online") != []
-    assert f"- {FOOTBALL}" in (tmp_path / "cached" / "README.md").read_text().split("---")[1]
+    assert len(read_jsonl(tmp_path / "run" / "eval_predictions.jsonl")) == 6
+    assert read_json(tmp_path / "run" / "eval_results.json")["eval_cider"] >= 0
+    assert f"- {FOOTBALL}" in (tmp_path / "run" / "README.md").read_text().split("---")[1]  # the card's metadata
 
 
 READ = """
@@ -144,11 +119,12 @@ def test_hub_datasets_stream_from_the_hub_and_read_from_the_hub_cache_when_unrea
 ):
     """Streaming a Hub id goes through the Hub as datasets streams it (byte ranges of the parquet file). When the Hub
     cannot be reached, or offline (HF_HUB_OFFLINE) without a copy datasets prepared, a dataset the Hub cache holds
-    is read from there, map-style and streamed; one the Hub cache lacks too fails naming `hf download`, not
-    "Couldn't reach". A cached copy with fewer rows than its card declares (a download cut off between files) is
-    refused, not trained on. A dataset of several configurations names dataset_config_name, on one line. An
-    imagefolder repo without a card (datasets leaves no refs/main in the Hub cache then) is read from its one cached
-    snapshot, and its images are named by their paths in the repo, not in this machine's cache."""
+    is read from there at once, map-style and streamed (datasets retried ~25 s and failed "Couldn't reach" unless it
+    had prepared the dataset itself: fetched with `hf download`, or on another node); one the Hub cache lacks too
+    fails naming `hf download`. A cached copy with fewer rows than its card declares (a download cut off between
+    files) is refused, not trained on. A dataset of several configurations names dataset_config_name, on one line.
+    An imagefolder repo without a card (datasets leaves no refs/main in the Hub cache then) is read from its one
+    cached snapshot, and its images are named by their paths in the repo, not in this machine's cache."""
     two_configs, partial = tmp_path / "two-configs", tmp_path / "partial"
     shutil.copytree(football_repo / "data", two_configs / "a")
     shutil.copytree(football_repo / "data", two_configs / "b")
