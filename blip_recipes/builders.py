@@ -24,6 +24,7 @@ from .data import (
     DataError,
     ResizedImageCache,
     image_cache_dir,
+    training_pairs,
 )
 from .data.records import check_images, collect_splits, drop_bad_rows
 from .model import (
@@ -185,6 +186,10 @@ def build_trainer(recipe: Recipe, callbacks=(), data: CaptionData | None = None)
     # The prompt's tokens against the lengths now, before any image is decoded; the decoder's positions once loaded.
     check_decoding(processor.tokenizer, decoding, data_args.max_caption_length)
     data = data if data is not None else load_data(recipe, need_train=True)
+    if data.train is not None and training_args.process_index == 0:  # before the image cache and the model load
+        captions = [caption for _, caption in training_pairs(data.train, data_args.caption_preprocessing)]
+        report_caption_lengths(captions, processor.tokenizer, data_args.prompt, data_args.max_caption_length,
+                               decoding["max_length"])  # fmt: skip
     datasets = build_datasets(
         data, processor.image_processor, data_args.caption_preprocessing, data_args.image_augmentation,
         data_args.image_cache, model_args.cache_vision_features, data_args.preprocessing_num_workers,
@@ -203,9 +208,6 @@ def build_trainer(recipe: Recipe, callbacks=(), data: CaptionData | None = None)
     train_dataset, changes, scst = datasets.train, {}, None
     collator = build_collator(processor, model, data_args.prompt, data_args.max_caption_length,
                               data_args.pad_to_multiple_of)  # fmt: skip
-    if isinstance(datasets.train, CaptionTrainDataset) and training_args.process_index == 0:
-        report_caption_lengths([caption for _, caption in datasets.train.pairs], processor.tokenizer, data_args.prompt,
-                               data_args.max_caption_length, decoding["max_length"])  # fmt: skip
     if training_args.training_objective == "scst":  # one item per image; the loss samples its captions
         train_dataset = CaptionEvalDataset(data.train, datasets.train.transform, datasets.train.cache,
                                            model_args.cache_vision_features)  # fmt: skip

@@ -8,6 +8,7 @@ from .datasets import (
     CaptionTrainDataset,
     ImageGroupedSampler,
     blip_caption,
+    training_pairs,
 )
 from .image_cache import ResizedImageCache, image_cache_dir
 from .records import CaptionData, CaptionSplit, ImageRecord, ImageTable, load_caption_splits
@@ -16,5 +17,5 @@ from .sources import DataError
 __all__ = [
     "IMAGE_POSITION", "VISION_FEATURES_ROW", "CaptionData", "CaptionEvalDataset", "CaptionSplit",
     "CaptionTrainDataset", "DataError", "ImageGroupedSampler", "ImageRecord", "ImageTable", "ResizedImageCache",
-    "blip_caption", "image_cache_dir", "load_caption_splits",
+    "blip_caption", "training_pairs", "image_cache_dir", "load_caption_splits",
 ]  # fmt: skip

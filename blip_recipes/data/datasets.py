@@ -25,6 +25,12 @@ def blip_caption(caption: str, max_words: int = 50) -> str:
     return " ".join(caption.split(" ")[:max_words])
 
 
+def training_pairs(split: CaptionSplit, caption_preprocessing: str = "none") -> list[tuple[int, str]]:
+    """(image position, caption as trained on) for every caption of every image of `split`."""
+    clean = blip_caption if caption_preprocessing == "blip" else (lambda caption: caption)
+    return [(position, clean(caption)) for position, record in enumerate(split.records) for caption in record.captions]
+
+
 class CaptionTrainDataset(torch.utils.data.Dataset):
     """One item per (image, caption): every reference caption is a training target.
 
@@ -45,10 +51,7 @@ class CaptionTrainDataset(torch.utils.data.Dataset):
         self.vision_features = vision_features
         self.group_by_image = group_by_image
         self._last_image = (None, None)  # (position, pixels) of the item before, with group_by_image
-        clean = blip_caption if caption_preprocessing == "blip" else (lambda caption: caption)
-        self.pairs = [
-            (position, clean(caption)) for position, record in enumerate(split.records) for caption in record.captions
-        ]
+        self.pairs = training_pairs(split, caption_preprocessing)
 
     def __len__(self) -> int:
         return len(self.pairs)
