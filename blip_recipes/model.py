@@ -175,13 +175,18 @@ def resolve_model_path(model_name_or_path: str, revision: str = "main") -> str:
 def snapshot_when_hub_unreachable(repo_id: str, revision: str = "main") -> str | None:
     """A cached Hub repo's snapshot folder when the Hub cannot be reached (HF_HUB_OFFLINE unset): loaded by id,
     huggingface_hub retried each file it checked for ~25 s (`caption` with a cached model took 5.5 minutes)."""
-    from huggingface_hub import snapshot_download
-
     if hub_offline() or hub_model_answer(repo_id, revision)[0] != "unreachable":
         return None
+    return cached_snapshot(repo_id, revision)
+
+
+def cached_snapshot(repo_id: str, revision: str | None = "main", repo_type: str = "model") -> str | None:
+    """The Hub cache's snapshot folder of a repo at `revision`, without asking the Hub; None when not cached."""
+    from huggingface_hub import snapshot_download
+
     try:
-        return snapshot_download(repo_id, revision=revision, local_files_only=True)
-    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError)
+        return snapshot_download(repo_id, repo_type=repo_type, revision=revision, local_files_only=True)
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError), or a name the Hub would refuse
         return None
 
 

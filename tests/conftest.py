@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -87,10 +88,15 @@ def run_main(arguments, capfd, caplog) -> subprocess.CompletedProcess:
 
 def signal_at(args, marker, sig, count=1, env=None, process_group=False):
     """Run `python -m blip_recipes.cli ARGS`, send `sig` when the `count`-th line containing `marker` appears (to the
-    whole process group with `process_group`, as a terminal sends Ctrl-C), and return (exit code, whole log)."""
+    whole process group with `process_group`, as a terminal sends Ctrl-C), and return (exit code, whole log).
+
+    The command gets `sig`'s default disposition, as a foreground command of a terminal has it: a suite started in
+    the background of a shell without job control (`make test &`) runs with SIGINT ignored, which its children
+    inherit, and Ctrl-C would then be ignored by design, not by the code under test."""
     process = subprocess.Popen(
         [sys.executable, "-m", "blip_recipes.cli", *args], cwd=REPO, text=True, start_new_session=process_group,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL),
     )  # fmt: skip
     lines, seen = [], 0
     for line in process.stdout:

@@ -189,10 +189,9 @@ def _image_identity(value, root: str | None) -> tuple[str | None, str | None]:
     name = None
     if path:
         name = path
-        in_hub_cache = HUB_SNAPSHOT_FILE.search(path)
         if root and os.path.isabs(path) and os.path.abspath(path).startswith(os.path.abspath(root) + os.sep):
             name = os.path.relpath(path, root)
-        elif in_hub_cache:  # a Hub dataset's file: named by its path in the repo, not in this machine's cache
+        elif in_hub_cache := HUB_SNAPSHOT_FILE.search(path):  # a Hub dataset's file: its path in the repo, not here
             name = in_hub_cache.group(1)
     if value.get("bytes"):
         return "sha1:" + hashlib.sha1(value["bytes"]).hexdigest(), name

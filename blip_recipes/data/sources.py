@@ -124,12 +124,13 @@ def datasets_offline() -> bool:
 
 def cached_hub_dataset(name: str, revision: str | None) -> str | None:
     """The Hub cache's snapshot folder of a dataset repo at `revision` (main), or None."""
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import constants
 
-    try:
-        return snapshot_download(name, repo_type="dataset", revision=revision, local_files_only=True)
-    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError), or a name the Hub would refuse
-        pass
+    from ..model import cached_snapshot
+
+    snapshot = cached_snapshot(name, revision, repo_type="dataset")
+    if snapshot is not None:
+        return snapshot
     # datasets downloads a repo's files by commit, and names the branch only when it fetches the card (README.md):
     # a repo without one leaves no refs/main. Its one snapshot is the copy to read; with several, none is certain.
     snapshots = os.path.join(constants.HF_HUB_CACHE, "datasets--" + name.replace("/", "--"), "snapshots")
