@@ -125,6 +125,7 @@ def datasets_offline() -> bool:
 def cached_hub_dataset(name: str, revision: str | None) -> str | None:
     """The Hub cache's snapshot folder of a dataset repo at `revision` (main), or None."""
     from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
 
     from ..model import cached_snapshot
 
@@ -133,7 +134,7 @@ def cached_hub_dataset(name: str, revision: str | None) -> str | None:
         return snapshot
     # datasets downloads a repo's files by commit, and names the branch only when it fetches the card (README.md):
     # a repo without one leaves no refs/main. Its one snapshot is the copy to read; with several, none is certain.
-    snapshots = os.path.join(constants.HF_HUB_CACHE, "datasets--" + name.replace("/", "--"), "snapshots")
+    snapshots = os.path.join(constants.HF_HUB_CACHE, repo_folder_name(repo_id=name, repo_type="dataset"), "snapshots")
     found = sorted(os.listdir(snapshots)) if revision in (None, "main") and os.path.isdir(snapshots) else []
     return os.path.join(snapshots, found[0]) if len(found) == 1 else None
 
