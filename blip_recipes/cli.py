@@ -42,7 +42,7 @@ def evaluate_command(argv: list[str]) -> int:
     from .builders import build_evaluator
     from .config import RecipeError
     from .data import DataError
-    from .metrics import MetricsError, check_metric_requirements
+    from .metrics import MetricsError, check_metric_requirements, start_metrics
     from .model import ModelError
     from .recipe_parser import parse_recipe, recipe_argument_parser
     from .train import setup_logging
@@ -69,6 +69,8 @@ def evaluate_command(argv: list[str]) -> int:
             )
         setup_logging(recipe.training)
         check_metric_requirements(recipe.training.eval_metrics)
+        if recipe.training.process_index == 0:
+            start_metrics(recipe.training.eval_metrics)
         trainer = build_evaluator(recipe)
     except (RecipeError, DataError, MetricsError, AdaptationError, ModelError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

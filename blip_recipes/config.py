@@ -236,6 +236,20 @@ class CaptionTrainingArguments(Seq2SeqTrainingArguments):
             "in their place; null: off."
         },
     )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stop training after this many evaluations in a row that do not improve metric_for_best_model "
+            "(needs load_best_model_at_end: the run ends with its best checkpoint); null: never stop early."
+        },
+    )
+    early_stopping_threshold: float = field(
+        default=0.0,
+        metadata={
+            "help": "How much metric_for_best_model must rise above its best so far to count as an improvement "
+            "(early_stopping_patience)."
+        },
+    )
     predict_with_generate: bool = field(default=True, metadata={"help": "Evaluation always generates captions."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "The collator needs every field."})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Trackers, e.g. tensorboard."})
@@ -301,6 +315,8 @@ class Recipe:
             idle |= {key for key in values if key.startswith("scst_")}
         if not self.data.streaming:
             idle.add("eval_dataset_name")
+        if self.training.early_stopping_patience is None:
+            idle.add("early_stopping_threshold")
         return {
             key: value for key, value in values.items() if key in known and key not in idle and not is_secret_key(key)
         }
@@ -435,6 +451,13 @@ def check_values(recipe: Recipe) -> None:
     )
     decay = training.ema_decay
     check(decay is None or 0 < decay < 1, f"ema_decay must be in (0, 1) or null, got {decay}")
+    patience = training.early_stopping_patience
+    check(patience is None or patience >= 1, f"early_stopping_patience must be at least 1 or null, got {patience}")
+    threshold = training.early_stopping_threshold
+    check(
+        math.isfinite(threshold) and threshold >= 0,
+        f"early_stopping_threshold must be a finite number >= 0, got {threshold}",
+    )
     check(data.shuffle_buffer_size >= 1, f"shuffle_buffer_size must be at least 1, got {data.shuffle_buffer_size}")
     fraction = data.max_bad_samples_fraction
     check(0 <= fraction < 1, f"max_bad_samples_fraction must be in [0, 1), got {fraction}")
@@ -566,6 +589,17 @@ def check_combinations(recipe: Recipe) -> None:
         training.ema_decay is None or not training.load_best_model_at_end,
         "ema_decay with load_best_model_at_end: evaluations score the average, but the best checkpoint holds raw "
         "weights; use one of them",
+    )
+    if training.early_stopping_patience is not None:
+        # Without it the run would end, and save and publish, `patience` evaluations past its best model.
+        check(
+            training.load_best_model_at_end,
+            "early_stopping_patience needs load_best_model_at_end: true (and metric_for_best_model, e.g. cider), so "
+            "that the run ends with its best checkpoint rather than the one early_stopping_patience evaluations later",
+        )
+    check(
+        training.early_stopping_patience is not None or "early_stopping_threshold" not in recipe.explicit_keys,
+        "early_stopping_threshold only applies with early_stopping_patience",
     )
     if training.training_objective == "scst" or training.ema_decay is not None:
         check(

@@ -220,6 +220,14 @@ def shared_meteor() -> MeteorScorer:
         return _METEOR
 
 
+def start_metrics(metrics) -> None:
+    """Start now what scoring needs and is slow to start: METEOR's JVM loads its paraphrase table (~60 MB) for ~10 s
+    on one core before it answers. Started before the model loads, that overlaps with loading and training (or, for
+    `evaluate`, with generating the captions) instead of adding to the first evaluation. It waits on its pipe."""
+    if "meteor" in metrics:
+        shared_meteor()
+
+
 def _spice(predictions: list[str], references: list[list[str]]) -> tuple[float, list[float]]:
     """SPICE on PTB-tokenized text, as pycocoevalcap's Spice.compute_score (temp and cache outside the package)."""
     check_metric_requirements(["spice"])

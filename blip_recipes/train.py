@@ -46,7 +46,7 @@ from .data import DataError
 from .distributed import broadcast_from_main
 from .ema import EMA_FILE
 from .hub import HubPushCallback, metric_results, publish_run, push_blocker
-from .metrics import METRIC_KEYS, MetricsError, check_metric_requirements
+from .metrics import METRIC_KEYS, MetricsError, check_metric_requirements, start_metrics
 from .model import (
     ModelError,
     adapter_base,
@@ -56,7 +56,7 @@ from .model import (
     save_merged,
 )
 from .recipe_parser import parse_recipe, recipe_argument_parser
-from .trainer import EvaluationInterrupted
+from .trainer import EarlyStopping, EvaluationInterrupted
 from .vision_features import VisionFeaturesError
 
 logger = logging.getLogger("blip_recipes")
@@ -84,11 +84,16 @@ def setup_logging(training_args) -> None:
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata 0.11 calls torch.set_vital
 
 
+def scores_captions(recipe) -> bool:
+    """Whether the run generates and scores captions: evaluations during training, a final one, or a test split."""
+    return wants_evaluation(recipe.training) or recipe.data.test_split is not None
+
+
 def check_before_loading(recipe) -> str | None:
     """What can fail without loading anything: metric requirements, the model source, output_dir, the checkpoint to
     resume and whether the recipe matches it, an earlier run. Returns the checkpoint to resume from (or None)."""
     training_args = recipe.training
-    if wants_evaluation(training_args):
+    if scores_captions(recipe):
         check_metric_requirements(training_args.eval_metrics)
     model_args = recipe.model
     if model_args.training_mode != "lora" and model_args.torch_dtype != "float32":
@@ -212,12 +217,16 @@ def run(recipe) -> int:
     callbacks = [preemption, RecipeSnapshotCallback()]
     if recipe.data.streaming:
         callbacks.append(StreamPositionCallback())
+    if training_args.early_stopping_patience is not None:
+        callbacks.append(EarlyStopping(training_args.early_stopping_patience, training_args.early_stopping_threshold))
     if training_args.push_to_hub and training_args.hub_strategy == "every_save":
         callbacks.append(
             HubPushCallback(training_args.hub_model_id, training_args.hub_token, training_args.hub_private_repo)
         )
     try:
         resume = check_before_loading(recipe)
+        if scores_captions(recipe) and training_args.process_index == 0:  # the one process that scores
+            start_metrics(training_args.eval_metrics)
         set_seed(training_args.seed)
         trainer = build_trainer(recipe, callbacks=callbacks)
     except BaseException as error:

@@ -11,7 +11,7 @@ import time
 import torch
 import torch.nn.functional as F
 from accelerate.utils import broadcast_object_list
-from transformers import Seq2SeqTrainer, TrainerCallback
+from transformers import EarlyStoppingCallback, Seq2SeqTrainer, TrainerCallback
 from transformers.trainer_utils import speed_metrics
 from transformers.training_args import ParallelMode
 
@@ -320,6 +320,33 @@ class CaptionTrainer(Seq2SeqTrainer):
                     image = np.asarray(Image.open(paths[name]).convert("RGB"))
                     writer.add_image(f"eval/{name}", image, self.state.global_step, dataformats="HWC")
             writer.flush()
+
+
+class EarlyStopping(EarlyStoppingCallback):
+    """transformers' early stopping (evaluations in a row that do not improve metric_for_best_model), plus what it
+    lacks here: its count continues on resume, as if the run had not stopped (the Trainer restarts it at 0 unless
+    restore_callback_states_from_checkpoint, which would also put the checkpoint's patience over the recipe's), and
+    the stop is logged."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        saved = state.stateful_callbacks.get(type(self).__name__)  # the checkpoint's, when resuming
+        saved = saved[0] if isinstance(saved, list) else saved
+        if isinstance(saved, dict):
+            self.early_stopping_patience_counter = saved.get("attributes", {}).get(
+                "early_stopping_patience_counter", 0
+            )
+
+    def on_evaluate(self, args, state, control, metrics, **kwargs):
+        stopping = control.should_training_stop  # already: the last step, or the evaluation after training
+        super().on_evaluate(args, state, control, metrics, **kwargs)
+        if control.should_training_stop and not stopping:
+            logger.info(
+                "early stopping at step %d: %s has not risen by more than %s above its best, %.4f at step %s, in %d "
+                "evaluations (early_stopping_patience); the best checkpoint is loaded at the end",
+                state.global_step, args.metric_for_best_model, self.early_stopping_threshold, state.best_metric,
+                state.best_global_step, self.early_stopping_patience_counter,
+            )  # fmt: skip
 
 
 class ReplicaCheckCallback(TrainerCallback):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import QUICK, REPO, read_json, read_jsonl, run_cli
+from tests.conftest import QUICK, REPO, read_json, read_jsonl, run_cli, run_main
 
 pytest.importorskip("deepspeed", reason="pip install -e .[deepspeed] (make test installs it)")
 
@@ -47,7 +47,7 @@ def logged_steps(output_dir, after: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_full_training_saves_standard_weights_and_resumes_exactly(stage, tmp_path, tiny_model_dir):
+def test_full_training_saves_standard_weights_and_resumes_exactly(stage, tmp_path, tiny_model_dir, capfd, caplog):
     straight = tmp_path / "straight"
     log = launch(
         stage,
@@ -74,10 +74,9 @@ def test_full_training_saves_standard_weights_and_resumes_exactly(stage, tmp_pat
     assert not info["missing_keys"] and not info["unexpected_keys"], info
 
     # The captions generated under sharding are the captions one process generates from the saved model.
-    # In a process of its own, as a user runs it: this one imported deepspeed (importorskip above).
-    single = run_cli(["evaluate", "--model", str(straight), "--dataset", "builtin:shapes", "--split", "validation",
-                      "--max_eval_samples", "20", "--batch_size", "7",
-                      "--output_dir", str(tmp_path / "single")])  # fmt: skip
+    single = run_main(["evaluate", "--model", straight, "--dataset", "builtin:shapes", "--split", "validation",
+                       "--max_eval_samples", "20", "--batch_size", "7", "--output_dir", tmp_path / "single"],
+                      capfd, caplog)  # fmt: skip
     assert single.returncode == 0, single.stderr[-3000:]
     distributed = read_jsonl(straight / "eval_predictions.jsonl")
     assert len(distributed) == 20

@@ -193,3 +193,40 @@ def test_input_mismatch_is_rejected():
         compute_caption_metrics(["a", "b"], [["a"]])
     with pytest.raises(ValueError, match="image 0 has no reference captions"):
         compute_caption_metrics(["a"], [[]])
+
+
+@pytest.mark.parametrize(
+    "command, arguments, starts",
+    [
+        ("train", [], True),
+        ("train", ["--eval_metrics", "bleu,cider"], False),
+        ("train", ["--eval_strategy", "no", "--eval_on_start", "false"], False),
+        ("train", ["--eval_strategy", "no", "--eval_on_start", "false", "--test_split", "test"], True),
+        ("evaluate", [], True),
+    ],
+)
+def test_meteors_jvm_starts_before_the_model_loads_in_a_run_that_scores(
+    command, arguments, starts, tmp_path, monkeypatch, capfd, caplog
+):
+    """METEOR's JVM loads its paraphrase table for ~10 s before it answers: started before the model loads, that
+    overlaps with loading and training instead of adding to the first evaluation. Not started by a run that never
+    scores METEOR (it holds ~1 GB)."""
+    from blip_recipes import builders, train
+    from tests.conftest import run_main
+
+    events = []
+    monkeypatch.setattr(metrics, "shared_meteor", lambda: events.append("meteor"))
+
+    def stop_at_the_model_load(*_, **__):
+        events.append("load")
+        raise ValueError("stopped where the model would load")
+
+    monkeypatch.setattr(train, "build_trainer", stop_at_the_model_load)
+    monkeypatch.setattr(builders, "build_evaluator", stop_at_the_model_load)
+    if command == "train":
+        arguments = ["recipes/shapes/full.yaml", "--output_dir", tmp_path / "run", *arguments]
+    else:
+        arguments = ["--model", "builtin:tiny-blip", "--dataset", "builtin:shapes", "--output_dir", tmp_path / "ev"]
+    result = run_main([command, *arguments], capfd, caplog)
+    assert result.returncode == 2 and "stopped where the model would load" in result.stderr, result.stderr[-2000:]
+    assert events == (["meteor", "load"] if starts else ["load"])

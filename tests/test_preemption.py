@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import QUICK, REPO, read_json, run_cli, run_main, signal_at
+from tests.conftest import QUICK, REPO, read_json, run_main, signal_at
 
 ARGS = ["train", "recipes/shapes/full.yaml", *QUICK, "--max_steps", "40", "--per_device_train_batch_size", "32"]
 
@@ -92,17 +92,17 @@ def test_sigterm_before_training_stops_with_143_whatever_error_it_became(tmp_pat
     assert stop.value.code == 143 and signal.getsignal(signal.SIGTERM) is previous
 
 
-def test_resume_skips_a_checkpoint_killed_while_being_written(tmp_path):
+def test_resume_skips_a_checkpoint_killed_while_being_written(tmp_path, capfd, caplog):
     output_dir = tmp_path / "run"
-    first = run_cli([*ARGS[:-4], "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
-                     "--save_total_limit", "5", "--output_dir", str(output_dir)])  # fmt: skip
+    first = run_main([*ARGS[:-4], "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
+                      "--save_total_limit", "5", "--output_dir", output_dir], capfd, caplog)  # fmt: skip
     assert first.returncode == 0, first.stderr[-2000:]
     # What SIGKILL during a save leaves behind: weights written, trainer_state.json not yet.
     partial = output_dir / "checkpoint-6"
     partial.mkdir()
     (partial / "model.safetensors").write_bytes((output_dir / "checkpoint-4" / "model.safetensors").read_bytes())
-    resumed = run_cli([*ARGS[:-4], "--max_steps", "6", "--output_dir", str(output_dir), "--resume_from_checkpoint",
-                       "true", "--log_level", "info"])  # fmt: skip
+    resumed = run_main([*ARGS[:-4], "--max_steps", "6", "--output_dir", output_dir, "--resume_from_checkpoint",
+                        "true", "--log_level", "info"], capfd, caplog)  # fmt: skip
     log = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, log[-2000:]
     assert "ignoring incomplete checkpoint" in log and "checkpoint-6" in log

@@ -151,6 +151,11 @@ def test_a_token_copied_into_another_key_by_an_alias_is_refused(tmp_path):
             "lr_scheduler_type reduce_lr_on_plateau needs metric_for_best_model",
         ),  # fmt: skip
         (["--load_best_model_at_end", "true"], "load_best_model_at_end needs metric_for_best_model"),
+        (["--early_stopping_patience", "0"], "early_stopping_patience must be at least 1 or null, got 0"),
+        (["--early_stopping_threshold", "-0.1"], "early_stopping_threshold must be a finite number >= 0, got -0.1"),
+        # the Trainer only warns, then ends (saves, publishes) `patience` evaluations past the best model
+        (["--early_stopping_patience", "3"], "early_stopping_patience needs load_best_model_at_end: true"),
+        (["--early_stopping_threshold", "0.1"], "early_stopping_threshold only applies with early_stopping_patience"),
         (
             [
                 "--lr_scheduler_type",
