@@ -214,6 +214,16 @@ class CaptionTrainer(Seq2SeqTrainer):
             with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as handle:
                 handle.write(self.args.to_json_string())
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """The Trainer loads a checkpoint (a resume, load_best_model_at_end) with strict=False and warns of every key
+        it lacks, and a checkpoint holds one copy of each tied tensor: every resume said "There were missing keys in
+        the checkpoint model loaded" for BLIP's LM head, whose weight and bias the tie fills. Warn of the others."""
+        tensors = dict(self.model.named_parameters(remove_duplicate=False))
+        missing = set(load_result.missing_keys)
+        loaded = {id(tensor) for name, tensor in tensors.items() if name not in missing}
+        untied = [key for key in load_result.missing_keys if key not in tensors or id(tensors[key]) not in loaded]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=untied))
+
     def evaluation_dir(self, metric_key_prefix: str) -> str:
         if self.evaluation_layout == "flat":
             return self.args.output_dir
