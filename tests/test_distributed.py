@@ -135,3 +135,18 @@ def test_the_launchers_mixed_precision_becomes_the_recipes_or_is_refused(tmp_pat
                       launcher=compiling)  # fmt: skip
     assert refused.returncode != 0, (refused.stdout + refused.stderr)[-3000:]
     assert "accelerate launch asks for torch.compile (dynamo_backend inductor" in refused.stdout + refused.stderr
+
+
+def test_torchrun_starts_one_data_parallel_job(tmp_path):
+    """torchrun (what SLURM scripts and many clusters use instead of accelerate launch) sets only torch's RANK /
+    WORLD_SIZE / MASTER_ADDR variables: the Trainer makes one gloo job of them on the CPU, not two runs alone."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                "-m", "blip_recipes.train"]  # fmt: skip
+    result = run_cli(["recipes/shapes/full.yaml", "--output_dir", str(tmp_path / "run"), "--max_steps", "3", *QUICK,
+                      "--per_device_train_batch_size", "8", "--log_level_replica", "info"], launcher=launcher)  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert len(re.findall(r"processes: world_size=2 \(distributed, device cpu:0, engine DDP\)", log)) == 2, log[-3000:]
+    assert "weights identical on all 2 processes" in log
+    state = read_json(tmp_path / "run" / "trainer_state.json")
+    assert state["global_step"] == 3 and read_json(tmp_path / "run" / "train_results.json")["epoch"] == 3 * 16 / 1440
