@@ -121,6 +121,7 @@ def score_command(argv: list[str]) -> int:
 def _captioner_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--model", required=True, help="fine-tuned model directory or Hub id (full or LoRA adapter)")
+    parser.add_argument("--revision", default="main", help="with a Hub id: its branch, tag or commit (default: main)")
     parser.add_argument("--prompt", default=None, help="decoder prompt; default: the one the model was trained with")
     parser.add_argument("--num_beams", type=int, default=None, help="default: the beams saved with the model")
     parser.add_argument("--max_length", type=int, default=None, help="default: the max length saved with the model")
@@ -195,7 +196,8 @@ def _captioner(args):
     from .model import ModelError
 
     try:
-        return Captioner(args.model, args.prompt, args.num_beams, args.max_length, args.min_length, args.device)
+        return Captioner(args.model, args.prompt, args.num_beams, args.max_length, args.min_length, args.device,
+                         args.revision)  # fmt: skip
     except ModelError as error:
         print(f"error: {error}", file=sys.stderr)
         return None
@@ -339,7 +341,7 @@ def serve_command(argv: list[str]) -> int:
 
 
 def push_command(argv: list[str]) -> int:
-    from .hub import CARD_INPUTS, PushError, push_folder, repo_id_problem, retarget_model_card
+    from .hub import CARD_INPUTS, PushError, push_folder, repo_id_problem, retarget_model_card, revision_problem
 
     def repo_id(text: str) -> str:
         problem = repo_id_problem(text)
@@ -353,7 +355,17 @@ def push_command(argv: list[str]) -> int:
         "recipe) to the Hub; checkpoints, logs and dotfiles never are.",
     )
     parser.add_argument("output_dir", help="a finished run's output_dir (it holds README.md, the model card)")
+
+    def branch(text: str) -> str:
+        problem = revision_problem(text)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return text
+
     parser.add_argument("--hub_model_id", required=True, type=repo_id, help="USER/NAME")
+    parser.add_argument(
+        "--revision", default=None, type=branch, help="branch to push to, created when missing (default: main)"
+    )
     parser.add_argument("--private", action="store_true", help="create the repo as private")
     parser.add_argument("--token", default=None, help="default: HF_TOKEN or the saved login")
     args = parser.parse_args(argv)
@@ -361,7 +373,7 @@ def push_command(argv: list[str]) -> int:
         print(f"error: {args.output_dir} has no README.md model card; is it a finished run?", file=sys.stderr)
         return 2
     try:
-        retargeted = retarget_model_card(args.output_dir, args.hub_model_id)
+        retargeted = retarget_model_card(args.output_dir, args.hub_model_id, args.revision)
     except OSError as error:
         print(f"error: cannot write the model card for {args.hub_model_id} into {args.output_dir} ({error}); make "
               f"the folder writable, or push to the repo id its README.md names", file=sys.stderr)  # fmt: skip
@@ -370,7 +382,7 @@ def push_command(argv: list[str]) -> int:
         print(f"warning: {args.output_dir} keeps no model card inputs ({CARD_INPUTS}): its README.md is pushed as "
               f"written, naming the repo id the run was trained for", file=sys.stderr)  # fmt: skip
     try:
-        print(push_folder(args.output_dir, args.hub_model_id, args.token, args.private or None))
+        print(push_folder(args.output_dir, args.hub_model_id, args.token, args.private or None, args.revision))
     except PushError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3

@@ -547,6 +547,11 @@ def check_combinations(recipe: Recipe) -> None:
         for repo_id in [training.hub_model_id, *merged]:
             problem = repo_id_problem(repo_id)
             check(problem is None, f"hub_model_id: {problem}")
+    if training.push_to_hub:
+        from .hub import revision_problem
+
+        problem = revision_problem(training.hub_revision)
+        check(problem is None, f"hub_revision {problem}")
     check(
         training.generation_max_length is None or training.generation_max_length > training.generation_min_length,
         "generation_max_length must exceed generation_min_length",

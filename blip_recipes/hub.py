@@ -7,6 +7,7 @@ folders, tracker logs, evaluation dumps, caches and dotfiles such as .env never 
 import json
 import logging
 import os
+import re
 import string
 from importlib import resources
 
@@ -96,6 +97,7 @@ def build_model_card(
     prompt: str = "",
     base_model_id: str | None = None,
     dataset_id: str | None = None,
+    revision: str | None = None,
 ) -> ModelCard:
     """metrics: {split name: {"cider": ..., "bleu_4": ...}} -> a card whose model-index carries every number.
 
@@ -125,11 +127,13 @@ def build_model_card(
         )
         or "| (not evaluated in this run: `blip-recipes evaluate --model MODEL` scores it) | | | | |"
     )
+    # Pushed to a branch (hub_revision): loaders read main unless told, so the snippet and command name it.
+    at = f', revision="{revision}"' if revision else ""
     loading = (
         f'base = BlipForConditionalGeneration.from_pretrained("{base_model}")\n'
-        f'model = PeftModel.from_pretrained(base, "{repo_id}")'
+        f'model = PeftModel.from_pretrained(base, "{repo_id}"{at})'
         if lora
-        else f'model = BlipForConditionalGeneration.from_pretrained("{repo_id}")'
+        else f'model = BlipForConditionalGeneration.from_pretrained("{repo_id}"{at})'
     )
     text = f', text="{prompt}"' if prompt else ""
     template = resources.files("blip_recipes").joinpath("templates", "model_card.md").read_text(encoding="utf-8")
@@ -138,7 +142,8 @@ def build_model_card(
         dataset=dataset_name, version=__version__, training_mode=training_mode, num_beams=generation.get("num_beams"),
         max_length=generation.get("max_length"), min_length=generation.get("min_length"),
         prompt_note=f', prompt "{prompt}"' if prompt else "", results_table=table,
-        peft_import="from peft import PeftModel" if lora else "", repo_id=repo_id, loading=loading,
+        peft_import="from peft import PeftModel" if lora else "", repo_id=repo_id, loading=loading, revision_arg=at,
+        revision_flag=f" --revision {revision}" if revision else "",
         inputs_line=f'inputs = processor(images=image{text}, return_tensors="pt")',
         decoding=", ".join(f"{key}={value}" for key, value in generation.items()), recipe_yaml=recipe_yaml.rstrip(),
     )  # fmt: skip
@@ -175,13 +180,15 @@ def push_folder(
     commit_message: str = "Upload fine-tuned BLIP (blip-recipes)",
     with_card: bool = True,
 ) -> str:
-    """Create the repo if needed and upload the allow-listed files of `folder` (README.md only `with_card`).
-    Returns the commit URL."""
+    """Create the repo if needed, and the branch `revision` (None: main) if needed, and upload the allow-listed files
+    of `folder` (README.md only `with_card`). Returns the commit URL."""
     if hub_offline():
         raise PushError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set. The run is saved in {folder}.")
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if on_branch(revision):  # the Hub uploads only to a branch that exists
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
         commit = api.upload_folder(
             folder_path=folder,
             repo_id=repo_id,
@@ -198,6 +205,19 @@ def push_folder(
             reason,
         ) from None
     return getattr(commit, "commit_url", str(commit))
+
+
+def on_branch(revision: str | None) -> bool:
+    """Whether pushes go to a branch other than main (hub_revision, `push --revision`)."""
+    return revision not in (None, "", "main")
+
+
+def revision_problem(revision: str | None) -> str | None:
+    """Why pushes cannot go to `revision` (None when they can): a push lands on a branch, created when missing;
+    a commit id cannot be pushed to."""
+    if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return f"{revision} is a commit id; pushes go to a branch (created when missing), e.g. main or experiment-1"
+    return None
 
 
 def repo_id_problem(repo_id: str) -> str | None:
@@ -231,15 +251,15 @@ class HubPushCallback(TrainerCallback):
     model by path when it is local, which makes the Hub refuse the whole commit; the run's card comes at the end.
     """
 
-    def __init__(self, repo_id: str, token: str | None, private: bool | None):
-        self.repo_id, self.token, self.private = repo_id, token, private
+    def __init__(self, repo_id: str, token: str | None, private: bool | None, revision: str | None = None):
+        self.repo_id, self.token, self.private, self.revision = repo_id, token, private, revision
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         try:
-            push_folder(folder, self.repo_id, self.token, self.private,
+            push_folder(folder, self.repo_id, self.token, self.private, self.revision,
                         commit_message=f"Training in progress, step {state.global_step}", with_card=False)  # fmt: skip
         except PushError as error:  # a checkpoint is no run to push by hand: the end pushes the final model
             logger.warning("push of checkpoint-%d to %s failed (%s); training goes on, and the model is pushed at "
@@ -258,9 +278,9 @@ def write_model_card(folder: str, repo_id: str, **inputs) -> None:
         json.dump({"repo_id": repo_id, **inputs}, handle, indent=1)
 
 
-def retarget_model_card(folder: str, repo_id: str) -> bool:
-    """Write `folder`'s card again for `repo_id`; False when the folder has no card inputs (a run made before
-    they were saved: its card names the repo id it was trained for)."""
+def retarget_model_card(folder: str, repo_id: str, revision: str | None = None) -> bool:
+    """Write `folder`'s card again for `repo_id` (and the branch `revision`); False when the folder has no card
+    inputs (a run made before they were saved: its card names the repo id it was trained for)."""
     path = os.path.join(folder, CARD_INPUTS)
     if not os.path.isfile(path):
         return False
@@ -268,10 +288,11 @@ def retarget_model_card(folder: str, repo_id: str) -> bool:
         inputs = json.load(handle)
     # Inputs saved before the card kept Hub ids apart wrote metadata the Hub refuses (a local path): decided here.
     older = "base_model_id" not in inputs or "dataset_id" not in inputs
-    if inputs.pop("repo_id") != repo_id or older:
+    revision = revision if on_branch(revision) else None
+    if inputs.pop("repo_id") != repo_id or inputs.get("revision") != revision or older:
         inputs.setdefault("base_model_id", hub_model_id(inputs["base_model"]))
         inputs.setdefault("dataset_id", hub_dataset_id(inputs["dataset"]))
-        write_model_card(folder, repo_id, **inputs)
+        write_model_card(folder, repo_id, **{**inputs, "revision": revision})
     return True
 
 
@@ -293,10 +314,14 @@ def publish_run(recipe, card_metrics: dict) -> bool:
     if model_args.training_mode == "lora":
         base_model = adapter_base(base_model, model_args.model_revision) or base_model
     dataset = recipe.data.dataset_name
+    branch = (
+        training_args.hub_revision if training_args.push_to_hub and on_branch(training_args.hub_revision) else None
+    )
     card = dict(
         base_model=base_model, dataset=dataset, recipe_yaml=recipe.as_yaml(), metrics=card_metrics,
         generation=generation, prompt=recipe.data.prompt, base_model_id=hub_model_id(base_model),
         dataset_id=hub_dataset_id(dataset),
+        revision=branch,
     )  # fmt: skip
     write_model_card(output_dir, repo_id, training_mode=model_args.training_mode, **card)
     merged_dir = os.path.join(output_dir, "merged")
@@ -309,7 +334,8 @@ def publish_run(recipe, card_metrics: dict) -> bool:
                           training_args.hub_revision)  # fmt: skip
         logger.info("pushed %s: %s", repo_id, url)
         if training_args.push_merged:
-            url = push_folder(merged_dir, f"{repo_id}-merged", training_args.hub_token, training_args.hub_private_repo)
+            url = push_folder(merged_dir, f"{repo_id}-merged", training_args.hub_token, training_args.hub_private_repo,
+                              training_args.hub_revision)  # fmt: skip
             logger.info("pushed %s-merged: %s", repo_id, url)
     except PushError as error:
         logger.error("%s", error)

@@ -221,7 +221,12 @@ def run(recipe) -> int:
         callbacks.append(EarlyStopping(training_args.early_stopping_patience, training_args.early_stopping_threshold))
     if training_args.push_to_hub and training_args.hub_strategy == "every_save":
         callbacks.append(
-            HubPushCallback(training_args.hub_model_id, training_args.hub_token, training_args.hub_private_repo)
+            HubPushCallback(
+                training_args.hub_model_id,
+                training_args.hub_token,
+                training_args.hub_private_repo,
+                training_args.hub_revision,
+            )  # fmt: skip
         )
     try:
         resume = check_before_loading(recipe)

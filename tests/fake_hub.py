@@ -74,7 +74,8 @@ class FakeHub:
     def __init__(self, datasets=None, models=None):
         """`datasets`, `models`: {repo id: local folder} served as read-only repos of that kind."""
         self.requests = []  # (method, path, authorization header)
-        self.commits = []  # {"repo": ..., "summary": ..., "files": {path: bytes}}
+        self.commits = []  # {"repo": ..., "revision": ..., "summary": ..., "files": {path: bytes}}
+        self.branches = {}  # repo id -> branches created besides main
         self.created = []
         self.validated = []  # model card YAML the client asked the Hub to validate
         self.served = {kind: {repo: Repo(folder) for repo, folder in (given or {}).items()}
@@ -100,8 +101,8 @@ class FakeHub:
             def _record(self):
                 hub.requests.append((self.command, self.path, self.headers.get("Authorization")))
 
-            def _not_found(self, code="RepoNotFound"):
-                data = json.dumps({"error": "not found"}).encode()
+            def _not_found(self, code="RepoNotFound", message="not found"):
+                data = json.dumps({"error": message}).encode()
                 self.send_response(404)
                 self.send_header("X-Error-Code", code)
                 self.send_header("Content-Type", "application/json")
@@ -207,6 +208,13 @@ class FakeHub:
                     if problem:
                         return self._reply({"error": problem}, status=400)
                     return self._reply({})
+                if len(parts) >= 6 and parts[0] == "api" and parts[4] == "branch":
+                    hub.branches.setdefault(f"{parts[2]}/{parts[3]}", set()).add(unquote(parts[5]))
+                    return self._reply({})
+                if len(parts) >= 6 and parts[0] == "api" and parts[4] in ("preupload", "commit"):
+                    revision = unquote(parts[5])
+                    if revision != "main" and revision not in hub.branches.get(f"{parts[2]}/{parts[3]}", ()):
+                        return self._not_found("RevisionNotFound", f"Invalid rev id: {revision}")  # as the Hub says
                 if len(parts) >= 6 and parts[0] == "api" and parts[4] == "preupload":
                     files = json.loads(body)["files"]
                     return self._reply(
@@ -214,7 +222,12 @@ class FakeHub:
                          "commitOid": "0" * 40}
                     )  # fmt: skip
                 if len(parts) >= 6 and parts[0] == "api" and parts[4] == "commit":
-                    commit = {"repo": f"{parts[2]}/{parts[3]}", "files": {}, "summary": None}
+                    commit = {
+                        "repo": f"{parts[2]}/{parts[3]}",
+                        "revision": unquote(parts[5]),
+                        "files": {},
+                        "summary": None,
+                    }
                     for line in body.decode().splitlines():
                         if not line.strip():
                             continue

@@ -142,8 +142,9 @@ def test_torchrun_starts_one_data_parallel_job(tmp_path):
     WORLD_SIZE / MASTER_ADDR variables: the Trainer makes one gloo job of them on the CPU, not two runs alone."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                 "-m", "blip_recipes.train"]  # fmt: skip
-    result = run_cli(["recipes/shapes/full.yaml", "--output_dir", str(tmp_path / "run"), "--max_steps", "3", *QUICK,
-                      "--per_device_train_batch_size", "8", "--log_level_replica", "info"], launcher=launcher)  # fmt: skip
+    train = ["recipes/shapes/full.yaml", "--output_dir", str(tmp_path / "run"), "--max_steps", "3", *QUICK,
+             "--per_device_train_batch_size", "8", "--log_level_replica", "info"]  # fmt: skip
+    result = run_cli(train, launcher=launcher)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     assert len(re.findall(r"processes: world_size=2 \(distributed, device cpu:0, engine DDP\)", log)) == 2, log[-3000:]

@@ -36,6 +36,7 @@ def test_push_uploads_the_model_and_a_card_with_the_metrics(tmp_path, hub):
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     assert [c["repo"] for c in hub.created] == ["me/blip-shapes-lora", "me/blip-shapes-lora-merged"]
+    assert [c["revision"] for c in hub.commits] == ["main", "main"] and not hub.branches
     adapter, merged = hub.commits
     assert set(adapter["files"]) == {
         "adapter_model.safetensors",
@@ -75,20 +76,29 @@ def test_push_uploads_the_model_and_a_card_with_the_metrics(tmp_path, hub):
 
 
 def test_every_save_pushes_model_files_of_each_checkpoint(tmp_path, hub):
-    result = run_cli([*TRAIN[:-2], "--output_dir", str(tmp_path / "run"), "--push_to_hub", "true", "--hub_model_id",
-                      "me/every", "--hub_token", TOKEN, "--save_strategy", "steps", "--save_steps", "2"],
-                     env=online(hub))  # fmt: skip
+    """...to the branch hub_revision names (created when missing), with the merged model and the final push."""
+    result = run_cli([*TRAIN, "--output_dir", str(tmp_path / "run"), "--push_to_hub", "true", "--hub_model_id",
+                      "me/every", "--hub_token", TOKEN, "--save_strategy", "steps", "--save_steps", "2",
+                      "--hub_revision", "exp-1", "--push_merged", "true"], env=online(hub))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     summaries = [c["summary"] for c in hub.commits]  # checkpoints at steps 2 and 3 (the last step), then the end
     assert summaries == [
         "Training in progress, step 2",
         "Training in progress, step 3",
         "Upload fine-tuned BLIP (blip-recipes)",
+        "Upload fine-tuned BLIP (blip-recipes)",
     ]
+    assert [c["repo"] for c in hub.commits] == ["me/every"] * 3 + ["me/every-merged"]
+    assert all(c["revision"] == "exp-1" for c in hub.commits)
+    assert hub.branches == {"me/every": {"exp-1"}, "me/every-merged": {"exp-1"}}
+    # Loaders read main unless told: the cards' snippets name the branch.
+    adapter_card, merged_card = (hub.commits[i]["files"]["README.md"].decode() for i in (2, 3))
+    assert 'PeftModel.from_pretrained(base, "me/every", revision="exp-1")' in adapter_card
+    assert 'BlipForConditionalGeneration.from_pretrained("me/every-merged", revision="exp-1")' in merged_card
     assert not any(name.endswith((".pt", ".pth")) or "optimizer" in name for name in hub.commits[0]["files"])
     # peft writes a template card into each adapter checkpoint whose metadata names the local base by path, which
     # the Hub refuses (so did the fake Hub): checkpoints go without it, the run's own card comes at the end.
-    assert [("README.md" in commit["files"]) for commit in hub.commits] == [False, False, True]
+    assert [("README.md" in commit["files"]) for commit in hub.commits] == [False, False, True, True]
 
 
 UNREACHABLE = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}

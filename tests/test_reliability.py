@@ -171,6 +171,10 @@ def test_a_token_copied_into_another_key_by_an_alias_is_refused(tmp_path):
         (["--hub_model_id", "me/my model"], "hub_model_id: Repo id must use alphanumeric chars.*'me/my model'"),
         (["--hub_model_id", "me/blip/v2"], "hub_model_id: Repo id must be in the form 'repo_name' or 'namespace/"),
         (
+            ["--push_to_hub", "true", "--hub_model_id", "me/blip", "--hub_revision", "0123456789" * 4],
+            "hub_revision 0123456789.* is a commit id; pushes go to a branch",
+        ),  # fmt: skip
+        (
             [
                 "--training_mode",
                 "lora",

@@ -107,6 +107,21 @@ def test_a_pushed_adapter_is_used_from_the_hub_as_a_local_one_is(tmp_path, lora_
     assert not os.path.exists(tmp_path / "run" / "recipe.yaml")
 
 
+def test_caption_reads_the_hub_branch_it_is_given(tmp_path, lora_run, tiny_model_dir, shapes_dir, capfd, caplog):
+    """A model pushed to a branch (hub_revision, `push --revision`) is captioned from that branch with --revision."""
+    env = hub_cache_with(tmp_path / "hub", "someone/shapes-lora", lora_run)  # main: the LoRA run
+    branch = tmp_path / "hub" / "models--someone--shapes-lora" / "snapshots" / ("1" * 40)  # exp-1: the base model
+    shutil.copytree(tiny_model_dir, branch)
+    (tmp_path / "hub" / "models--someone--shapes-lora" / "refs" / "exp-1").write_text("1" * 40)
+    images = validation_images(shapes_dir, 3)
+    base = run_main(["caption", *images, "--model", tiny_model_dir, "--num_beams", "1"], capfd, caplog)
+    adapter = run_main(["caption", *images, "--model", lora_run, "--num_beams", "1"], capfd, caplog)
+    hub = run_cli(["caption", *images, "--model", "someone/shapes-lora", "--revision", "exp-1", "--num_beams", "1"],
+                  env=env)  # fmt: skip
+    assert hub.returncode == 0, hub.stderr[-2000:]
+    assert hub.stdout == base.stdout != adapter.stdout and len(hub.stdout.splitlines()) == 3
+
+
 def test_a_saved_adapter_loads_with_stock_peft_alone(lora_run):
     """peft records the base model's class for AutoPeftModel; ours is adapt.py's subclass, which stock peft refuses
     to import. A pushed adapter must load for people without blip-recipes."""
@@ -224,15 +239,19 @@ def test_caption_output_on_a_full_disk_keeps_whole_batches_and_says_so(tmp_path,
 
 def test_push_command_uploads_a_finished_run(lora_run):
     with FakeHub() as hub:
-        result = run_cli(["push", str(lora_run), "--hub_model_id", "me/pushed", "--token", "hf_x"],
-                         env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"})  # fmt: skip
+        result = run_cli(["push", str(lora_run), "--hub_model_id", "me/pushed", "--token", "hf_x", "--revision",
+                          "exp-1"], env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"})  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
+    # To a branch, created first: the Hub uploads only to a branch that exists.
+    assert hub.branches == {"me/pushed": {"exp-1"}} and [c["revision"] for c in hub.commits] == ["exp-1"]
     files = hub.commits[0]["files"]
     assert "adapter_model.safetensors" in files and "README.md" in files and "model_card.json" not in files
     # The card was written for the run's own name (no hub_model_id at training): pushed elsewhere, its usage
-    # snippet and model-index name the repo it is pushed to.
+    # snippet and model-index name the repo it is pushed to, and the branch (loaders read main unless told).
     card = files["README.md"].decode()
-    assert 'PeftModel.from_pretrained(base, "me/pushed")' in card and "name: pushed" in card
+    assert 'PeftModel.from_pretrained(base, "me/pushed", revision="exp-1")' in card and "name: pushed" in card
+    assert 'BlipProcessor.from_pretrained("me/pushed", revision="exp-1")' in card
+    assert "blip-recipes caption photo.jpg --model me/pushed --revision exp-1" in card
     assert os.path.basename(lora_run) not in card.replace(str(lora_run), "")
 
 
@@ -251,6 +270,7 @@ def test_push_command_rewrites_a_card_whose_metadata_the_hub_would_refuse(tmp_pa
                          env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"})  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "base_model:" not in hub.commits[0]["files"]["README.md"].decode()
+    assert hub.commits[0]["revision"] == "main" and "revision=" not in hub.commits[0]["files"]["README.md"].decode()
 
 
 def test_push_command_pushes_an_older_runs_card_as_it_is_and_says_so(tmp_path, lora_run):
