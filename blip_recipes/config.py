@@ -92,7 +92,8 @@ class DataArguments:
     eval_split: str | None = field(
         default=None,
         metadata={
-            "help": "Split to evaluate on; default: 'validation' when the dataset has it, else a held-out part."
+            "help": "Split to evaluate on; default: 'validation' (or 'val') when the dataset has it, else a held-out "
+            "part."
         },
     )
     test_split: str | None = field(

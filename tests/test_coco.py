@@ -65,6 +65,13 @@ def test_lavis_files_group_one_caption_per_row_into_images(coco):
     assert data.train.table.load(data.train.records[0].row).size == (128, 128)
 
 
+def test_without_eval_split_karpathys_val_split_is_the_evaluation_split(coco):
+    """Karpathy's files name it "val": it was passed over for a held-out 5% of the training images."""
+    args = DataArguments(dataset_name=str(coco / "annotations" / "dataset_coco.json"), image_root=str(coco / "images"))
+    data = load_caption_splits(args, seed=0, need_eval=True)
+    assert data.evaluation.name == "val" and len(data.evaluation.records) == 4 and len(data.train.records) == 14
+
+
 def test_blip_caption_preprocessing_matches_lavis():
     assert blip_caption("  A Man, riding a horse!! (on the beach).  ") == "a man, riding a horse on the beach"
     assert len(blip_caption("word " * 80).split()) == 50

@@ -332,6 +332,8 @@ def collect_splits(data_args, seed: int, need_eval: bool, need_train: bool = Tru
         require(eval_name, "eval_split")
     elif "validation" in raw:
         eval_name = "validation"
+    elif "val" in raw:  # Karpathy's split files (COCO, Flickr8k/30k) and LAVIS' annotations name it so
+        eval_name = "val"
     elif not need_train and "test" in raw:
         eval_name = "test"
     train = evaluation = test = None
