@@ -122,6 +122,23 @@ def test_caption_reads_the_hub_branch_it_is_given(tmp_path, lora_run, tiny_model
     assert hub.stdout == base.stdout != adapter.stdout and len(hub.stdout.splitlines()) == 3
 
 
+def test_serve_loads_the_hub_branch_it_is_given(monkeypatch, capfd, caplog):
+    """serve shares caption's loader and options: --revision reaches it."""
+    from blip_recipes import evaluation
+    from blip_recipes.model import ModelError
+
+    asked = []
+
+    def loader(model, *args):
+        asked.append((model, args[-1]))
+        raise ModelError("stopped where the model would load")
+
+    monkeypatch.setattr(evaluation, "Captioner", loader)
+    result = run_main(["serve", "--model", "someone/shapes-lora", "--revision", "exp-1", "--port", "0"], capfd, caplog)
+    assert result.returncode == 2 and "stopped where the model would load" in result.stderr
+    assert asked == [("someone/shapes-lora", "exp-1")]
+
+
 def test_a_saved_adapter_loads_with_stock_peft_alone(lora_run):
     """peft records the base model's class for AutoPeftModel; ours is adapt.py's subclass, which stock peft refuses
     to import. A pushed adapter must load for people without blip-recipes."""
