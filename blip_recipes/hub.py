@@ -107,7 +107,7 @@ def build_model_card(
     valid"), and a builtin or a path would be a broken link; local data is named by its file or folder name.
     """
     lora = training_mode == "lora"
-    dataset_name = dataset_id or os.path.basename(os.path.normpath(dataset)) or dataset
+    dataset_name = dataset_id or local_dataset_label(dataset)
     data = ModelCardData(
         model_name=repo_id.split("/")[-1],
         base_model=base_model_id,
@@ -148,6 +148,17 @@ def build_model_card(
         decoding=", ".join(f"{key}={value}" for key, value in generation.items()), recipe_yaml=recipe_yaml.rstrip(),
     )  # fmt: skip
     return ModelCard(content)
+
+
+def local_dataset_label(dataset: str) -> str:
+    """How the card names local data: its file or folder name; a shard pattern with its folder ("cc3m/*.tar", not
+    "*.tar")."""
+    path = os.path.normpath(dataset)
+    name = os.path.basename(path) or dataset
+    if any(character in name for character in "*?[{"):
+        folder = os.path.basename(os.path.dirname(path))
+        return f"{folder}/{name}" if folder else name
+    return name
 
 
 def _eval_results(dataset: str, metrics: dict[str, dict]) -> list:

@@ -162,6 +162,8 @@ def test_the_card_names_base_model_and_dataset_by_hub_id_only(tmp_path):
     assert metadata_problem(str(local)) is None
     assert local.data.base_model == "Salesforce/blip-image-captioning-base" and local.data.datasets is None
     assert local.data.eval_results[0].dataset_name == "captions.jsonl" and "on `captions.jsonl`" in local.text
+    shards = build_model_card("me/blip", base_model=str(parent), dataset="/data/cc3m/*.tar", **common, **ids)
+    assert "on `cc3m/*.tar`" in shards.text  # not "*.tar"
     hub = build_model_card("me/blip", base_model="Salesforce/blip-image-captioning-base",
                            dataset="ybelkada/football-dataset", **common,
                            base_model_id="Salesforce/blip-image-captioning-base",
