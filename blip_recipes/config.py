@@ -251,6 +251,10 @@ class CaptionTrainingArguments(Seq2SeqTrainingArguments):
             "(early_stopping_patience)."
         },
     )
+    hub_revision: str | None = field(
+        default=None,
+        metadata={"help": "Branch every push goes to (checkpoints, final, merged), created when missing; null: main."},
+    )
     predict_with_generate: bool = field(default=True, metadata={"help": "Evaluation always generates captions."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "The collator needs every field."})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Trackers, e.g. tensorboard."})
