@@ -349,19 +349,18 @@ def push_command(argv: list[str]) -> int:
             raise argparse.ArgumentTypeError(problem)
         return text
 
-    parser = argparse.ArgumentParser(
-        prog="blip-recipes push",
-        description="Upload a finished run's allow-listed files (weights, configs, processor, model card, results, "
-        "recipe) to the Hub; checkpoints, logs and dotfiles never are.",
-    )
-    parser.add_argument("output_dir", help="a finished run's output_dir (it holds README.md, the model card)")
-
     def branch(text: str) -> str:
         problem = revision_problem(text)
         if problem:
             raise argparse.ArgumentTypeError(problem)
         return text
 
+    parser = argparse.ArgumentParser(
+        prog="blip-recipes push",
+        description="Upload a finished run's allow-listed files (weights, configs, processor, model card, results, "
+        "recipe) to the Hub; checkpoints, logs and dotfiles never are.",
+    )
+    parser.add_argument("output_dir", help="a finished run's output_dir (it holds README.md, the model card)")
     parser.add_argument("--hub_model_id", required=True, type=repo_id, help="USER/NAME")
     parser.add_argument(
         "--revision", default=None, type=branch, help="branch to push to, created when missing (default: main)"

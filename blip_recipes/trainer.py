@@ -218,6 +218,8 @@ class CaptionTrainer(Seq2SeqTrainer):
         """The Trainer loads a checkpoint (a resume, load_best_model_at_end) with strict=False and warns of every key
         it lacks, and a checkpoint holds one copy of each tied tensor: every resume said "There were missing keys in
         the checkpoint model loaded" for BLIP's LM head, whose weight and bias the tie fills. Warn of the others."""
+        if not hasattr(load_result, "_replace"):  # not torch's (missing_keys, unexpected_keys) named tuple
+            return super()._issue_warnings_after_load(load_result)
         tensors = dict(self.model.named_parameters(remove_duplicate=False))
         missing = set(load_result.missing_keys)
         loaded = {id(tensor) for name, tensor in tensors.items() if name not in missing}
