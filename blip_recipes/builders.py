@@ -15,7 +15,7 @@ import torch
 
 from .choices import GENERATION_DEFAULTS
 from .collator import CaptionCollator
-from .config import Recipe, wants_evaluation
+from .config import Recipe, scores_captions, wants_evaluation
 from .data import (
     CaptionData,
     CaptionEvalDataset,
@@ -62,7 +62,7 @@ def load_data(recipe: Recipe, need_train: bool) -> CaptionData:
         raise DataError(f"image_root {data_args.image_root}: no such directory (the image column's relative paths "
                         "are read under it)")  # fmt: skip
     if data_args.streaming and need_train:  # the training split streams (build_stream); scored splits load here
-        if not wants_evaluation(training) and data_args.test_split is None:
+        if not scores_captions(recipe):
             return CaptionData(None, None, None)
         data_args = dataclasses.replace(data_args, dataset_name=data_args.eval_dataset_name)
         need_train = False

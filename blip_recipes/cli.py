@@ -343,17 +343,14 @@ def serve_command(argv: list[str]) -> int:
 def push_command(argv: list[str]) -> int:
     from .hub import CARD_INPUTS, PushError, push_folder, repo_id_problem, retarget_model_card, revision_problem
 
-    def repo_id(text: str) -> str:
-        problem = repo_id_problem(text)
-        if problem:
-            raise argparse.ArgumentTypeError(problem)
-        return text
+    def accepted(problem_of):  # an argparse type: the text as given, unless problem_of(text) names a problem
+        def parse(text: str) -> str:
+            problem = problem_of(text)
+            if problem:
+                raise argparse.ArgumentTypeError(problem)
+            return text
 
-    def branch(text: str) -> str:
-        problem = revision_problem(text)
-        if problem:
-            raise argparse.ArgumentTypeError(problem)
-        return text
+        return parse
 
     parser = argparse.ArgumentParser(
         prog="blip-recipes push",
@@ -361,9 +358,12 @@ def push_command(argv: list[str]) -> int:
         "recipe) to the Hub; checkpoints, logs and dotfiles never are.",
     )
     parser.add_argument("output_dir", help="a finished run's output_dir (it holds README.md, the model card)")
-    parser.add_argument("--hub_model_id", required=True, type=repo_id, help="USER/NAME")
+    parser.add_argument("--hub_model_id", required=True, type=accepted(repo_id_problem), help="USER/NAME")
     parser.add_argument(
-        "--revision", default=None, type=branch, help="branch to push to, created when missing (default: main)"
+        "--revision",
+        default=None,
+        type=accepted(revision_problem),
+        help="branch to push to, created when missing (default: main)",
     )
     parser.add_argument("--private", action="store_true", help="create the repo as private")
     parser.add_argument("--token", default=None, help="default: HF_TOKEN or the saved login")

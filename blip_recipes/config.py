@@ -640,8 +640,9 @@ def check_combinations(recipe: Recipe) -> None:
             check(not getattr(data, key), f"{key} does not apply to a stream (streaming: true)")
         check(not model.cache_vision_features, "cache_vision_features encodes a map-style split; not with streaming")
         check(
-            data.eval_dataset_name is not None or not wants_evaluation(training),
-            "streaming: true with evaluation needs eval_dataset_name (a map-style dataset with the eval split)",
+            data.eval_dataset_name is not None or not scores_captions(recipe),
+            "streaming: true with evaluation or a test_split needs eval_dataset_name (a map-style dataset with those "
+            "splits)",
         )
     else:
         check(
@@ -780,3 +781,8 @@ def wants_evaluation(training: CaptionTrainingArguments) -> bool:
     return (
         training.eval_strategy != "no" or training.do_eval or training.eval_on_start or training.load_best_model_at_end
     )
+
+
+def scores_captions(recipe: Recipe) -> bool:
+    """Whether the run generates and scores captions: evaluations during training, a final one, or a test split."""
+    return wants_evaluation(recipe.training) or recipe.data.test_split is not None

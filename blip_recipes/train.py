@@ -41,7 +41,7 @@ from .checkpoints import (
     resume_conflicts,
     resume_hint,
 )
-from .config import RecipeError, wants_evaluation
+from .config import RecipeError, scores_captions
 from .data import DataError
 from .distributed import broadcast_from_main
 from .ema import EMA_FILE
@@ -82,11 +82,6 @@ def setup_logging(training_args) -> None:
     logging.getLogger("blip_recipes").setLevel(ours)
     warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator is found.*")
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata 0.11 calls torch.set_vital
-
-
-def scores_captions(recipe) -> bool:
-    """Whether the run generates and scores captions: evaluations during training, a final one, or a test split."""
-    return wants_evaluation(recipe.training) or recipe.data.test_split is not None
 
 
 def check_before_loading(recipe) -> str | None:

@@ -288,6 +288,11 @@ def test_streaming_needs_max_steps_and_an_eval_source(tmp_path, shapes_shards, c
     no_eval = run_main(["train", *[a for a in arguments if a not in ("--eval_dataset_name", "builtin:shapes")]], capfd,
                        caplog)  # fmt: skip
     assert no_eval.returncode == 2 and "needs eval_dataset_name" in no_eval.stderr
+    # A test split alone is scored too (after training): it was let through, to a dataset_name of None.
+    arguments = streaming_arguments(shapes_shards, tmp_path / "c", "--max_steps", "2", "--test_split", "validation")
+    no_test = run_main(["train", *[a for a in arguments if a not in ("--eval_dataset_name", "builtin:shapes")]], capfd,
+                       caplog)  # fmt: skip
+    assert no_test.returncode == 2 and "with evaluation or a test_split needs eval_dataset_name" in no_test.stderr
 
 
 @pytest.mark.parametrize("keys, message", [
