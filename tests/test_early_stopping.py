@@ -49,3 +49,12 @@ def test_training_stops_after_patience_evaluations_and_ends_with_the_best_checkp
     assert "missing keys" not in log
     assert read_json(resumed / "trainer_state.json")["global_step"] == 6
     assert evaluations(resumed) == scores
+
+    # Stopped too early: resumed with more patience, the count goes on from the checkpoint's (1 at step 4; 2 at
+    # step 6, 3 at step 8: stop).
+    patient = tmp_path / "patient"
+    shutil.copytree(straight / "checkpoint-4", patient / "checkpoint-4")
+    result = run_main([*ARGS, "--output_dir", patient, "--resume_from_checkpoint", "true", "--early_stopping_patience",
+                       "3"], capfd, caplog)  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert read_json(patient / "trainer_state.json")["global_step"] == 8
