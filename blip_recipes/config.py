@@ -681,9 +681,45 @@ def check_evaluation_is_generation(recipe: Recipe, check) -> None:
         )
 
 
+# Trainer keys whose machinery this project replaces: CaptionTrainer.evaluate generates and scores captions instead
+# of the Trainer's logit evaluation loop, the collator names the labels, PreemptionCallback answers SIGTERM. Set to
+# anything but their defaults they would be ignored (generation_config: fail at load), so they are refused, each
+# with what to use instead.
+UNUSED_TRAINER_KEYS = {
+    "generation_config": "decoding settings are generation_num_beams, generation_max_length and "
+    "generation_min_length (saved in the model's generation_config.json)",
+    "bf16_full_eval": "evaluation generates in the training precision (bf16 or fp16 autocast)",
+    "fp16_full_eval": "evaluation generates in the training precision (bf16 or fp16 autocast)",
+    "eval_accumulation_steps": "evaluation gathers generated captions per batch, not logits",
+    "eval_do_concat_batches": "evaluation gathers generated captions per batch, not logits",
+    "eval_use_gather_object": "evaluation gathers generated captions per batch, not logits",
+    "include_for_metrics": "the metrics score generated captions against every reference of the image (eval_metrics)",
+    "batch_eval_metrics": "the metrics score the whole split's captions at once (eval_metrics)",
+    "label_names": "the collator builds the labels from the captions",
+    "length_column_name": "it serves train_sampling_strategy group_by_length, which is refused",
+    "sortish_sampler": "transformers no longer implements it (captions are padded per batch already)",
+    "enable_jit_checkpoint": "SIGTERM already finishes the step, saves a checkpoint and exits 143; the Trainer's "
+    "handler would replace that one",
+}
+
+
+def field_default(cls, name: str):
+    """The value a dataclass field has when a recipe leaves it out."""
+    for entry in dataclasses.fields(cls):
+        if entry.name == name:
+            return entry.default_factory() if entry.default_factory is not dataclasses.MISSING else entry.default
+    raise KeyError(name)
+
+
 def check_trainer_options(recipe: Recipe, check) -> None:
     """Trainer options that would do something else with BLIP than they say, or fail only once training starts."""
     training = recipe.training
+    for key, instead in UNUSED_TRAINER_KEYS.items():
+        if hasattr(training, key):  # not every transformers version has every key
+            check(
+                getattr(training, key) == field_default(type(training), key),
+                f"{key} is not used here: {instead}; leave it out",
+            )
     # transformers >= 5.2 has train_sampling_strategy; 5.0 and 5.1 have group_by_length.
     sampling = getattr(training, "train_sampling_strategy", "random")
     if getattr(training, "group_by_length", False):

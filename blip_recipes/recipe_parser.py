@@ -15,7 +15,14 @@ import typing
 
 import yaml
 
-from .config import ARGUMENT_CLASSES, CaptionTrainingArguments, Recipe, RecipeError, validate_recipe
+from .config import (
+    ARGUMENT_CLASSES,
+    UNUSED_TRAINER_KEYS,
+    CaptionTrainingArguments,
+    Recipe,
+    RecipeError,
+    validate_recipe,
+)
 
 _GROUPS = {
     "ModelArguments": "model keys",
@@ -38,7 +45,9 @@ def recipe_keys() -> dict[str, RecipeKey]:
         hints = typing.get_type_hints(cls)
         for item in dataclasses.fields(cls):
             if item.init:
-                keys[item.name] = RecipeKey(cls, hints.get(item.name, item.type), item.metadata.get("help", ""))
+                unused = UNUSED_TRAINER_KEYS.get(item.name)
+                text = f"Not used here (refused): {unused}." if unused else item.metadata.get("help", "")
+                keys[item.name] = RecipeKey(cls, hints.get(item.name, item.type), text)
     return keys
 
 

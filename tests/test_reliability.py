@@ -3,6 +3,7 @@
 Each test fails without its fix; the README's "Reliability and security" section lists what is checked.
 """
 
+import dataclasses
 import glob
 import json
 import os
@@ -192,6 +193,42 @@ def test_a_token_copied_into_another_key_by_an_alias_is_refused(tmp_path):
 def test_bad_values_are_refused_naming_the_key(arguments, message):
     with pytest.raises(RecipeError, match=message):
         parse_recipe([os.path.join(REPO, "recipes", "shapes", "full.yaml"), *arguments])
+
+
+UNUSED_TRAINER_VALUES = {
+    "generation_config": "/models/generation_config.json",  # the Trainer would fail at load
+    "bf16_full_eval": "true",
+    "fp16_full_eval": "true",
+    "eval_accumulation_steps": "4",
+    "eval_do_concat_batches": "false",
+    "eval_use_gather_object": "true",
+    "include_for_metrics": "inputs,loss",
+    "batch_eval_metrics": "true",
+    "label_names": "labels",
+    "length_column_name": "caption_length",
+    "sortish_sampler": "true",
+    "enable_jit_checkpoint": "true",  # its SIGTERM handler would replace the one that saves and exits 143
+}
+
+
+@pytest.mark.parametrize("key", sorted(UNUSED_TRAINER_VALUES))
+def test_trainer_keys_this_project_replaces_are_refused(key):
+    with pytest.raises(RecipeError, match=f"{key} is not used here: .*; leave it out"):
+        parse_recipe([os.path.join(REPO, "recipes", "shapes", "full.yaml"), f"--{key}", UNUSED_TRAINER_VALUES[key]])
+
+
+def test_every_replaced_trainer_key_exists_and_is_documented_as_unused():
+    from blip_recipes.config import UNUSED_TRAINER_KEYS, CaptionTrainingArguments
+    from blip_recipes.recipe_parser import recipe_keys
+
+    assert set(UNUSED_TRAINER_VALUES) == set(UNUSED_TRAINER_KEYS)
+    keys = recipe_keys()
+    for key in UNUSED_TRAINER_KEYS:
+        assert key in {item.name for item in dataclasses.fields(CaptionTrainingArguments)}, key
+        assert keys[key].help.startswith("Not used here (refused)"), key
+    # their defaults pass: a resolved recipe.yaml writes every key
+    recipe = parse_recipe([os.path.join(REPO, "recipes", "shapes", "full.yaml")])
+    assert all(recipe.resolved()[key] == getattr(recipe.training, key) for key in UNUSED_TRAINER_KEYS)
 
 
 def test_accelerate_turns_fp16_off_on_the_cpu():
