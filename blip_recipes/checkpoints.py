@@ -17,7 +17,7 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from .distributed import broadcast_from_main
+from .distributed import broadcast_from_main, gather_from_all
 
 logger = logging.getLogger(__name__)
 
@@ -269,6 +269,7 @@ class OutputDirLock:
         self.path = os.path.join(output_dir, LOCK_FILE)
         self.held = False
         self.created_dir = False
+        self.record: dict | None = None  # what this lock file says, once held
 
     def acquire(self) -> None:
         """Take the lock (creating output_dir if needed); RunLockError says why not."""
@@ -299,10 +300,11 @@ class OutputDirLock:
                     os.remove(self.path)
                 continue
             record = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:300],
-                      "started": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+                      "started": time.strftime("%Y-%m-%d %H:%M:%S"), "run": os.urandom(8).hex()}  # fmt: skip
             with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
                 json.dump(record, handle)
             self.held = True
+            self.record = record
             return
         raise RunLockError(f"could not lock output_dir {self.output_dir} ({self.path} keeps reappearing)")
 
@@ -342,6 +344,46 @@ def lock_output_dir(training_args) -> OutputDirLock:
     if refusal:
         raise RunLockError(refusal)
     return lock
+
+
+def processes_not_sharing_output_dir(lock: OutputDirLock, training_args) -> list[tuple[int, str]]:
+    """(process index, host) of each process whose output_dir does not hold the lock the main process took in its
+    own: a folder of that machine's (a local disk) rather than one all machines share. Empty when all share it."""
+    world_size = training_args.world_size
+    if world_size <= 1:
+        return []
+    record = broadcast_from_main(lock.record, world_size)
+    sees = training_args.process_index == 0 or OutputDirLock(training_args.output_dir)._holder() == record
+    seen = gather_from_all((sees, socket.gethostname()), world_size)
+    return [(index, host) for index, (sees, host) in enumerate(seen) if not sees]
+
+
+def unshared_output_dir_problem(apart: list[tuple[int, str]], output_dir: str) -> str | None:
+    """Why a run whose machines do not share output_dir cannot go on, or None when they share it. The Trainer writes
+    checkpoints and the model from the main process only; its save_on_each_node, which would write them on every
+    machine, is refused (config.py): transformers writes the weights on the first process alone."""
+    if not apart:
+        return None
+    named = ", ".join(f"process {index} on {host}" for index, host in apart[:3])
+    return (
+        f"output_dir {output_dir} is not one folder all machines share ({named} does not see the lock the main "
+        "process took there): only machine 0 would hold the checkpoints, and a resume would find none on the "
+        "others. Put output_dir on a file system every machine mounts"
+    )
+
+
+def resume_disagreement(resumes: list[tuple[str | None, str]]) -> str | None:
+    """[(checkpoint, host) per process] -> why the processes cannot resume together, or None when they agree. Each
+    process resolves `resume_from_checkpoint: true` itself: a file system that shows machines different states of
+    one folder (a client cache) could make them pick different checkpoints."""
+    if len({checkpoint for checkpoint, _ in resumes}) <= 1:
+        return None
+    listed = "; ".join(f"process {index} on {host}: {checkpoint or 'none'}"
+                       for index, (checkpoint, host) in enumerate(resumes))  # fmt: skip
+    return (
+        f"resume_from_checkpoint: the processes would resume from different checkpoints ({listed}). Name one that "
+        "every machine holds complete: --resume_from_checkpoint OUTPUT_DIR/checkpoint-N"
+    )
 
 
 # Keys that decide what a run computes: a resumed run continues the checkpoint's optimizer, scheduler, data order and
@@ -393,8 +435,10 @@ class RecipeSnapshotCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         source = os.path.join(args.output_dir, RECIPE_FILE)
         target = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if state.is_world_process_zero and os.path.isfile(source) and os.path.isdir(target):
-            shutil.copyfile(source, os.path.join(target, RECIPE_FILE))
+        # should_save: the process that writes checkpoints, as the Trainer decides
+        if args.should_save and os.path.isfile(source) and os.path.isdir(target):
+            shutil.copyfile(source, os.path.join(target, RECIPE_FILE + ".tmp"))
+            os.replace(os.path.join(target, RECIPE_FILE + ".tmp"), os.path.join(target, RECIPE_FILE))
 
 
 STREAM_POSITION_DIR = "stream_position"  # inside a checkpoint: one JSON per process, its readers' positions

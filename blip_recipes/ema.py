@@ -55,7 +55,7 @@ class WeightAverage(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if state.is_world_process_zero and self.average is not None and os.path.isdir(checkpoint):
+        if args.should_save and self.average is not None and os.path.isdir(checkpoint):
             save_file({name: t.detach().cpu().contiguous() for name, t in self.average.items()},
                       os.path.join(checkpoint, EMA_FILE))  # fmt: skip
             share_as_umask_allows(checkpoint)

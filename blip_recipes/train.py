@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import warnings
 
@@ -36,14 +37,17 @@ from .checkpoints import (
     lock_output_dir,
     overwrite_would_remove,
     previous_run_files,
+    processes_not_sharing_output_dir,
     remove_earlier_run,
     resolve_resume,
     resume_conflicts,
+    resume_disagreement,
     resume_hint,
+    unshared_output_dir_problem,
 )
 from .config import RecipeError, scores_captions
 from .data import DataError
-from .distributed import broadcast_from_main
+from .distributed import gather_from_all
 from .ema import EMA_FILE
 from .hub import HubPushCallback, metric_results, publish_run, push_blocker
 from .metrics import METRIC_KEYS, MetricsError, check_metric_requirements, start_metrics
@@ -170,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", error)
         return 2
     try:
+        apart = processes_not_sharing_output_dir(lock, recipe.training)
+        problem = unshared_output_dir_problem(apart, recipe.training.output_dir)
+        if problem:
+            logger.error("%s", problem)
+            leave_process_group()
+            return 2
         code = run(recipe)
     except KeyboardInterrupt:
         code = interrupted(recipe.training)
@@ -205,6 +215,29 @@ def leave_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+def check_on_every_process(recipe) -> str | None:
+    """check_before_loading on every process; when it fails on one, all stop with its message (a process that
+    stopped alone would leave the others waiting for it: gloo fails with "Connection closed by peer", NCCL waits for
+    its timeout). Processes see different folders when machines each keep their own output_dir, or a different Hub
+    cache. Returns the checkpoint to resume from, the same on every process."""
+    training_args = recipe.training
+    error, resume = None, None
+    try:
+        resume = check_before_loading(recipe)
+    except LOAD_ERRORS as caught:
+        error = caught
+    outcomes = gather_from_all((str(error) if error else None, resume, socket.gethostname()), training_args.world_size)
+    if error is not None:
+        raise error
+    for index, (message, _, host) in enumerate(outcomes):
+        if message is not None:
+            raise RecipeError(f"process {index} on {host}: {message}")
+    disagreement = resume_disagreement([(checkpoint, host) for _, checkpoint, host in outcomes])
+    if disagreement:
+        raise RecipeError(disagreement)
+    return resume
+
+
 def run(recipe) -> int:
     """Build, train, save, evaluate, publish; the exit code says how it ended."""
     model_args, training_args = recipe.model, recipe.training
@@ -224,7 +257,7 @@ def run(recipe) -> int:
             )  # fmt: skip
         )
     try:
-        resume = check_before_loading(recipe)
+        resume = check_on_every_process(recipe)
         if scores_captions(recipe) and training_args.process_index == 0:  # the one process that scores
             start_metrics(training_args.eval_metrics)
         set_seed(training_args.seed)
@@ -249,7 +282,7 @@ def run(recipe) -> int:
             recipe.write_resolved(os.path.join(training_args.output_dir, RECIPE_FILE))
         except OSError as error:
             problem = f"output_dir {training_args.output_dir}: {error}"
-    problem = broadcast_from_main(problem, training_args.world_size)  # every process stops, or none
+    problem = next(filter(None, gather_from_all(problem, training_args.world_size)), None)  # all stop, or none
     if problem:
         preemption.restore_signal_handler()
         logger.error("%s", problem)

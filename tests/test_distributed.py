@@ -4,7 +4,7 @@ import os
 import re
 import sys
 
-from tests.conftest import QUICK, read_json, read_jsonl, run_cli, run_main
+from tests.conftest import QUICK, REPO, read_json, read_jsonl, run_cli, run_main
 
 
 def two_process_launcher(port: int) -> list[str]:
@@ -76,31 +76,41 @@ def test_two_processes_share_one_feature_store(tmp_path, shapes_dir):
         assert found and 16 <= int(found.group(1)) <= 16 + 6, log[-3000:]
 
 
+def start_machine(rank: int, port: int, arguments: list[str], cwd=REPO, env=None):
+    """One "machine" of a two-machine job on localhost (one process each), as accelerate launch starts it there."""
+    import subprocess
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+               "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+               "--main_process_port", str(port), "-m", "blip_recipes.cli", "train",
+               os.path.join(REPO, "recipes", "shapes", "full.yaml"), *arguments]  # fmt: skip
+    return subprocess.Popen(command, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def finish_machines(*machines) -> list[str]:
+    try:
+        return [machine.communicate(timeout=300)[0] for machine in machines]
+    finally:  # a machine left waiting for a dead peer must not hang the suite
+        for machine in machines:
+            if machine.poll() is None:
+                machine.kill()
+
+
 def test_two_machines_started_in_the_unlucky_order(tmp_path):
     """Two "machines" on localhost, one process each, each with its own empty cache (separate file systems), machine
     1 started first: each generates its builtin model and data itself and they train as one job of world size 2."""
-    import subprocess
     import time
 
     def machine(rank):
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
-                   "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
-                   "--main_process_port", "29623", "-m", "blip_recipes.cli", "train", "recipes/shapes/full.yaml",
-                   "--output_dir", str(tmp_path / "run"), "--max_steps", "3", *QUICK,
-                   "--per_device_train_batch_size", "8", "--log_level_replica", "info"]  # fmt: skip
-        env = {**os.environ, "BLIP_RECIPES_CACHE": str(tmp_path / f"cache-{rank}"), "PYTHONUNBUFFERED": "1"}
-        return subprocess.Popen(command, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        arguments = ["--output_dir", str(tmp_path / "run"), "--max_steps", "3", *QUICK,
+                     "--per_device_train_batch_size", "8", "--log_level_replica", "info"]  # fmt: skip
+        return start_machine(rank, 29623, arguments, env={"BLIP_RECIPES_CACHE": str(tmp_path / f"cache-{rank}")})
 
     second = machine(1)
     time.sleep(5)
     first = machine(0)
-    try:
-        logs = [process.communicate(timeout=300)[0] for process in (first, second)]
-    finally:  # a machine left waiting for a dead peer must not hang the suite
-        for process in (first, second):
-            if process.poll() is None:
-                process.kill()
+    logs = finish_machines(first, second)
     assert first.returncode == 0 and second.returncode == 0, logs[0][-3000:] + logs[1][-3000:]
     for log in logs:
         assert "processes: world_size=2 (distributed" in log
@@ -109,6 +119,37 @@ def test_two_machines_started_in_the_unlucky_order(tmp_path):
     assert "weights identical on all 2 processes" in logs[0]
     assert all(os.path.isfile(tmp_path / f"cache-{rank}" / "tiny-blip-v1" / "model.safetensors") for rank in (0, 1))
     assert read_json(tmp_path / "run" / "trainer_state.json")["global_step"] == 3
+
+
+def test_machines_that_see_different_folders_all_stop_with_the_reason(tmp_path, tiny_model_dir):
+    """Each machine runs in its own folder (cwd), as machines without a shared file system do. Relative paths then
+    name different folders: every process stops before loading, each with the reason, where the machine that had
+    no problem used to go on alone until gloo failed ("Connection closed by peer") or NCCL timed out."""
+    folders = [tmp_path / f"machine-{rank}" for rank in (0, 1)]
+    for folder in folders:
+        folder.mkdir()
+    os.symlink(tiny_model_dir, folders[0] / "tiny-blip")  # a model that only machine 0 has
+
+    def both(port, *arguments):
+        machines = [start_machine(rank, port, [*arguments, "--max_steps", "3", *QUICK], cwd=folders[rank])
+                    for rank in (1, 0)]  # fmt: skip
+        logs = finish_machines(*machines)[::-1]
+        assert all(machine.returncode != 0 for machine in machines), logs
+        # no process's traceback (the launcher prints its own, of ChildFailedError)
+        assert not any(re.search(r"\[rank\d\]: Traceback|Connection closed", log) for log in logs), logs
+        assert not any("processes: world_size" in log for log in logs)  # nothing loaded
+        return logs
+
+    # output_dir "run" is a folder of each machine's own: checkpoints would be written on machine 0 only
+    for log in both(29625, "--output_dir", "run"):
+        assert "ERROR blip_recipes: output_dir run is not one folder all machines share (process 1 on " in log
+        assert "Put output_dir on a file system every machine mounts" in log
+    # one shared output_dir, but the model path exists on machine 0 only
+    logs = both(29627, "--output_dir", str(tmp_path / "shared-run"), "--model_name_or_path", "tiny-blip")
+    assert re.search(
+        r"ERROR blip_recipes: process 1 on \S+: model_name_or_path tiny-blip: no local directory", logs[0]
+    )
+    assert "ERROR blip_recipes: model_name_or_path tiny-blip: no local directory" in logs[1]
 
 
 def one_cpu_process_launcher(*flags: str) -> list[str]:

@@ -107,3 +107,13 @@ def test_a_resume_needs_the_optimizer_state(tmp_path, state):
         with pytest.raises(ValueError, match=f"{checkpoint} holds weights but no optimizer state .* new run instead: "
                            f"--model_name_or_path {checkpoint}$"):  # fmt: skip
             resolve_resume(value, str(tmp_path))
+
+
+def test_processes_that_would_resume_from_different_checkpoints_are_stopped():
+    from blip_recipes.checkpoints import resume_disagreement
+
+    assert resume_disagreement([("run/checkpoint-4", "a"), ("run/checkpoint-4", "b")]) is None
+    assert resume_disagreement([(None, "a"), (None, "b")]) is None
+    problem = resume_disagreement([("run/checkpoint-4", "a"), ("run/checkpoint-2", "b"), ("run/checkpoint-4", "b")])
+    assert "process 0 on a: run/checkpoint-4; process 1 on b: run/checkpoint-2; process 2 on b" in problem
+    assert "Name one that every machine holds complete" in problem
