@@ -157,6 +157,7 @@ def training_or_refusal(tmp_path, arguments, expected):
         ("fp16", ["--bf16", "false", "--use_cpu", "false"], (False, True)),  # on a GPU machine
         ("fp16", [], "fp16 needs a GPU: on the CPU accelerate turns it off and trains in fp32"),  # on this CPU
         ("bf16", ["--fp16", "true"], "the recipe sets fp16: true"),
+        ("bf16", ["--bf16", "false"], "mixed_precision bf16 .*, but the recipe sets bf16: false"),
         ("fp16", ["--fp16", "false"], "the recipe sets fp16: false"),
         ("fp8", [], "mixed_precision fp8 .* but the recipe sets neither bf16 nor fp16"),
         ("no", ["--bf16", "true"], (True, False)),
