@@ -429,16 +429,48 @@ def resume_conflicts(resolved: dict, checkpoint: str) -> tuple[str, list[str]] |
     return (path, changed) if changed else None
 
 
+PROCESSES_FILE = "processes.json"  # inside a checkpoint: how many processes wrote it
+
+
 class RecipeSnapshotCallback(TrainerCallback):
-    """Each checkpoint keeps the recipe that produced it, so a resume from it is compared with the right one."""
+    """Each checkpoint keeps the recipe that produced it and its number of processes, so a resume from it is
+    compared with the right ones."""
 
     def on_save(self, args, state, control, **kwargs):
         source = os.path.join(args.output_dir, RECIPE_FILE)
         target = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         # should_save: the process that writes checkpoints, as the Trainer decides
-        if args.should_save and os.path.isfile(source) and os.path.isdir(target):
+        if not (args.should_save and os.path.isdir(target)):
+            return
+        if os.path.isfile(source):
             shutil.copyfile(source, os.path.join(target, RECIPE_FILE + ".tmp"))
             os.replace(os.path.join(target, RECIPE_FILE + ".tmp"), os.path.join(target, RECIPE_FILE))
+        with open(os.path.join(target, PROCESSES_FILE), "w", encoding="utf-8") as handle:
+            json.dump({"world_size": args.world_size}, handle)
+
+
+def process_count_problem(checkpoint: str, training_args) -> str | None:
+    """Why a run of this many processes cannot continue `checkpoint`, or None. The global batch is per-device batch
+    x processes x accumulation: with another number of processes the Trainer resumes anyway (it only logs that an
+    RNG file is missing), with another global batch, a shifted data order and a schedule stretched to new step
+    counts. A checkpoint written before this record existed is not checked."""
+    path = os.path.join(checkpoint, PROCESSES_FILE)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            recorded = int(json.load(handle)["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    now = training_args.world_size
+    if recorded == now:
+        return None
+    per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+    return (
+        f"resume_from_checkpoint {checkpoint}: written by {recorded} process{'es' * (recorded != 1)}, and this run "
+        f"has {now}: the global batch (per_device_train_batch_size x processes x gradient_accumulation_steps) would "
+        f"go from {per_step * recorded} to {per_step * now}, and with it the data order and the schedule. Resume "
+        f"with {recorded} process{'es' * (recorded != 1)}, or start a new run from its weights (--model_name_or_path "
+        f"{checkpoint})"
+    )
 
 
 STREAM_POSITION_DIR = "stream_position"  # inside a checkpoint: one JSON per process, its readers' positions

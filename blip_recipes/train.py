@@ -37,6 +37,7 @@ from .checkpoints import (
     lock_output_dir,
     overwrite_would_remove,
     previous_run_files,
+    process_count_problem,
     processes_not_sharing_output_dir,
     remove_earlier_run,
     resolve_resume,
@@ -134,6 +135,9 @@ def check_before_loading(recipe) -> str | None:
                 + "\n".join(changed)
                 + "\nResume with the recorded values, or start a new run in another output_dir."
             )
+    problem = process_count_problem(resume, training_args) if resume is not None else None
+    if problem:
+        raise RecipeError(problem)
     if resume is not None:  # what CaptionTrainer.train restores beside the Trainer's own state
         if recipe.data.streaming:
             load_stream_position(resume, training_args.process_index)

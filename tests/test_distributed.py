@@ -18,6 +18,7 @@ def test_two_process_training_and_evaluation(tmp_path, shapes_dir, capfd, caplog
     result = run_cli(
         ["train", "recipes/shapes/full.yaml", "--output_dir", str(output_dir), "--max_steps", "12",
          *QUICK, "--per_device_train_batch_size", "8", "--eval_on_start", "true",
+         "--save_strategy", "steps", "--save_steps", "12",
          "--per_device_eval_batch_size", "7",  # 60 images over 2 x 7 per step: the sampler pads the last batch
          "--log_level", "info", "--log_level_replica", "info"],
         launcher=launcher,
@@ -37,6 +38,17 @@ def test_two_process_training_and_evaluation(tmp_path, shapes_dir, capfd, caplog
     # 12 steps x 2 processes x 8 = 192 captions seen: the global batch is 16, not 8.
     assert state["train_batch_size"] == 8 and read_json(output_dir / "train_results.json")["epoch"] == 192 / 1440
     assert os.path.isfile(output_dir / "model.safetensors")
+
+    # One process cannot continue it: the Trainer would resume with half the global batch, saying nothing.
+    assert read_json(output_dir / "checkpoint-12" / "processes.json") == {"world_size": 2}
+    resumed = run_main(["train", "recipes/shapes/full.yaml", "--output_dir", output_dir, "--max_steps", "14", *QUICK,
+                        "--per_device_train_batch_size", "8", "--save_strategy", "steps", "--save_steps", "12",
+                        "--eval_on_start", "true", "--per_device_eval_batch_size", "7",
+                        "--resume_from_checkpoint", "true"], capfd, caplog)  # fmt: skip
+    assert resumed.returncode == 2, resumed.stderr[-3000:]
+    assert "checkpoint-12: written by 2 processes, and this run has 1: the global batch (per_device_train_batch_size" \
+           " x processes x gradient_accumulation_steps) would go from 16 to 8" in resumed.stderr  # fmt: skip
+    assert read_json(output_dir / "trainer_state.json")["global_step"] == 12
 
     # The same model scored by one process gives the same captions and the same metrics.
     single = run_main(["evaluate", "--model", output_dir, "--dataset", "builtin:shapes", "--split", "validation",
