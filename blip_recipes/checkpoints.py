@@ -429,7 +429,7 @@ def resume_conflicts(resolved: dict, checkpoint: str) -> tuple[str, list[str]] |
     return (path, changed) if changed else None
 
 
-PROCESSES_FILE = "processes.json"  # inside a checkpoint: how many processes wrote it
+PROCESSES_FILE = "processes.json"  # inside a checkpoint: how many processes (and DataLoader workers) wrote it
 
 
 class RecipeSnapshotCallback(TrainerCallback):
@@ -446,21 +446,32 @@ class RecipeSnapshotCallback(TrainerCallback):
             shutil.copyfile(source, os.path.join(target, RECIPE_FILE + ".tmp"))
             os.replace(os.path.join(target, RECIPE_FILE + ".tmp"), os.path.join(target, RECIPE_FILE))
         with open(os.path.join(target, PROCESSES_FILE), "w", encoding="utf-8") as handle:
-            json.dump({"world_size": args.world_size}, handle)
+            json.dump({"world_size": args.world_size, "dataloader_num_workers": args.dataloader_num_workers}, handle)
 
 
-def process_count_problem(checkpoint: str, training_args) -> str | None:
-    """Why a run of this many processes cannot continue `checkpoint`, or None. The global batch is per-device batch
-    x processes x accumulation: with another number of processes the Trainer resumes anyway (it only logs that an
-    RNG file is missing), with another global batch, a shifted data order and a schedule stretched to new step
-    counts. A checkpoint written before this record existed is not checked."""
+def process_count_problem(checkpoint: str, training_args, streaming: bool) -> str | None:
+    """Why a run of this many processes (and, streaming, DataLoader workers) cannot continue `checkpoint`, or None.
+
+    The global batch is per-device batch x processes x accumulation: with another number of processes the Trainer
+    resumes anyway (it only logs that an RNG file is missing), with another global batch, a shifted data order and
+    a schedule stretched to new step counts. A stream's position is each reader's (process x worker): torchdata
+    fails on another worker count at the first step, with an AssertionError. A checkpoint written before this record
+    existed is not checked."""
     path = os.path.join(checkpoint, PROCESSES_FILE)
     try:
         with open(path, encoding="utf-8") as handle:
-            recorded = int(json.load(handle)["world_size"])
+            recorded = json.load(handle)
+        processes, workers = int(recorded["world_size"]), int(recorded["dataloader_num_workers"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    now = training_args.world_size
+    if streaming and workers != training_args.dataloader_num_workers:
+        return (
+            f"resume_from_checkpoint {checkpoint}: its stream position is that of {workers} DataLoader worker"
+            f"{'s' * (workers != 1)} per process, and this run has {training_args.dataloader_num_workers}: each "
+            f"reader continues its own shards and cannot be split over other readers. Resume with "
+            f"--dataloader_num_workers {workers}"
+        )
+    recorded, now = processes, training_args.world_size
     if recorded == now:
         return None
     per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps

@@ -135,7 +135,7 @@ def check_before_loading(recipe) -> str | None:
                 + "\n".join(changed)
                 + "\nResume with the recorded values, or start a new run in another output_dir."
             )
-    problem = process_count_problem(resume, training_args) if resume is not None else None
+    problem = process_count_problem(resume, training_args, recipe.data.streaming) if resume is not None else None
     if problem:
         raise RecipeError(problem)
     if resume is not None:  # what CaptionTrainer.train restores beside the Trainer's own state

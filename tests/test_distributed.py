@@ -40,7 +40,7 @@ def test_two_process_training_and_evaluation(tmp_path, shapes_dir, capfd, caplog
     assert os.path.isfile(output_dir / "model.safetensors")
 
     # One process cannot continue it: the Trainer would resume with half the global batch, saying nothing.
-    assert read_json(output_dir / "checkpoint-12" / "processes.json") == {"world_size": 2}
+    assert read_json(output_dir / "checkpoint-12" / "processes.json") == {"world_size": 2, "dataloader_num_workers": 0}
     resumed = run_main(["train", "recipes/shapes/full.yaml", "--output_dir", output_dir, "--max_steps", "14", *QUICK,
                         "--per_device_train_batch_size", "8", "--save_strategy", "steps", "--save_steps", "12",
                         "--eval_on_start", "true", "--per_device_eval_batch_size", "7",

@@ -214,10 +214,11 @@ def streaming_arguments(shards: str, output_dir, *extra) -> list[str]:
             "--per_device_train_batch_size", "10", *extra]  # fmt: skip
 
 
-def test_streaming_training_resumes_exactly_mid_stream(tmp_path, shapes_shards):
-    """One process, two DataLoader workers: stopped at step 3 and resumed equals never stopping."""
+def test_streaming_training_resumes_exactly_mid_stream(tmp_path, shapes_shards, capfd, caplog):
+    """One process, two DataLoader workers: stopped at step 3 and resumed equals never stopping; resuming with
+    another number of workers is refused before anything loads (torchdata failed at the first step)."""
     from blip_recipes.builders import build_trainer
-    from blip_recipes.checkpoints import StreamPositionCallback, load_stream_position
+    from blip_recipes.checkpoints import RecipeSnapshotCallback, StreamPositionCallback, load_stream_position
     from blip_recipes.model import unwrap_blip
     from blip_recipes.recipe_parser import parse_recipe
 
@@ -229,7 +230,7 @@ def test_streaming_training_resumes_exactly_mid_stream(tmp_path, shapes_shards):
         from transformers import set_seed
 
         set_seed(recipe.training.seed)
-        trainer = build_trainer(recipe, callbacks=[StreamPositionCallback()])
+        trainer = build_trainer(recipe, callbacks=[StreamPositionCallback(), RecipeSnapshotCallback()])
         if resume is not None:
             trainer.stream_position = load_stream_position(resume, 0)
         trainer.train(resume_from_checkpoint=resume)
@@ -247,6 +248,14 @@ def test_streaming_training_resumes_exactly_mid_stream(tmp_path, shapes_shards):
     resumed, resumed_losses = run(tmp_path / "resumed", resume=str(tmp_path / "resumed" / "checkpoint-3"))
     assert [loss for loss in resumed_losses if loss[0] > 3] == [loss for loss in straight_losses if loss[0] > 3]
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+
+    checkpoint = tmp_path / "straight" / "checkpoint-3"
+    assert read_json(checkpoint / "processes.json") == {"world_size": 1, "dataloader_num_workers": 2}
+    refused = run_main(["train", *streaming_arguments(shapes_shards, tmp_path / "straight"), "--max_steps", "9",
+                        "--resume_from_checkpoint", checkpoint, "--do_eval", "false"], capfd, caplog)  # fmt: skip
+    assert refused.returncode == 2
+    assert "its stream position is that of 2 DataLoader workers per process, and this run has 0" in refused.stderr
+    assert "Resume with --dataloader_num_workers 2" in refused.stderr
 
 
 def test_two_processes_stream_disjoint_shards(tmp_path, shapes_shards):
