@@ -489,6 +489,45 @@ def test_json_lines_with_a_bad_line_name_the_file_and_line(tmp_path, shapes_dir)
         load_caption_splits(DataArguments(dataset_name=path, caption_column="caption"), 0, False)
 
 
+def test_data_files_that_are_not_utf8_or_not_csv_name_the_file_and_line(tmp_path, shapes_dir):
+    """datasets raised a bare UnicodeDecodeError for a Latin-1 row (no file, no line), and for a CSV row with more
+    fields than the header "An error occurred while generating the dataset"."""
+    from tests.test_data import make_jsonl_dataset
+
+    def refused(path, **arguments) -> str:
+        with pytest.raises(DataError) as raised:
+            load_caption_splits(DataArguments(dataset_name=str(path), caption_column="caption", **arguments), 0, False)
+        return str(raised.value)
+
+    path = make_jsonl_dataset(tmp_path, shapes_dir, rows=6)
+    lines = open(path, encoding="utf-8").read().splitlines()
+    row = json.loads(lines[2])
+    row["caption"][0] = "café " + row["caption"][0]
+    lines[2] = json.dumps(row, ensure_ascii=False)
+    with open(path, "wb") as handle:
+        handle.write(("\n".join(lines) + "\n").encode("latin-1"))  # valid JSON, in Latin-1
+    assert re.search(
+        r"data.jsonl:3: not UTF-8 text \(invalid continuation byte at byte \d+ of the line\)", refused(path)
+    )
+
+    rows = [("image", "caption")] + [
+        (f"images/{name}", "a caption") for name in sorted(os.listdir(tmp_path / "images"))
+    ]
+    table = "\n".join(",".join(row) for row in rows) + "\n"
+    (tmp_path / "latin1.csv").write_bytes(table.replace("a caption", "caf\u00e9", 1).encode("latin-1"))
+    assert "latin1.csv:2: not UTF-8 text" in refused(tmp_path / "latin1.csv")
+    ragged = table.splitlines()
+    ragged[3] += ",one field too many"
+    (tmp_path / "ragged.csv").write_text("\n".join(ragged) + "\n")
+    assert re.search(r"ragged.csv: could not load the dataset \(ParserError: .*Expected 2 fields in line 4, saw 3\)$",
+                     refused(tmp_path / "ragged.csv"))  # fmt: skip
+    folder = tmp_path / "imagefolder"
+    folder.mkdir()
+    shutil.copy(os.path.join(shapes_dir, "train", "00000.png"), folder)
+    (folder / "metadata.csv").write_bytes("file_name,text\n00000.png,caf\u00e9\n".encode("latin-1"))
+    assert "metadata.csv:2: not UTF-8 text" in refused(folder)
+
+
 def test_imagefolder_file_names_outside_the_folder_are_refused(tmp_path, shapes_dir):
     folder = tmp_path / "folder"
     shutil.copytree(os.path.join(shapes_dir, "validation"), folder)

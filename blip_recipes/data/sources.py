@@ -33,7 +33,14 @@ def load_raw_splits(data_args) -> tuple[dict, str | None]:
         except DataError:
             raise
         except Exception as error:  # datasets raises anything from StopIteration to pyarrow errors on bad files
-            raise DataError(f"{source}: could not load the dataset ({type(error).__name__}: {error})") from error
+            # datasets wraps the reader's error ("An error occurred while generating the dataset"): name the reader's
+            # own, which says where (pandas: "Expected 2 fields in line 6, saw 4").
+            cause = error
+            while (cause.__cause__ or cause.__context__) is not None:
+                cause = cause.__cause__ or cause.__context__
+            raise DataError(
+                f"{source}: could not load the dataset ({type(cause).__name__}: {str(cause).strip()})"
+            ) from error
     return read_hub_dataset(source, data_args), None
 
 
@@ -150,6 +157,8 @@ def _load_raw_splits(source: str, data_args) -> tuple[dict, str | None]:
             load_coco_karpathy_file,
         )
 
+        if file_builder(source) is not None:
+            check_utf8(source)
         if is_coco_karpathy_file(source):
             return load_coco_karpathy_file(source), os.path.dirname(os.path.abspath(source))
         if is_coco_captions_file(source):
@@ -163,6 +172,7 @@ def _load_raw_splits(source: str, data_args) -> tuple[dict, str | None]:
         return dict(loaded), os.path.dirname(os.path.abspath(source))
     if os.path.isdir(source):
         from .coco import (
+            LAVIS_FILES,
             is_coco_captions_file,
             is_lavis_karpathy_dir,
             load_coco_captions_file,
@@ -175,8 +185,13 @@ def _load_raw_splits(source: str, data_args) -> tuple[dict, str | None]:
             loaded = datasets.load_from_disk(source)
             return (dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}), source
         if is_lavis_karpathy_dir(source):
+            for name in LAVIS_FILES.values():
+                if os.path.isfile(os.path.join(source, name)):
+                    check_utf8(os.path.join(source, name))
             return load_lavis_karpathy_dir(source), source
         split_files = _split_files(source)
+        for path in split_files.values():
+            check_utf8(path)
         if split_files and all(is_coco_captions_file(path) for path in split_files.values()):
             splits = {}
             for name, path in split_files.items():
@@ -227,6 +242,20 @@ def _has_imagefolder_metadata(directory: str) -> bool:
     return False
 
 
+def check_utf8(path: str) -> None:
+    """DataError naming the file and line when a text data file is not UTF-8 (datasets, pandas and json would raise
+    a UnicodeDecodeError naming neither); a BOM at the start is allowed, as datasets reads it."""
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(
+                    f"{path}:{number}: not UTF-8 text ({error.reason} at byte {error.start} of the line); save it as "
+                    "UTF-8"
+                ) from None
+
+
 def check_json_file(path: str) -> None:
     """A JSON Lines file (or one JSON document) that datasets can read; else DataError naming the file and line
     (datasets only says so in a log line and raises a generic error)."""
@@ -261,6 +290,8 @@ def check_imagefolder_metadata(directory: str) -> None:
     for folder, _dirs, files in os.walk(directory):
         for name in files:
             path = os.path.join(folder, name)
+            if name in ("metadata.jsonl", "metadata.csv"):
+                check_utf8(path)
             if name == "metadata.jsonl":
                 check_json_file(path)
                 with open(path, encoding="utf-8") as handle:
