@@ -47,7 +47,7 @@ def evaluate_command(argv: list[str]) -> int:
     from .recipe_parser import parse_recipe, recipe_argument_parser
     from .train import setup_logging
 
-    usage = "blip-recipes evaluate [RECIPE.yaml] --model PATH_OR_HUB_ID [--dataset NAME] [--split S] [--key value ...]"
+    usage = "blip-recipes evaluate [RECIPE.yaml] --model PATH_OR_HUB_ID --dataset NAME [--split S] [--key value ...]"
     parser = recipe_argument_parser("blip-recipes evaluate", EVALUATE_DESCRIPTION, EVALUATE_ALIASES, usage)
 
     def output_dir(values: dict) -> dict:
@@ -60,6 +60,8 @@ def evaluate_command(argv: list[str]) -> int:
             recipe = parse_recipe([*argv, "--output_dir", output_dir(recipe.values)["output_dir"]], parser)
         if "model_name_or_path" not in recipe.overrides:
             raise RecipeError("evaluate needs --model PATH_OR_HUB_ID")
+        if "dataset_name" not in recipe.explicit_keys:  # its default is the offline demo's synthetic shapes
+            raise RecipeError("evaluate needs --dataset NAME (or a recipe that sets dataset_name)")
         output = recipe.training.output_dir
         held = model_files_in(output)
         if held:  # a run's folder: its eval_results.json and predictions (what its model card reports) would go

@@ -40,7 +40,10 @@ class RecipeError(ValueError):
 class ModelArguments:
     model_name_or_path: str = field(
         default="builtin:tiny-blip",
-        metadata={"help": "Hub id, local directory, or builtin:tiny-blip (a small random BLIP made offline)."},
+        metadata={
+            "help": "Required: the model to fine-tune. Hub id, local directory, or builtin:tiny-blip (a small random "
+            "BLIP made offline)."
+        },
     )
     model_revision: str = field(default="main", metadata={"help": "Hub branch, tag or commit."})
     training_mode: TrainingMode = field(
@@ -82,8 +85,8 @@ class DataArguments:
     dataset_name: str = field(
         default="builtin:shapes",
         metadata={
-            "help": "Hub id, imagefolder directory (metadata.jsonl/csv), save_to_disk directory, JSON/JSONL file "
-            "of image paths, COCO Karpathy or COCO captions-format file, or builtin:shapes."
+            "help": "Required. Hub id, imagefolder directory (metadata.jsonl/csv), save_to_disk directory, JSON/JSONL "
+            "file of image paths, COCO Karpathy or COCO captions-format file, or builtin:shapes."
         },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})

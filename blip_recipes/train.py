@@ -171,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         print("\nerror: train needs a recipe file (e.g. recipes/shapes/full.yaml)", file=sys.stderr)
         return 2
+    unset = [key for key in ("model_name_or_path", "dataset_name") if key not in recipe.explicit_keys]
+    if unset:  # their defaults are the offline demo's: a random tiny model, synthetic shapes
+        print(f"error: {recipe.source}: {' and '.join(unset)} not set; a recipe names the model it fine-tunes (e.g. "
+              "Salesforce/blip-image-captioning-base) and its dataset (builtin:tiny-blip and builtin:shapes are the "
+              "offline demo's)", file=sys.stderr)  # fmt: skip
+        return 2
     setup_logging(recipe.training)
     try:
         lock = lock_output_dir(recipe.training)
@@ -341,7 +347,9 @@ def evaluate_after_training(trainer, recipe) -> dict | int:
             logger.warning(
                 "%s during the final evaluation: the trained model is saved in %s. Finish the evaluation with: "
                 "blip-recipes evaluate %s --model %s --output_dir %s",
-                "Ctrl-C" if isinstance(stop, KeyboardInterrupt) else "SIGTERM", output_dir, recipe.path, output_dir,
+                # the resolved recipe: the run's command-line overrides (dataset, splits, decoding) included
+                "Ctrl-C" if isinstance(stop, KeyboardInterrupt) else "SIGTERM", output_dir,
+                os.path.join(output_dir, RECIPE_FILE), output_dir,
                 os.path.join(output_dir, "evaluations", "final"),
             )  # fmt: skip
         return INTERRUPTED_EXIT_CODE if isinstance(stop, KeyboardInterrupt) else PREEMPTED_EXIT_CODE

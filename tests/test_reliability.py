@@ -264,6 +264,20 @@ def test_epochs_may_be_zero_when_max_steps_is_set():
     assert recipe.training.max_steps == 3
 
 
+def test_a_recipe_must_name_its_model_and_dataset(tmp_path, capfd, caplog):
+    """Their defaults are the offline demo's: a recipe that forgot model_name_or_path trained a random tiny BLIP on
+    the user's data, saying nothing; one without dataset_name, synthetic shapes."""
+    for text, unset in (("dataset_name: data.jsonl\n", "model_name_or_path not set"),
+                        ("model_name_or_path: Salesforce/blip-image-captioning-base\n", "dataset_name not set"),
+                        ("", "model_name_or_path and dataset_name not set"),
+                        ("learning_rate: 1.0e-5\n", "model_name_or_path and dataset_name not set")):  # fmt: skip
+        result = run_main(["train", write(tmp_path, text), "--output_dir", tmp_path / "run"], capfd, caplog)
+        assert result.returncode == 2 and f"recipe.yaml: {unset}; a recipe names the model" in result.stderr
+        assert not os.path.exists(tmp_path / "run")
+    result = run_main(["evaluate", "--model", "builtin:tiny-blip", "--output_dir", tmp_path / "ev"], capfd, caplog)
+    assert result.returncode == 2 and "evaluate needs --dataset NAME" in result.stderr
+
+
 def test_duplicate_keys_and_non_utf8_recipes_are_refused(tmp_path):
     with pytest.raises(RecipeError, match=r"key 'learning_rate' appears twice \(lines 1 and 3\)"):
         parse_recipe([write(tmp_path, "learning_rate: 1.0e-4\nseed: 1\nlearning_rate: 2.0e-4\n")])
@@ -732,11 +746,12 @@ def test_sigterm_during_the_final_evaluation_exits_143_with_the_model_saved(tmp_
     code, log = signal_at(["train", "recipes/shapes/full.yaml", "--output_dir", str(output_dir), *QUICK,
                            "--max_steps", "2", "--do_eval", "true"], "final evaluation:", signal.SIGTERM)  # fmt: skip
     assert code == 143, log[-3000:]
-    assert "SIGTERM during the final evaluation" in log and "blip-recipes evaluate recipes/shapes/full.yaml" in log
+    assert "SIGTERM during the final evaluation" in log
+    finishing = f"blip-recipes evaluate {output_dir}/recipe.yaml --model {output_dir} --output_dir " \
+                f"{output_dir}/evaluations/final"  # fmt: skip
+    assert finishing in log  # the resolved recipe: the run's overrides included
     assert os.path.isfile(output_dir / "model.safetensors") and not os.path.exists(output_dir / "eval_results.json")
-    finish = run_main(["evaluate", "recipes/shapes/full.yaml", "--model", output_dir, "--output_dir",
-                       output_dir / "evaluations" / "final", "--max_eval_samples", "6", "--eval_metrics", "bleu"],
-                      capfd, caplog)  # fmt: skip
+    finish = run_main([*finishing.split()[1:], "--max_eval_samples", "6", "--eval_metrics", "bleu"], capfd, caplog)
     assert finish.returncode == 0, finish.stderr[-2000:]
     assert "validation_bleu_4" in read_json(output_dir / "evaluations" / "final" / "eval_results.json")
 
@@ -779,7 +794,7 @@ def test_ctrl_c_ends_with_where_to_continue_and_no_traceback(tmp_path, when):
         assert latest in (str(output_dir / "checkpoint-4"), str(output_dir / "checkpoint-6")), os.listdir(output_dir)
         assert f"interrupted (Ctrl-C): the last complete checkpoint is {latest}; continue with" in log
     else:
-        assert "Ctrl-C during the final evaluation" in log and "blip-recipes evaluate recipes/shapes/full.yaml" in log
+        assert "Ctrl-C during the final evaluation" in log and f"blip-recipes evaluate {output_dir}/recipe.yaml" in log
         assert os.path.isfile(output_dir / "model.safetensors")
         assert not os.path.exists(output_dir / "eval_results.json")
 
