@@ -61,8 +61,8 @@ def load_data(recipe: Recipe, need_train: bool) -> CaptionData:
     if data_args.image_root and not os.path.isdir(data_args.image_root):  # else every row is "file not found"
         raise DataError(f"image_root {data_args.image_root}: no such directory (the image column's relative paths "
                         "are read under it)")  # fmt: skip
-    if data_args.streaming and need_train:  # the training split streams (build_stream); scored splits load here
-        if not scores_captions(recipe):
+    if data_args.streaming:  # the training split streams (build_stream); the scored splits are eval_dataset_name's
+        if need_train and not scores_captions(recipe):
             return CaptionData(None, None, None)
         data_args = dataclasses.replace(data_args, dataset_name=data_args.eval_dataset_name)
         need_train = False

@@ -62,6 +62,10 @@ def evaluate_command(argv: list[str]) -> int:
             raise RecipeError("evaluate needs --model PATH_OR_HUB_ID")
         if "dataset_name" not in recipe.explicit_keys:  # its default is the offline demo's synthetic shapes
             raise RecipeError("evaluate needs --dataset NAME (or a recipe that sets dataset_name)")
+        if recipe.data.streaming and (recipe.data.eval_dataset_name is None or "dataset_name" in recipe.overrides):
+            # a streaming run's recipe: dataset_name is its training stream, eval_dataset_name what it scores
+            raise RecipeError("this recipe streams its training data (streaming: true): name the dataset to score "
+                              "with --eval_dataset_name NAME")  # fmt: skip
         output = recipe.training.output_dir
         held = model_files_in(output)
         if held:  # a run's folder: its eval_results.json and predictions (what its model card reports) would go

@@ -285,6 +285,7 @@ class CaptionTrainingArguments(Seq2SeqTrainingArguments):
 
 
 STRATEGY_KEYS = ("eval_strategy", "save_strategy", "logging_strategy")
+MACHINE_KEYS = ("use_cpu", "ddp_backend")  # machine.machine_defaults' keys
 METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")  # step on an evaluation metric (metric_for_best_model)
 
 
@@ -325,6 +326,9 @@ class Recipe:
             idle.add("eval_dataset_name")
         if self.training.early_stopping_patience is None:
             idle.add("early_stopping_threshold")
+        # What this machine chose (machine.py: use_cpu without a GPU, gloo for several CPU processes) is not the
+        # recipe's: replayed on a GPU machine use_cpu would train on the CPU, and ddp_backend in one process fails.
+        idle |= {key for key in MACHINE_KEYS if key not in self.explicit_keys}
         return {
             key: value for key, value in values.items() if key in known and key not in idle and not is_secret_key(key)
         }

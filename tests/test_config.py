@@ -2,6 +2,7 @@ import glob
 import os
 
 import pytest
+import yaml
 
 from blip_recipes.config import RecipeError
 from blip_recipes.recipe_parser import parse_recipe
@@ -35,6 +36,21 @@ def test_the_recipe_a_run_records_is_a_recipe_for_the_same_run(path, tmp_path):
     recipe = parse_recipe([path, "--output_dir", str(tmp_path)])
     recipe.write_resolved(str(tmp_path / "recipe.yaml"))
     assert parse_recipe([str(tmp_path / "recipe.yaml")]).resolved() == recipe.resolved()
+
+
+def test_the_record_leaves_the_machines_choices_to_the_machine_that_reruns_it(tmp_path):
+    """use_cpu (no GPU here) and ddp_backend gloo (several CPU processes) are this machine's, not the recipe's: in
+    recipe.yaml the record of a CPU run trained on the CPU of a GPU machine, and a 2-process run's record failed in
+    one process ("Default process group has not been initialized"; end to end: test_streaming's evaluate)."""
+    full = os.path.join(REPO, "recipes", "shapes", "full.yaml")
+    recipe = parse_recipe([full, "--output_dir", str(tmp_path)], machine={"use_cpu": True})
+    assert recipe.training.use_cpu is True
+    recipe.write_resolved(str(tmp_path / "recipe.yaml"))
+    recorded = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+    assert "use_cpu" not in recorded and "ddp_backend" not in recorded
+    assert parse_recipe([str(tmp_path / "recipe.yaml")], machine={}).training.use_cpu is False  # a GPU machine
+    asked = parse_recipe([full, "--output_dir", str(tmp_path), "--use_cpu", "true"], machine={})
+    assert asked.resolved()["use_cpu"] is True  # what the recipe itself says stays
 
 
 def test_a_streaming_runs_record_reruns_too(tmp_path):

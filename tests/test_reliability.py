@@ -44,9 +44,12 @@ def write(tmp_path, text, name="recipe.yaml"):
 @pytest.mark.parametrize(
     "style",
     [
-        "{model_name_or_path: 'builtin:tiny-blip', training_mode: full, hub_token: TOKEN, learning_rate: 2.0e-3}\n",
-        "model_name_or_path: builtin:tiny-blip\nhub_token: >-\n  TOKEN\nlearning_rate: 2.0e-3\n",
-        "model_name_or_path: builtin:tiny-blip\nhub_token: |\n  TOKEN\nlearning_rate: 2.0e-3\n",
+        "{model_name_or_path: 'builtin:tiny-blip', dataset_name: 'builtin:shapes', hub_token: TOKEN, "
+        "learning_rate: 2.0e-3}\n",
+        "model_name_or_path: builtin:tiny-blip\ndataset_name: builtin:shapes\nhub_token: >-\n  TOKEN\n"
+        "learning_rate: 2.0e-3\n",
+        "model_name_or_path: builtin:tiny-blip\ndataset_name: builtin:shapes\nhub_token: |\n  TOKEN\n"
+        "learning_rate: 2.0e-3\n",
     ],
     ids=["flow", "folded-block", "literal-block"],
 )

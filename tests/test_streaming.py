@@ -258,7 +258,7 @@ def test_streaming_training_resumes_exactly_mid_stream(tmp_path, shapes_shards, 
     assert "Resume with --dataloader_num_workers 2" in refused.stderr
 
 
-def test_two_processes_stream_disjoint_shards(tmp_path, shapes_shards):
+def test_two_processes_stream_disjoint_shards(tmp_path, shapes_shards, capfd, caplog):
     """accelerate launch, 2 gloo processes, one reader each: 720 items per process make one pass each (8 shards of
     60 images x 3 captions, 4 shards per process), so after 72 steps of 10 every reader has used exactly the 240
     samples of its pass 0: each read its own 4 shards once, none twice. Evaluation: builtin:shapes' validation."""
@@ -288,6 +288,14 @@ def test_two_processes_stream_disjoint_shards(tmp_path, shapes_shards):
     assert len(keys[0]) == len(keys[1]) == 240 and not set(keys[0]) & set(keys[1])
     assert sorted(keys[0] + keys[1]) == sorted(f"{n:05d}" for n in range(480))
     assert read_json(output_dir / "eval_results.json")["eval_cider"] > 0
+    # evaluate with the run's recipe scores its eval_dataset_name (it read the shard folder as a dataset and failed)
+    evaluate = ["evaluate", output_dir / "recipe.yaml", "--model", output_dir, "--max_eval_samples", "6",
+                "--eval_metrics", "bleu"]  # fmt: skip
+    scored = run_main([*evaluate, "--output_dir", tmp_path / "ev"], capfd, caplog)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert "validation_bleu_4" in read_json(tmp_path / "ev" / "eval_results.json")
+    ambiguous = run_main([*evaluate, "--output_dir", tmp_path / "ev2", "--dataset", "builtin:shapes"], capfd, caplog)
+    assert ambiguous.returncode == 2 and "name the dataset to score with --eval_dataset_name" in ambiguous.stderr
 
 
 def test_streaming_needs_max_steps_and_an_eval_source(tmp_path, shapes_shards, capfd, caplog):
