@@ -460,6 +460,16 @@ def top_level_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def ignore_upstream_warnings() -> None:
+    """Warnings about library code calling library code, which nothing in a recipe or command line changes."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator is found.*")
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata 0.11 calls torch.set_vital
+    # peft 0.21 reads model.is_gradient_checkpointing, which transformers 5 deprecates, on every LoRA load
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to COMMAND's own parser: it owns every argument after the command name, --help included."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -467,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         top_level_parser().parse_args(argv[:1])  # --help: the commands, exit 0; else the error and choices, exit 2
         return 2
     run, _help = COMMANDS[argv[0]]
+    ignore_upstream_warnings()
     try:
         return run(argv[1:])
     except KeyboardInterrupt:  # train says more itself (where to resume from)

@@ -14,7 +14,6 @@ import shutil
 import signal
 import socket
 import sys
-import warnings
 
 import torch
 import transformers
@@ -46,6 +45,7 @@ from .checkpoints import (
     resume_hint,
     unshared_output_dir_problem,
 )
+from .cli import ignore_upstream_warnings
 from .config import RecipeError, scores_captions
 from .data import DataError
 from .distributed import gather_from_all
@@ -85,8 +85,7 @@ def setup_logging(training_args) -> None:
     # Our own progress lines (parameter counts, data sizes, metrics) on the main process even at "passive" level.
     ours = logging.INFO if training_args.should_log and training_args.log_level == "passive" else level
     logging.getLogger("blip_recipes").setLevel(ours)
-    warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator is found.*")
-    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata 0.11 calls torch.set_vital
+    ignore_upstream_warnings()  # also here: `accelerate launch -m blip_recipes.train` does not pass through cli.main
 
 
 def check_before_loading(recipe) -> str | None:
