@@ -353,9 +353,23 @@ def processes_not_sharing_output_dir(lock: OutputDirLock, training_args) -> list
     if world_size <= 1:
         return []
     record = broadcast_from_main(lock.record, world_size)
-    sees = training_args.process_index == 0 or OutputDirLock(training_args.output_dir)._holder() == record
+    sees = training_args.process_index == 0 or _sees_lock(training_args.output_dir, record)
     seen = gather_from_all((sees, socket.gethostname()), world_size)
     return [(index, host) for index, (sees, host) in enumerate(seen) if not sees]
+
+
+def _sees_lock(output_dir: str, record: dict, patience: float = 5.0) -> bool:
+    """Whether output_dir holds the lock `record`, allowing a shared file system a few seconds to show it (an NFS
+    client may remember for a while that the name did not exist; reading the directory makes it look again)."""
+    deadline = time.monotonic() + patience
+    while True:
+        with contextlib.suppress(OSError):
+            os.listdir(output_dir)
+        if OutputDirLock(output_dir)._holder() == record:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
 
 
 def unshared_output_dir_problem(apart: list[tuple[int, str]], output_dir: str) -> str | None:
