@@ -707,6 +707,7 @@ UNUSED_TRAINER_KEYS = {
     "sortish_sampler": "transformers no longer implements it (captions are padded per batch already)",
     "enable_jit_checkpoint": "SIGTERM already finishes the step, saves a checkpoint and exits 143; the Trainer's "
     "handler would replace that one",
+    "do_predict": "test_split names the split scored after training (eval_split's scoring, on another split)",
     # transformers' save_pretrained writes weights on the first process of the job alone, whatever the Trainer asks:
     # the other machines' checkpoints would hold optimizer state without weights, and never resume.
     "save_on_each_node": "transformers writes the model's weights on the job's first process only, so the other "

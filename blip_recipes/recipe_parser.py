@@ -47,6 +47,8 @@ def recipe_keys() -> dict[str, RecipeKey]:
             if item.init:
                 unused = UNUSED_TRAINER_KEYS.get(item.name)
                 text = f"Not used here (refused): {unused}." if unused else item.metadata.get("help", "")
+                if item.name == "do_train":  # recorded recipes hold its default, false: it cannot be refused
+                    text = "Not used: `blip-recipes train` always trains (`blip-recipes evaluate` scores a model)."
                 keys[item.name] = RecipeKey(cls, hints.get(item.name, item.type), text)
     return keys
 

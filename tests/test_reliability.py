@@ -211,6 +211,7 @@ UNUSED_TRAINER_VALUES = {
     "length_column_name": "caption_length",
     "sortish_sampler": "true",
     "enable_jit_checkpoint": "true",  # its SIGTERM handler would replace the one that saves and exits 143
+    "do_predict": "true",  # the test split is test_split
     "save_on_each_node": "true",  # the other machines' checkpoints would hold no weights (save_pretrained's rank 0)
 }
 
