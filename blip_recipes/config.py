@@ -761,6 +761,8 @@ def check_trainer_options(recipe: Recipe, check) -> None:
         )
     problem = optimizer_problem(training)
     check(problem is None, f"optim {choice_name(training.optim)}: {problem}")
+    problem = scheduler_problem(training)
+    check(problem is None, f"lr_scheduler_kwargs {training.lr_scheduler_kwargs}: {problem}")
 
 
 def optimizer_problem(training: CaptionTrainingArguments) -> str | None:
@@ -776,6 +778,35 @@ def optimizer_problem(training: CaptionTrainingArguments) -> str | None:
     except ValueError as error:
         if "install" in str(error).lower():
             return str(error)
+    return None
+
+
+def scheduler_problem(training: CaptionTrainingArguments) -> str | None:
+    """What lr_scheduler_kwargs would do only once training starts, asked now on a one-parameter optimizer: a key
+    the schedule does not take (a TypeError after the data and model load), a value it cannot use (an error once
+    warmup ends, mid-run: the schedule is evaluated at its start, warmup end, middle and end), or keys the constant
+    schedules would ignore."""
+    import torch
+    from transformers import get_scheduler
+
+    name, kwargs = choice_name(training.lr_scheduler_type), dict(training.lr_scheduler_kwargs or {})
+    if not kwargs:
+        return None
+    if name in ("constant", "constant_with_warmup"):
+        return f"lr_scheduler_type {name} takes none (the Trainer would ignore them)"
+    total = training.max_steps if training.max_steps > 0 else 1000  # the real count needs the data
+    warmup = min(training.get_warmup_steps(total), total)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=training.learning_rate)
+    try:
+        schedule = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total,
+                                 scheduler_specific_kwargs=kwargs)  # fmt: skip
+        for factor in getattr(schedule, "lr_lambdas", []):
+            for step in sorted({0, warmup, (warmup + total) // 2, total - 1, total}):
+                float(factor(step))
+        if name in METRIC_SCHEDULERS:
+            schedule.step(0.5)
+    except (TypeError, ValueError, KeyError, ArithmeticError) as error:
+        return f"{type(error).__name__}: {error}"
     return None
 
 

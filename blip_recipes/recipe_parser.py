@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import difflib
 import enum
+import re
 import types
 import typing
 
@@ -100,6 +101,22 @@ class _RecipeLoader(yaml.SafeLoader):
                 raise RecipeError(f"{self.name}: key '{key}' appears twice (lines {lines[key]} and {line})")
             lines[key] = line
         return super().construct_mapping(node, deep=deep)
+
+
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _exponent_numbers(value):
+    """YAML 1.1 (PyYAML) reads 1e-7 as text: a typed key is converted by its type, but inside a mapping (e.g.
+    lr_scheduler_kwargs: {lr_end: 1e-7}) the text would reach the scheduler. Read it as the number YAML 1.2 and
+    JSON read."""
+    if isinstance(value, dict):
+        return {key: _exponent_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_exponent_numbers(item) for item in value]
+    if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
 
 
 def load_recipe_file(path: str) -> dict:
@@ -317,7 +334,7 @@ def _coerce_one(value, annotation):
             value = yaml.safe_load(value)
         if not isinstance(value, dict):
             raise TypeError("not a mapping")
-        return value
+        return _exponent_numbers(value)
     if isinstance(annotation, type):
         return value if isinstance(value, annotation) else annotation(value)
     return value

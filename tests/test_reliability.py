@@ -155,6 +155,23 @@ def test_a_token_copied_into_another_key_by_an_alias_is_refused(tmp_path):
             "lr_scheduler_type reduce_lr_on_plateau needs metric_for_best_model",
         ),  # fmt: skip
         (["--load_best_model_at_end", "true"], "load_best_model_at_end needs metric_for_best_model"),
+        # the scheduler factory would raise after the model and data load, or mid-run once warmup ends; or ignore
+        (
+            ["--lr_scheduler_kwargs", '{"num_cycle": 2}'],
+            "lr_scheduler_kwargs {'num_cycle': 2}: TypeError: .*unexpected keyword argument 'num_cycle'",
+        ),  # fmt: skip
+        (
+            ["--lr_scheduler_type", "cosine_with_restarts", "--lr_scheduler_kwargs", '{"num_cycles": "two"}'],
+            "lr_scheduler_kwargs {'num_cycles': 'two'}: ValueError: could not convert string to float: 'two'",
+        ),  # fmt: skip
+        (
+            ["--lr_scheduler_type", "constant", "--lr_scheduler_kwargs", '{"num_cycles": 2}'],
+            "lr_scheduler_type constant takes none \\(the Trainer would ignore them\\)",
+        ),  # fmt: skip
+        (
+            ["--lr_scheduler_type", "polynomial", "--lr_scheduler_kwargs", "{lr_end: 1.0}"],
+            r"ValueError: lr_end \(1.0\) must be smaller than initial lr \(0.002\)",
+        ),  # fmt: skip
         (["--early_stopping_patience", "0"], "early_stopping_patience must be at least 1 or null, got 0"),
         (["--early_stopping_threshold", "-0.1"], "early_stopping_threshold must be a finite number >= 0, got -0.1"),
         # the Trainer only warns, then ends (saves, publishes) `patience` evaluations past the best model
@@ -260,6 +277,19 @@ def test_a_plateau_schedule_cuts_the_rate_when_the_caption_metric_stops_rising()
         scheduler.step(cider)
         rates.append(optimizer.param_groups[0]["lr"])
     assert rates == [1.0, 1.0, 1.0, 0.5, 0.5]  # cut once, when it did not improve
+
+
+def test_numbers_with_an_exponent_inside_a_mapping_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-7 as text, which reached the polynomial schedule as lr_end and failed there."""
+    text = "model_name_or_path: builtin:tiny-blip\ndataset_name: builtin:shapes\nlr_scheduler_type: polynomial\n"
+    recipe = parse_recipe([write(tmp_path, text + "lr_scheduler_kwargs: {lr_end: 1e-7, power: 2}\n")])
+    assert recipe.training.lr_scheduler_kwargs == {"lr_end": 1e-7, "power": 2}
+    given = parse_recipe([write(tmp_path, text), "--lr_scheduler_kwargs", '{"lr_end": 5E-8}'])
+    assert given.training.lr_scheduler_kwargs == {"lr_end": 5e-8}
+    from blip_recipes.recipe_parser import _exponent_numbers
+
+    assert _exponent_numbers({"a": ["1e5", "1e5x", "e5", "1.5e-3"], "b": "2"}) == {"a": [1e5, "1e5x", "e5", 1.5e-3],
+                                                                                   "b": "2"}  # fmt: skip
 
 
 def test_epochs_may_be_zero_when_max_steps_is_set():
