@@ -761,6 +761,8 @@ def check_trainer_options(recipe: Recipe, check) -> None:
         )
     problem = optimizer_problem(training)
     check(problem is None, f"optim {choice_name(training.optim)}: {problem}")
+    problem = optim_args_problem(training)
+    check(problem is None, f"optim_args {training.optim_args!r}: {problem}")
     problem = scheduler_problem(training)
     check(problem is None, f"lr_scheduler_kwargs {training.lr_scheduler_kwargs}: {problem}")
 
@@ -778,6 +780,44 @@ def optimizer_problem(training: CaptionTrainingArguments) -> str | None:
     except ValueError as error:
         if "install" in str(error).lower():
             return str(error)
+    return None
+
+
+def optim_args_problem(training: CaptionTrainingArguments) -> str | None:
+    """optim_args ("key=value,key=value") that the Trainer would fail to parse at step 0, or pass on with a value
+    its optimizer cannot use, or ignore: each optimizer reads its own few keys and drops the others (adamw_torch
+    reads none). An optimizer whose factory needs the model (GaLore, APOLLO, LOMO) is left to the Trainer."""
+    from transformers import Trainer
+
+    if not training.optim_args:
+        return None
+    pairs = [pair for pair in training.optim_args.replace(" ", "").split(",")]
+    malformed = [pair for pair in pairs if pair.count("=") != 1]
+    if malformed:
+        return f"expected key=value pairs separated by commas, got {', '.join(map(repr, malformed))}"
+    given = training.optim_args
+
+    def optimizer_kwargs(optim_args):
+        training.optim_args = optim_args
+        try:
+            return Trainer.get_optimizer_cls_and_kwargs(training)[1]
+        finally:
+            training.optim_args = given
+
+    try:
+        optimizer_kwargs(given)
+        plain = optimizer_kwargs(None)
+    except (ValueError, TypeError, AttributeError) as error:
+        needs_model = "model" in str(error).lower()
+        return None if needs_model else f"{type(error).__name__}: {error}"
+    except ImportError:
+        return None  # optimizer_problem names it
+    ignored = [pair.split("=")[0] for pair in pairs if optimizer_kwargs(pair) == plain]
+    if ignored:
+        return (
+            f"optim {choice_name(training.optim)} takes no {', '.join(ignored)} from optim_args (the Trainer would "
+            "ignore it; adam_beta1, adam_beta2, adam_epsilon and weight_decay are keys of their own)"
+        )
     return None
 
 

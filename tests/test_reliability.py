@@ -155,6 +155,10 @@ def test_a_token_copied_into_another_key_by_an_alias_is_refused(tmp_path):
             "lr_scheduler_type reduce_lr_on_plateau needs metric_for_best_model",
         ),  # fmt: skip
         (["--load_best_model_at_end", "true"], "load_best_model_at_end needs metric_for_best_model"),
+        # optim_args: the Trainer parses them at step 0, and each optimizer drops the keys it does not read
+        (["--optim_args", "betas=0.9"], "optim_args 'betas=0.9': optim adamw_torch.* takes no betas from optim_args"),
+        (["--optim", "sgd", "--optim_args", "momentum"], "optim_args 'momentum': expected key=value pairs"),
+        (["--optim", "sgd", "--optim_args", "momentum=high"], "ValueError: could not convert string to float: 'high'"),
         # the scheduler factory would raise after the model and data load, or mid-run once warmup ends; or ignore
         (
             ["--lr_scheduler_kwargs", '{"num_cycle": 2}'],
@@ -325,6 +329,10 @@ def test_optimizer_and_schedule_values_at_their_limits_are_accepted():
                            "--save_total_limit", "null", "--seed", "0", "--caption_grid_size", "0",
                            "--torch_compile_mode", "max-autotune"])  # fmt: skip
     assert recipe.training.max_grad_norm == 0 and recipe.training.eval_steps == 0.1
+    sgd = parse_recipe([os.path.join(REPO, "recipes", "shapes", "full.yaml"), "--optim", "sgd", "--optim_args",
+                        "momentum=0.9, nesterov=true", "--lr_scheduler_type", "cosine_with_restarts",
+                        "--lr_scheduler_kwargs", "{num_cycles: 3}"])  # fmt: skip
+    assert sgd.training.optim_args == "momentum=0.9, nesterov=true"
 
 
 def test_caption_batch_size_must_be_positive(tiny_model_dir, shapes_dir, capfd, caplog):
