@@ -438,6 +438,14 @@ def check_values(recipe: Recipe) -> None:
             training.torch_compile_mode in modes,
             f"torch_compile_mode must be one of {', '.join(modes)} (or null), got {training.torch_compile_mode!r}",
         )
+    if training.torch_compile and training.torch_compile_backend is not None:
+        # torch.compile would fail at the first forward pass, after the data and model load
+        backends = torch_compile_backends()
+        check(
+            training.torch_compile_backend in backends,
+            f"torch_compile_backend must be one of {', '.join(backends)} (or null), got "
+            f"{training.torch_compile_backend!r}",
+        )
     smoothing = training.label_smoothing_factor
     check(0 <= smoothing < 1, f"label_smoothing_factor must be in [0, 1), got {smoothing}")
     beams = training.generation_num_beams
@@ -500,6 +508,13 @@ def torch_compile_modes() -> list[str]:
     from torch._inductor import list_mode_options
 
     return list(list_mode_options())
+
+
+def torch_compile_backends() -> list[str]:
+    """The backends this torch's torch.compile knows, its debugging and test ones included."""
+    from torch._dynamo import list_backends
+
+    return [name for name in list_backends(exclude_tags=()) if "TESTING" not in name]
 
 
 def missing_trackers(report_to) -> list[str]:

@@ -112,6 +112,10 @@ def test_a_token_copied_into_another_key_by_an_alias_is_refused(tmp_path):
             "dataloader_persistent_workers: true needs dataloader_num_workers above 0",
         ),  # fmt: skip
         (["--torch_compile_mode", "fastest"], "torch_compile_mode must be one of default, .*reduce-overhead.*, got"),
+        (
+            ["--torch_compile", "true", "--torch_compile_backend", "inductr"],
+            "torch_compile_backend must be one of .*inductor.*, got 'inductr'",
+        ),  # fmt: skip
         # the Trainer would silently do something else: no clipping, no logging, no training, every checkpoint kept
         (["--max_grad_norm", "nan"], r"max_grad_norm must be 0 \(no clipping\) or more, got nan"),
         (["--max_grad_norm", "-1"], "max_grad_norm must be 0"),
