@@ -438,6 +438,25 @@ def check_values(recipe: Recipe) -> None:
             training.torch_compile_mode in modes,
             f"torch_compile_mode must be one of {', '.join(modes)} (or null), got {training.torch_compile_mode!r}",
         )
+    # torch's DataLoader and process group would refuse these only at step 0 (after the data and model load)
+    prefetch = training.dataloader_prefetch_factor
+    check(
+        prefetch is None or prefetch >= 1, f"dataloader_prefetch_factor must be at least 1 (or null), got {prefetch}"
+    )
+    context = training.dataloader_multiprocessing_context
+    if context is not None:
+        import multiprocessing
+
+        methods = multiprocessing.get_all_start_methods()
+        check(context in methods, f"dataloader_multiprocessing_context must be one of {', '.join(methods)} (or "
+              f"null), got {context!r}")  # fmt: skip
+    check(training.ddp_timeout > 0, f"ddp_timeout must be a positive number of seconds, got {training.ddp_timeout}")
+    warmup = training.warmup_steps
+    check(
+        warmup < 1 or float(warmup).is_integer(),
+        f"warmup_steps must be a fraction of the training steps below 1 or a whole number of steps, got {warmup} "
+        "(the Trainer would warm up for int() of it)",
+    )
     if training.torch_compile and training.torch_compile_backend is not None:
         # torch.compile would fail at the first forward pass, after the data and model load
         backends = torch_compile_backends()

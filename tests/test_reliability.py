@@ -112,6 +112,16 @@ def test_a_token_copied_into_another_key_by_an_alias_is_refused(tmp_path):
             "dataloader_persistent_workers: true needs dataloader_num_workers above 0",
         ),  # fmt: skip
         (["--torch_compile_mode", "fastest"], "torch_compile_mode must be one of default, .*reduce-overhead.*, got"),
+        (["--dataloader_num_workers", "2", "--dataloader_prefetch_factor", "0"], "dataloader_prefetch_factor must be"),
+        (
+            ["--dataloader_num_workers", "2", "--dataloader_multiprocessing_context", "forking"],
+            "dataloader_multiprocessing_context must be one of .*fork.*, got 'forking'",
+        ),  # fmt: skip
+        (["--ddp_timeout", "0"], "ddp_timeout must be a positive number of seconds, got 0"),
+        (
+            ["--warmup_steps", "12.5"],
+            "warmup_steps must be a fraction of the training steps below 1 or a whole number",
+        ),
         (
             ["--torch_compile", "true", "--torch_compile_backend", "inductr"],
             "torch_compile_backend must be one of .*inductor.*, got 'inductr'",
