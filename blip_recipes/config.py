@@ -481,6 +481,9 @@ def check_values(recipe: Recipe) -> None:
     check(bool(model.lora_target_modules), "lora_target_modules must name at least one module")
     check(0 <= data.validation_split_percentage < 100, "validation_split_percentage must be in [0, 100)")
     check(data.max_caption_length >= 4, f"max_caption_length must be at least 4 tokens, got {data.max_caption_length}")
+    threads = data.preprocessing_num_workers
+    check(threads is None or threads >= 1, f"preprocessing_num_workers must be at least 1 (or null: up to 8 threads), "
+          f"got {threads}")  # fmt: skip
     check(data.max_image_pixels >= 1, f"max_image_pixels must be positive, got {data.max_image_pixels}")
     check(training.scst_num_samples >= 1, f"scst_num_samples must be at least 1, got {training.scst_num_samples}")
     weights = training.scst_reward_weights

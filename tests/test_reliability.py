@@ -101,6 +101,7 @@ def test_a_token_copied_into_another_key_by_an_alias_is_refused(tmp_path):
         (["--report_to", "wandb"], r"report_to names wandb, which is not installed here \(pip install wandb\)"),
         (["--report_to", "tensorboard,wandb"], r"report_to names wandb, which is not installed"),  # a comma list
         (["--max_image_pixels", "0"], "max_image_pixels must be positive"),
+        (["--preprocessing_num_workers", "-1"], r"preprocessing_num_workers must be at least 1 \(or null"),
         # torch's optimizer would reject these only when training starts, with a traceback
         (["--weight_decay", "-0.1"], "weight_decay must be 0 or more, got -0.1"),
         (["--adam_beta1", "1"], r"adam_beta1 must be in \[0, 1\), got 1.0"),
