@@ -324,6 +324,9 @@ def serve_command(argv: list[str]) -> int:
     parser.add_argument("--max_batch_size", type=_bounded(int, 1), default=8,
                         help="most images captioned in one generation: requests that arrive while one runs go "
                         "together in the next")  # fmt: skip
+    parser.add_argument("--max_waiting", type=_bounded(int, 1), default=64,
+                        help="most decoded images waiting for a generation; more get 503 with Retry-After (bounded "
+                        "memory and an answer at once under overload); GET /health reports the count")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         import fastapi  # noqa: F401
@@ -342,7 +345,8 @@ def serve_command(argv: list[str]) -> int:
     if captioner is None:
         sock.close()
         return 2
-    serve(captioner, sock, int(args.max_upload_mb * 2**20), args.max_image_pixels, args.max_batch_size)
+    serve(captioner, sock, int(args.max_upload_mb * 2**20), args.max_image_pixels, args.max_batch_size,
+          args.max_waiting)  # fmt: skip
     return 0
 
 

@@ -1,14 +1,16 @@
 """`blip-recipes serve`: a small HTTP captioning service (FastAPI + uvicorn, the `serve` extra).
 
     POST /caption   multipart upload of one image (field "file") -> {"caption": "..."}
-    GET  /health    -> {"status": "ok", "model": "..."}
+    GET  /health    -> {"status": "ok", "model": "...", "waiting": 0, "generating": 0, "captioned": 0, "failed": 0}
 
 Bad uploads get a 4xx with a message (413 too large, 415 not an image, 400 empty, 422 no file), never a 500. The size
 limit is enforced while the body is read (a declared Content-Length over it is refused before reading, a chunked body
 as soon as it passes it), so an upload never costs more than the limit in memory or disk. Decoding and captioning run
 in worker threads, decoding at most `decode_workers` at a time and refusing images over `max_image_pixels` from
 their header, so a hostile image cannot block `/health` or other requests. One generation runs at a time, over the
-images of every request that arrived while the one before ran (CaptionBatcher).
+images of every request that arrived while the one before ran (CaptionBatcher). At most `max_waiting` decoded images
+wait for a generation: more get 503 with Retry-After, so an overloaded service answers at once and its memory stays
+bounded (each waiting image is decoded, up to max_image_pixels x 3 bytes), and /health says how many wait.
 """
 
 import asyncio
@@ -53,21 +55,41 @@ class UploadLimit:
         return await self.app(scope, limited_receive, send)
 
 
+class Busy(Exception):
+    """max_waiting images already wait for a generation."""
+
+
 class CaptionBatcher:
     """Captions concurrent requests together: one generation at a time (predictable memory on a shared GPU), over
     every image that arrived while the one before ran, at most `max_batch_size`, each with the caption it would get
     alone. A request that finds the model idle starts at once: nothing waits to fill a batch. Under load a batch
-    shares one generation's fixed costs (2 CPU cores, BLIP-base-sized: 1.45x the requests/s, benchmarks/serving.py)."""
+    shares one generation's fixed costs (2 CPU cores, BLIP-base-sized: 1.45x the requests/s, benchmarks/serving.py).
+    More than `max_waiting` images waiting: submit raises Busy."""
 
-    def __init__(self, captioner, max_batch_size: int = 8):
-        self.captioner, self.max_batch_size = captioner, max_batch_size
+    def __init__(self, captioner, max_batch_size: int = 8, max_waiting: int = 64):
+        self.captioner, self.max_batch_size, self.max_waiting = captioner, max_batch_size, max_waiting
         self.waiting = queue.Queue()
+        self.counts = {"waiting": 0, "generating": 0, "captioned": 0, "failed": 0}
+        self.counts_lock = threading.Lock()
         threading.Thread(target=self._generate, name="caption-batcher", daemon=True).start()
 
     def submit(self, image) -> Future:
+        with self.counts_lock:
+            if self.counts["waiting"] >= self.max_waiting:
+                raise Busy(f"busy: {self.counts['waiting']} images are waiting for captions; retry shortly")
+            self.counts["waiting"] += 1
         future = Future()
         self.waiting.put((image, future))
         return future
+
+    def status(self) -> dict:
+        with self.counts_lock:
+            return dict(self.counts)
+
+    def _count(self, **changes) -> None:
+        with self.counts_lock:
+            for key, change in changes.items():
+                self.counts[key] += change
 
     def _generate(self) -> None:
         while True:
@@ -76,15 +98,19 @@ class CaptionBatcher:
                 batch.append(self.waiting.get())
             # A request whose client went away was cancelled: no caption for it. The others can no longer be
             # cancelled, so answering them cannot fail (and stop this thread).
+            taken = len(batch)
             batch = [(image, future) for image, future in batch if future.set_running_or_notify_cancel()]
+            self._count(waiting=-taken, generating=len(batch))
             if not batch:
                 continue
             try:
                 captions = self.captioner.caption([image for image, _ in batch])
             except Exception as error:  # every request of the batch answers it (a 500), the service goes on
+                self._count(generating=-len(batch), failed=len(batch))
                 for _, future in batch:
                     future.set_exception(error)
                 continue
+            self._count(generating=-len(batch), captioned=len(batch))
             for (_, future), caption in zip(batch, captions, strict=True):
                 future.set_result(caption)
 
@@ -95,17 +121,18 @@ def create_app(
     max_image_pixels: int = MAX_IMAGE_PIXELS,
     decode_workers: int = 2,
     max_batch_size: int = 8,
+    max_waiting: int = 64,
 ):
     from fastapi import FastAPI, File, HTTPException, UploadFile
     from fastapi.concurrency import run_in_threadpool
 
     app = FastAPI(title="blip-recipes captioning", version="1")
-    batcher = CaptionBatcher(captioner, max_batch_size)
+    batcher = CaptionBatcher(captioner, max_batch_size, max_waiting)
     decode_slots = asyncio.Semaphore(decode_workers)
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "model": captioner.name}
+        return {"status": "ok", "model": captioner.name, **batcher.status()}
 
     @app.post("/caption")
     async def caption(file: Annotated[UploadFile, File(description="the image")]):
@@ -119,7 +146,11 @@ def create_app(
                 image = await run_in_threadpool(open_image, data, None, max_image_pixels)
         except BadImageError as error:
             raise HTTPException(415, f"{file.filename or 'upload'} is not a usable image: {error}") from None
-        return {"caption": await asyncio.wrap_future(batcher.submit(image))}
+        try:
+            future = batcher.submit(image)
+        except Busy as busy:
+            raise HTTPException(503, str(busy), headers={"Retry-After": "1"}) from None
+        return {"caption": await asyncio.wrap_future(future)}
 
     app.add_middleware(UploadLimit, max_bytes=max_upload_bytes)
     return app
@@ -143,12 +174,14 @@ def listening_socket(host: str, port: int):
 
 
 def serve(
-    captioner, sock, max_upload_bytes: int, max_image_pixels: int = MAX_IMAGE_PIXELS, max_batch_size: int = 8
-) -> None:
+    captioner, sock, max_upload_bytes: int, max_image_pixels: int = MAX_IMAGE_PIXELS, max_batch_size: int = 8,
+    max_waiting: int = 64,
+) -> None:  # fmt: skip
     """Serve on `sock` (listening_socket's) until stopped."""
     import uvicorn
 
     host, port = sock.getsockname()[:2]
-    app = create_app(captioner, max_upload_bytes, max_image_pixels, max_batch_size=max_batch_size)
+    app = create_app(captioner, max_upload_bytes, max_image_pixels, max_batch_size=max_batch_size,
+                     max_waiting=max_waiting)  # fmt: skip
     config = uvicorn.Config(app, host=host, port=port, log_level="info")
     uvicorn.Server(config).run(sockets=[sock])

@@ -528,6 +528,7 @@ def test_caption_evaluate_and_serve_refuse_settings_they_cannot_run_with(capfd, 
     assert "--max_upload_mb: must be above 0, got 0" in command_error(capfd, caplog, *serve, "--max_upload_mb", "0")
     assert "--max_batch_size: must be at least 1, got 0" in command_error(capfd, caplog, *serve, "--max_batch_size",
                                                                           "0")  # fmt: skip
+    assert "--max_waiting: must be at least 1, got 0" in command_error(capfd, caplog, *serve, "--max_waiting", "0")
     with socket.socket() as taken:  # a port in use, or a host that is not here: before the model (none here) loads
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -152,3 +152,41 @@ def test_requests_that_arrive_during_a_generation_are_captioned_together_each_wi
         failures.append("CUDA out of memory")
         assert client.post("/caption", files={"file": ("a.png", png(), "image/png")}).status_code == 500
         assert client.post("/caption", files={"file": ("a.png", png(), "image/png")}).json() == {"caption": "32x32"}
+
+
+def test_an_overloaded_service_answers_503_at_once_and_health_counts_the_queue():
+    """At most max_waiting decoded images wait for a generation (each can hold up to max_image_pixels x 3 bytes):
+    more requests get 503 with Retry-After at once instead of queueing without bound; /health reports the queue."""
+    from fastapi.testclient import TestClient
+
+    release = threading.Event()
+
+    class HeldCaptioner(FakeCaptioner):
+        def caption(self, images):
+            release.wait(10)
+            return super().caption(images)
+
+    sizes = [(20 + index, 30) for index in range(6)]
+    with TestClient(serve.create_app(HeldCaptioner(), max_batch_size=1, max_waiting=2)) as client:
+        responses = [None] * len(sizes)
+
+        def post(index):
+            responses[index] = client.post("/caption", files={"file": ("a.png", png(sizes[index]), "image/png")})
+
+        threads = [threading.Thread(target=post, args=(index,)) for index in range(len(sizes))]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.2)  # one at a time: the first is taken into the generation, the next two wait
+        health = client.get("/health").json()
+        assert (health["generating"], health["waiting"]) == (1, 2), health
+        assert [response and response.status_code for response in responses] == [None, None, None, 503, 503, 503]
+        release.set()
+        for thread in threads:
+            thread.join()
+        codes = [response.status_code for response in responses]
+        assert codes == [200, 200, 200, 503, 503, 503], codes
+        assert responses[3].headers["retry-after"] == "1" and "busy: 2 images are waiting" in responses[3].text
+        assert [response.json()["caption"] for response in responses[:3]] == [f"{w}x{h}" for w, h in sizes[:3]]
+        health = client.get("/health").json()
+        assert health == {"status": "ok", "model": "fake", "waiting": 0, "generating": 0, "captioned": 3, "failed": 0}
+        assert client.post("/caption", files={"file": ("a.png", png(), "image/png")}).status_code == 200

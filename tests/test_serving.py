@@ -341,7 +341,8 @@ def png_bytes(color=(200, 40, 40)):
 
 def test_http_caption_and_health(server, tiny_model_dir):
     health = httpx.get(f"{server}/health").json()
-    assert health == {"status": "ok", "model": tiny_model_dir}
+    assert health == {"status": "ok", "model": tiny_model_dir, "waiting": 0, "generating": 0, "captioned": 0,
+                      "failed": 0}  # fmt: skip
     response = httpx.post(f"{server}/caption", files={"file": ("red.png", png_bytes(), "image/png")}, timeout=60)
     assert response.status_code == 200, response.text
     caption = response.json()["caption"]
