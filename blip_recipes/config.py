@@ -639,6 +639,11 @@ def check_combinations(recipe: Recipe) -> None:
             training.scst_baseline != "mean" or training.scst_num_samples >= 2,
             "scst_baseline mean is the mean reward of an image's other samples: scst_num_samples must be at least 2",
         )
+        check(
+            training.label_smoothing_factor == 0,
+            "label_smoothing_factor applies to cross_entropy; scst's loss weighs its samples' log-probabilities by "
+            "their rewards and would ignore it",
+        )
     check(
         training.ema_decay is None or not training.load_best_model_at_end,
         "ema_decay with load_best_model_at_end: evaluations score the average, but the best checkpoint holds raw "

@@ -152,6 +152,10 @@ def test_a_token_copied_into_another_key_by_an_alias_is_refused(tmp_path):
         (["--optim", "adamw_bnb_8bit"], "optim adamw_bnb_8bit: You need to install `bitsandbytes`"),
         (["--optim", "grokadamw"], "optim grokadamw: Please install grokadamw"),  # a ValueError upstream
         (
+            ["--training_objective", "scst", "--label_smoothing_factor", "0.1"],
+            "label_smoothing_factor applies to cross_entropy; scst's loss .* would ignore it",
+        ),  # fmt: skip
+        (
             ["--training_objective", "scst", "--include_num_input_tokens_seen", "true"],
             "include_num_input_tokens_seen counts the caption tokens a cross_entropy step",
         ),  # fmt: skip
