@@ -4,11 +4,15 @@ Only files a user of the model needs are uploaded (weights, configs, processor, 
 folders, tracker logs, evaluation dumps, caches and dotfiles such as .env never are, whatever else sits in the folder.
 """
 
+import contextlib
+import fnmatch
 import json
 import logging
 import os
 import re
+import shutil
 import string
+import threading
 from importlib import resources
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
@@ -254,27 +258,90 @@ def push_blocker(token: str | None) -> str | None:
     return None
 
 
-class HubPushCallback(TrainerCallback):
-    """hub_strategy: every_save -- after each checkpoint, push its model files (never its optimizer state).
+STAGING_DIR = ".hub-push"  # in output_dir: checkpoints' files on their way up (a dotfolder: never pushed itself)
 
-    A failed push during training is logged and training goes on; the final push at the end decides the exit code.
-    The checkpoint's README.md is not pushed: it is peft's template for an adapter, whose metadata names the base
-    model by path when it is local, which makes the Hub refuse the whole commit; the run's card comes at the end.
+
+class HubPushCallback(TrainerCallback):
+    """hub_strategy: every_save -- after each checkpoint, push its model files (never its optimizer state), in the
+    background: training goes on while they upload (a synchronous push stopped training for the whole upload, minutes
+    for BLIP-large on a slow link).
+
+    The files are hard-linked (copied where a link cannot be made) into output_dir/.hub-push/checkpoint-N first, so a
+    checkpoint that save_total_limit removes meanwhile is still pushed whole. A checkpoint saved while an earlier one
+    still uploads is not pushed (the next one, or the end, carries newer weights), as the Trainer does;
+    `hub_always_push: true` pushes every checkpoint, one after another. `wait()` (before the final push) lets the
+    last one finish, so commits keep their order. A failed push is logged and training goes on; the final push at
+    the end decides the exit code. The checkpoint's README.md is not pushed: it is peft's template for an adapter,
+    whose metadata names the base model by path when it is local, which makes the Hub refuse the whole commit; the
+    run's card comes at the end.
     """
 
-    def __init__(self, repo_id: str, token: str | None, private: bool | None, revision: str | None = None):
+    def __init__(self, repo_id: str, token: str | None, private: bool | None, revision: str | None = None,
+                 always_push: bool = False):  # fmt: skip
         self.repo_id, self.token, self.private, self.revision = repo_id, token, private, revision
+        self.always_push = always_push
+        self.uploads: list[tuple[int, threading.Thread]] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:  # left by a run that was killed while uploading
+            shutil.rmtree(os.path.join(args.output_dir, STAGING_DIR), ignore_errors=True)
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        step = state.global_step
+        running = [(earlier, upload) for earlier, upload in self.uploads if upload.is_alive()]
+        if running and not self.always_push:
+            logger.info("checkpoint-%d is not pushed: checkpoint-%d is still uploading (hub_always_push: true pushes "
+                        "every checkpoint)", step, running[-1][0])  # fmt: skip
+            return
+        staged = stage_for_push(os.path.join(args.output_dir, f"checkpoint-{step}"),
+                                os.path.join(args.output_dir, STAGING_DIR, f"checkpoint-{step}"))  # fmt: skip
+        before = running[-1][1] if running else None
+        upload = threading.Thread(target=self._push, args=(staged, step, before), name=f"hub-push-{step}",
+                                  daemon=True)  # fmt: skip
+        upload.start()
+        self.uploads.append((step, upload))
+
+    def _push(self, staged: str, step: int, before: threading.Thread | None) -> None:
+        if before is not None:
+            before.join()
         try:
-            push_folder(folder, self.repo_id, self.token, self.private, self.revision,
-                        commit_message=f"Training in progress, step {state.global_step}", with_card=False)  # fmt: skip
+            push_folder(staged, self.repo_id, self.token, self.private, self.revision,
+                        commit_message=f"Training in progress, step {step}", with_card=False)  # fmt: skip
+            logger.info("pushed checkpoint-%d to %s", step, self.repo_id)
         except PushError as error:  # a checkpoint is no run to push by hand: the end pushes the final model
             logger.warning("push of checkpoint-%d to %s failed (%s); training goes on, and the model is pushed at "
-                           "the end", state.global_step, self.repo_id, error.reason)  # fmt: skip
+                           "the end", step, self.repo_id, error.reason)  # fmt: skip
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the staging folder goes with its last checkpoint
+                os.rmdir(os.path.dirname(staged))
+
+    def wait(self) -> None:
+        """Let the checkpoint pushes still uploading finish (before the final push, which must come after them)."""
+        for step, upload in self.uploads:
+            if upload.is_alive():
+                logger.info("waiting for the push of checkpoint-%d to finish", step)
+                upload.join()
+
+    def still_uploading(self) -> list[int]:
+        return [step for step, upload in self.uploads if upload.is_alive()]
+
+
+def stage_for_push(checkpoint: str, staged: str) -> str:
+    """The files of `checkpoint` a push uploads, hard-linked (else copied) into `staged`."""
+    os.makedirs(staged, exist_ok=True)
+    for name in os.listdir(checkpoint):
+        source = os.path.join(checkpoint, name)
+        pushed = any(fnmatch.fnmatch(name, pattern) for pattern in PUSHED_FILES)
+        if not os.path.isfile(source) or not pushed or any(fnmatch.fnmatch(name, p) for p in NEVER_PUSHED):
+            continue
+        try:
+            os.link(source, os.path.join(staged, name))
+        except OSError:  # another file system, or one without hard links
+            shutil.copy2(source, os.path.join(staged, name))
+    return staged
 
 
 def _redact(text: str, token: str | None) -> str:

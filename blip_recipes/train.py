@@ -256,15 +256,12 @@ def run(recipe) -> int:
         callbacks.append(StreamPositionCallback())
     if training_args.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(training_args.early_stopping_patience, training_args.early_stopping_threshold))
+    hub_pushes = None
     if training_args.push_to_hub and training_args.hub_strategy == "every_save":
-        callbacks.append(
-            HubPushCallback(
-                training_args.hub_model_id,
-                training_args.hub_token,
-                training_args.hub_private_repo,
-                training_args.hub_revision,
-            )  # fmt: skip
-        )
+        hub_pushes = HubPushCallback(training_args.hub_model_id, training_args.hub_token,
+                                     training_args.hub_private_repo, training_args.hub_revision,
+                                     always_push=training_args.hub_always_push)  # fmt: skip
+        callbacks.append(hub_pushes)
     try:
         resume = check_on_every_process(recipe)
         if scores_captions(recipe) and training_args.process_index == 0:  # the one process that scores
@@ -308,6 +305,9 @@ def run(recipe) -> int:
         if preemption.received:
             logger.warning("pre-empted: checkpoint saved at step %s in %s; %s", preemption.stopped_at_step,
                            training_args.output_dir, resume_hint(training_args))  # fmt: skip
+            if hub_pushes is not None and hub_pushes.still_uploading():  # no waiting past the grace period
+                logger.warning("the push of checkpoint-%s to the Hub is abandoned (the checkpoint is saved)",
+                               ", checkpoint-".join(map(str, hub_pushes.still_uploading())))  # fmt: skip
             return PREEMPTED_EXIT_CODE
         save_outputs(trainer, model_args.merge_lora, train_result.metrics)
     except (OSError, RuntimeError) as error:
@@ -326,6 +326,8 @@ def run(recipe) -> int:
     ciders = [(entry["step"], entry["eval_cider"]) for entry in trainer.state.log_history if "eval_cider" in entry]
     if len(ciders) > 1 and ciders[0][0] == 0:
         logger.info("eval CIDEr %.4f before training -> %.4f after", ciders[0][1], ciders[-1][1])
+    if hub_pushes is not None:
+        hub_pushes.wait()  # the final push comes after the checkpoints'
     return PUSH_FAILED_EXIT_CODE if not publish_run(recipe, card_metrics) else 0
 
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote
 
@@ -78,6 +79,7 @@ class FakeHub:
         self.branches = {}  # repo id -> branches created besides main
         self.created = []
         self.validated = []  # model card YAML the client asked the Hub to validate
+        self.commit_seconds = 0.0  # how long each commit takes (a slow upload)
         self.served = {kind: {repo: Repo(folder) for repo, folder in (given or {}).items()}
                        for kind, given in (("datasets", datasets), ("models", models))}  # fmt: skip
         hub = self
@@ -222,6 +224,7 @@ class FakeHub:
                          "commitOid": "0" * 40}
                     )  # fmt: skip
                 if len(parts) >= 6 and parts[0] == "api" and parts[4] == "commit":
+                    time.sleep(hub.commit_seconds)
                     commit = {
                         "repo": f"{parts[2]}/{parts[3]}",
                         "revision": unquote(parts[5]),

@@ -76,10 +76,12 @@ def test_push_uploads_the_model_and_a_card_with_the_metrics(tmp_path, hub):
 
 
 def test_every_save_pushes_model_files_of_each_checkpoint(tmp_path, hub):
-    """...to the branch hub_revision names (created when missing), with the merged model and the final push."""
+    """...to the branch hub_revision names (created when missing), with the merged model and the final push; with
+    hub_always_push, every checkpoint, in order, even one saved while the one before still uploads."""
     result = run_cli([*TRAIN, "--output_dir", str(tmp_path / "run"), "--push_to_hub", "true", "--hub_model_id",
                       "me/every", "--hub_token", TOKEN, "--save_strategy", "steps", "--save_steps", "2",
-                      "--hub_revision", "exp-1", "--push_merged", "true"], env=online(hub))  # fmt: skip
+                      "--hub_revision", "exp-1", "--push_merged", "true", "--hub_always_push", "true"],
+                     env=online(hub))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     summaries = [c["summary"] for c in hub.commits]  # checkpoints at steps 2 and 3 (the last step), then the end
     assert summaries == [
@@ -99,6 +101,26 @@ def test_every_save_pushes_model_files_of_each_checkpoint(tmp_path, hub):
     # peft writes a template card into each adapter checkpoint whose metadata names the local base by path, which
     # the Hub refuses (so did the fake Hub): checkpoints go without it, the run's own card comes at the end.
     assert [("README.md" in commit["files"]) for commit in hub.commits] == [False, False, True, True]
+
+
+def test_checkpoint_pushes_upload_while_training_goes_on(tmp_path, hub):
+    """Each commit takes 3 s: training does not wait for checkpoint-1's upload (a synchronous push held every
+    save for it), the checkpoints saved meanwhile are not pushed (the Trainer's rule without hub_always_push), and
+    the final push comes after checkpoint-1's."""
+    hub.commit_seconds = 3.0
+    output_dir = tmp_path / "run"
+    result = run_cli([*TRAIN, "--output_dir", str(output_dir), "--push_to_hub", "true", "--hub_model_id", "me/bg",
+                      "--hub_token", TOKEN, "--save_strategy", "steps", "--save_steps", "1", "--max_steps", "4",
+                      "--merge_lora", "false"], env=online(hub))  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert [c["summary"] for c in hub.commits] == [
+        "Training in progress, step 1",
+        "Upload fine-tuned BLIP (blip-recipes)",
+    ]
+    assert "checkpoint-2 is not pushed: checkpoint-1 is still uploading" in log
+    assert read_json(output_dir / "train_results.json")["train_runtime"] < 3.0  # 4 steps and 4 saves, not the upload
+    assert "adapter_model.safetensors" in hub.commits[0]["files"] and not os.path.exists(output_dir / ".hub-push")
 
 
 UNREACHABLE = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
