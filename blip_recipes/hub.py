@@ -295,8 +295,10 @@ class HubPushCallback(TrainerCallback):
             logger.info("checkpoint-%d is not pushed: checkpoint-%d is still uploading (hub_always_push: true pushes "
                         "every checkpoint)", step, running[-1][0])  # fmt: skip
             return
-        staged = stage_for_push(os.path.join(args.output_dir, f"checkpoint-{step}"),
-                                os.path.join(args.output_dir, STAGING_DIR, f"checkpoint-{step}"))  # fmt: skip
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{step}")
+        if not os.path.isdir(checkpoint):
+            return
+        staged = stage_for_push(checkpoint, os.path.join(args.output_dir, STAGING_DIR, f"checkpoint-{step}"))
         before = running[-1][1] if running else None
         upload = threading.Thread(target=self._push, args=(staged, step, before), name=f"hub-push-{step}",
                                   daemon=True)  # fmt: skip
