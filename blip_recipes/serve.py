@@ -76,11 +76,18 @@ class CaptionBatcher:
     def submit(self, image) -> Future:
         with self.counts_lock:
             if self.counts["waiting"] >= self.max_waiting:
-                raise Busy(f"busy: {self.counts['waiting']} images are waiting for captions; retry shortly")
+                raise Busy(self.busy_message())
             self.counts["waiting"] += 1
         future = Future()
         self.waiting.put((image, future))
         return future
+
+    def busy_message(self) -> str:
+        return f"busy: {self.max_waiting} images are waiting for captions; retry shortly"
+
+    def full(self) -> bool:
+        with self.counts_lock:
+            return self.counts["waiting"] >= self.max_waiting
 
     def status(self) -> dict:
         with self.counts_lock:
@@ -141,6 +148,8 @@ def create_app(
             raise HTTPException(413, f"upload is larger than the {max_upload_bytes} byte limit")
         if not data:
             raise HTTPException(400, "empty upload: send an image file in the 'file' field")
+        if batcher.full():  # before decoding: a busy service spends nothing more on the request
+            raise HTTPException(503, batcher.busy_message(), headers={"Retry-After": "1"})
         try:
             async with decode_slots:
                 image = await run_in_threadpool(open_image, data, None, max_image_pixels)
