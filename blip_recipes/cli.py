@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+import traceback
 
 from .choices import MAX_IMAGE_PIXELS
 
@@ -464,14 +465,35 @@ def top_level_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def ignore_upstream_warnings() -> None:
-    """Warnings about library code calling library code, which nothing in a recipe or command line changes."""
+def quiet_upstream_noise() -> None:
+    """Warnings about library code calling library code, which nothing in a recipe or command line changes, and the
+    traceback of a DataLoader worker's hang-up (below)."""
     import warnings
 
     warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator is found.*")
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata 0.11 calls torch.set_vital
     # peft 0.21 reads model.is_gradient_checkpointing, which transformers 5 deprecates, on every LoRA load
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    if not getattr(sys.excepthook, "quiet_worker_hangups", False):
+        sys.excepthook = _without_worker_hangups(sys.excepthook)
+
+
+def _without_worker_hangups(excepthook):
+    """sys.excepthook without the connection errors of multiprocessing's resource_sharer thread, which hands
+    DataLoader workers' tensors to this process and reports its errors through sys.excepthook: Ctrl-C (sent to the
+    whole process group) or an OOM kill can end a worker mid-handover, and a ConnectionResetError traceback was
+    printed beside the run's own message. The DataLoader itself reports a worker that died while training needs it."""
+
+    def hook(kind, error, trace):
+        sharer = os.path.join("multiprocessing", "resource_sharer.py")
+        if issubclass(kind, (ConnectionError, EOFError)) and any(
+            frame.filename.endswith(sharer) for frame in traceback.extract_tb(trace)
+        ):
+            return
+        excepthook(kind, error, trace)
+
+    hook.quiet_worker_hangups = True
+    return hook
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -481,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         top_level_parser().parse_args(argv[:1])  # --help: the commands, exit 0; else the error and choices, exit 2
         return 2
     run, _help = COMMANDS[argv[0]]
-    ignore_upstream_warnings()
+    quiet_upstream_noise()
     try:
         return run(argv[1:])
     except KeyboardInterrupt:  # train says more itself (where to resume from)

@@ -45,7 +45,7 @@ from .checkpoints import (
     resume_hint,
     unshared_output_dir_problem,
 )
-from .cli import ignore_upstream_warnings
+from .cli import quiet_upstream_noise
 from .config import RecipeError, scores_captions
 from .data import DataError
 from .distributed import gather_from_all
@@ -85,7 +85,7 @@ def setup_logging(training_args) -> None:
     # Our own progress lines (parameter counts, data sizes, metrics) on the main process even at "passive" level.
     ours = logging.INFO if training_args.should_log and training_args.log_level == "passive" else level
     logging.getLogger("blip_recipes").setLevel(ours)
-    ignore_upstream_warnings()  # also here: `accelerate launch -m blip_recipes.train` does not pass through cli.main
+    quiet_upstream_noise()  # also here: `accelerate launch -m blip_recipes.train` does not pass through cli.main
 
 
 def check_before_loading(recipe) -> str | None:
