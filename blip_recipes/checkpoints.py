@@ -358,7 +358,7 @@ def processes_not_sharing_output_dir(lock: OutputDirLock, training_args) -> list
     return [(index, host) for index, (sees, host) in enumerate(seen) if not sees]
 
 
-def _sees_lock(output_dir: str, record: dict, patience: float = 5.0) -> bool:
+def _sees_lock(output_dir: str, record: dict, patience: float = 3.0) -> bool:
     """Whether output_dir holds the lock `record`, allowing a shared file system a few seconds to show it (an NFS
     client may remember for a while that the name did not exist; reading the directory makes it look again)."""
     deadline = time.monotonic() + patience

@@ -4,6 +4,8 @@ import os
 import re
 import sys
 
+import pytest
+
 from tests.conftest import QUICK, REPO, read_json, read_jsonl, run_cli, run_main
 
 
@@ -133,35 +135,46 @@ def test_two_machines_started_in_the_unlucky_order(tmp_path):
     assert read_json(tmp_path / "run" / "trainer_state.json")["global_step"] == 3
 
 
-def test_machines_that_see_different_folders_all_stop_with_the_reason(tmp_path, tiny_model_dir):
-    """Each machine runs in its own folder (cwd), as machines without a shared file system do. Relative paths then
-    name different folders: every process stops before loading, each with the reason, where the machine that had
-    no problem used to go on alone until gloo failed ("Connection closed by peer") or NCCL timed out."""
+def test_machines_that_see_different_folders_all_stop_with_the_reason(tmp_path):
+    """Each machine runs in its own folder (cwd), as machines without a shared file system do: output_dir "run" is
+    then a folder of each machine's own, where only machine 0 would keep checkpoints (a resume failed on machine 1
+    while machine 0 went on until gloo broke: "Connection closed by peer"). Every process stops before loading,
+    each with the reason (the checks before loading on every process: test_a_check_that_fails_on_one_process_...)."""
     folders = [tmp_path / f"machine-{rank}" for rank in (0, 1)]
     for folder in folders:
         folder.mkdir()
-    os.symlink(tiny_model_dir, folders[0] / "tiny-blip")  # a model that only machine 0 has
-
-    def both(port, *arguments):
-        machines = [start_machine(rank, port, [*arguments, "--max_steps", "3", *QUICK], cwd=folders[rank])
-                    for rank in (1, 0)]  # fmt: skip
-        logs = finish_machines(*machines)[::-1]
-        assert all(machine.returncode != 0 for machine in machines), logs
-        # no process's traceback (the launcher prints its own, of ChildFailedError)
-        assert not any(re.search(r"\[rank\d\]: Traceback|Connection closed", log) for log in logs), logs
-        assert not any("processes: world_size" in log for log in logs)  # nothing loaded
-        return logs
-
-    # output_dir "run" is a folder of each machine's own: checkpoints would be written on machine 0 only
-    for log in both(29625, "--output_dir", "run"):
+    machines = [start_machine(rank, 29625, ["--output_dir", "run", "--max_steps", "3", *QUICK], cwd=folders[rank])
+                for rank in (1, 0)]  # fmt: skip
+    logs = finish_machines(*machines)[::-1]
+    assert all(machine.returncode != 0 for machine in machines), logs
+    # no process's traceback (the launcher prints its own, of ChildFailedError), nothing loaded
+    assert not any(re.search(r"\[rank\d\]: Traceback|Connection closed", log) for log in logs), logs
+    assert not any("processes: world_size" in log for log in logs)
+    for log in logs:
         assert "ERROR blip_recipes: output_dir run is not one folder all machines share (process 1 on " in log
         assert "Put output_dir on a file system every machine mounts" in log
-    # one shared output_dir, but the model path exists on machine 0 only
-    logs = both(29627, "--output_dir", str(tmp_path / "shared-run"), "--model_name_or_path", "tiny-blip")
-    assert re.search(
-        r"ERROR blip_recipes: process 1 on \S+: model_name_or_path tiny-blip: no local directory", logs[0]
-    )
-    assert "ERROR blip_recipes: model_name_or_path tiny-blip: no local directory" in logs[1]
+
+
+def test_a_check_that_fails_on_one_process_stops_every_process_with_its_message(monkeypatch):
+    """A model path or Hub cache that machine 0 has and machine 1 lacks: machine 1's check before loading fails, and
+    every process stops with its message, naming the process and host (machine 0 used to load on alone). Here the
+    gathered outcomes are given as two processes would gather them (the gather itself: gloo, tested above)."""
+    from blip_recipes import train
+    from blip_recipes.config import RecipeError
+    from blip_recipes.recipe_parser import parse_recipe
+
+    recipe = parse_recipe([os.path.join(REPO, "recipes", "shapes", "full.yaml")])
+    monkeypatch.setattr(train, "check_before_loading", lambda recipe: None)
+    outcomes = [(None, None, "machine-a"), ("model_name_or_path tiny-blip: no local directory of that name", None,
+                                            "machine-b")]  # fmt: skip
+    monkeypatch.setattr(train, "gather_from_all", lambda value, world_size: outcomes)
+    with pytest.raises(RecipeError, match="^process 1 on machine-b: model_name_or_path tiny-blip: no local directory"):
+        train.check_on_every_process(recipe)
+    outcomes[1] = (None, "run/checkpoint-2", "machine-b")  # resolved another checkpoint than process 0's None
+    with pytest.raises(RecipeError, match="the processes would resume from different checkpoints"):
+        train.check_on_every_process(recipe)
+    outcomes[1] = (None, None, "machine-b")
+    assert train.check_on_every_process(recipe) is None
 
 
 def one_cpu_process_launcher(*flags: str) -> list[str]:
