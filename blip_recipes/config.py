@@ -833,7 +833,7 @@ def optim_args_problem(training: CaptionTrainingArguments) -> str | None:
 
     if not training.optim_args:
         return None
-    pairs = [pair for pair in training.optim_args.replace(" ", "").split(",")]
+    pairs = training.optim_args.replace(" ", "").split(",")
     malformed = [pair for pair in pairs if pair.count("=") != 1]
     if malformed:
         return f"expected key=value pairs separated by commas, got {', '.join(map(repr, malformed))}"
