@@ -3,10 +3,13 @@
 import glob
 import json
 import os
+import shutil
 import time
 
 import pytest
+import torch
 from huggingface_hub import ModelCard
+from safetensors.torch import load
 
 from tests.conftest import QUICK, read_json, run_cli
 from tests.fake_hub import FakeHub
@@ -103,24 +106,52 @@ def test_every_save_pushes_model_files_of_each_checkpoint(tmp_path, hub):
     assert [("README.md" in commit["files"]) for commit in hub.commits] == [False, False, True, True]
 
 
-def test_checkpoint_pushes_upload_while_training_goes_on(tmp_path, hub):
-    """Each commit takes 3 s: training does not wait for checkpoint-1's upload (a synchronous push held every
-    save for it), the checkpoints saved meanwhile are not pushed (the Trainer's rule without hub_always_push), and
-    the final push comes after checkpoint-1's."""
-    hub.commit_seconds = 3.0
-    output_dir = tmp_path / "run"
-    result = run_cli([*TRAIN, "--output_dir", str(output_dir), "--push_to_hub", "true", "--hub_model_id", "me/bg",
-                      "--hub_token", TOKEN, "--save_strategy", "steps", "--save_steps", "1", "--max_steps", "4",
-                      "--merge_lora", "false"], env=online(hub))  # fmt: skip
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-3000:]
-    assert [c["summary"] for c in hub.commits] == [
-        "Training in progress, step 1",
-        "Upload fine-tuned BLIP (blip-recipes)",
-    ]
-    assert "checkpoint-2 is not pushed: checkpoint-1 is still uploading" in log
-    assert read_json(output_dir / "train_results.json")["train_runtime"] < 3.0  # 4 steps and 4 saves, not the upload
-    assert "adapter_model.safetensors" in hub.commits[0]["files"] and not os.path.exists(output_dir / ".hub-push")
+@pytest.mark.parametrize("always_push", [False, True])
+def test_checkpoint_pushes_upload_while_training_goes_on(tmp_path, hub, monkeypatch, caplog, always_push):
+    """Each commit takes 1 s: a save returns at once (a synchronous push held training for the whole upload), the
+    checkpoints saved during an upload are not pushed (the Trainer's rule) unless hub_always_push, which pushes
+    each in order; wait() lets them finish before the final push, and a checkpoint that save_total_limit removes
+    meanwhile is still pushed whole. The callback in a real run: test_every_save_pushes_model_files_of_each_..."""
+    import logging
+    from types import SimpleNamespace
+
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    from blip_recipes.hub import STAGING_DIR, HubPushCallback
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)  # HfApi reads it when made
+    hub.commit_seconds = 1.0
+    pushes = HubPushCallback("me/bg", TOKEN, None, always_push=always_push)
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    state = SimpleNamespace(is_world_process_zero=True, global_step=0)
+    caplog.set_level(logging.INFO, logger="blip_recipes.hub")
+    pushes.on_train_begin(args, state, None)
+    for step in (1, 2, 3):
+        checkpoint = tmp_path / f"checkpoint-{step}"
+        checkpoint.mkdir()
+        save_file({"weight": torch.full((2,), float(step))}, checkpoint / "model.safetensors")
+        (checkpoint / "optimizer.pt").write_bytes(b"never pushed")
+        state.global_step = step
+        started = time.monotonic()
+        pushes.on_save(args, state, None)
+        assert time.monotonic() - started < 0.5  # the upload takes 1 s
+        if step > 1:
+            shutil.rmtree(tmp_path / f"checkpoint-{step - 1}")  # save_total_limit: 1
+    pushes.wait()
+    steps = [1, 2, 3] if always_push else [1]
+    assert [commit["summary"] for commit in hub.commits] == [f"Training in progress, step {step}" for step in steps]
+    for step, commit in zip(steps, hub.commits):
+        assert set(commit["files"]) == {"model.safetensors"}
+        assert load(commit["files"]["model.safetensors"])["weight"].tolist() == [float(step)] * 2
+    skipped = [record.getMessage() for record in caplog.records if "is not pushed" in record.getMessage()]
+    assert skipped == ([] if always_push else ["checkpoint-2 is not pushed: checkpoint-1 is still uploading "
+                                               "(hub_always_push: true pushes every checkpoint)",
+                                               "checkpoint-3 is not pushed: checkpoint-1 is still uploading "
+                                               "(hub_always_push: true pushes every checkpoint)"])  # fmt: skip
+    assert not os.path.exists(tmp_path / STAGING_DIR)
 
 
 UNREACHABLE = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
