@@ -5,7 +5,6 @@ folders, tracker logs, evaluation dumps, caches and dotfiles such as .env never 
 """
 
 import contextlib
-import fnmatch
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ import threading
 from importlib import resources
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.utils import filter_repo_objects
 from transformers import TrainerCallback
 
 from . import __version__
@@ -290,7 +290,7 @@ class HubPushCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         step = state.global_step
-        running = [(earlier, upload) for earlier, upload in self.uploads if upload.is_alive()]
+        running = self._running()
         if running and not self.always_push:
             logger.info("checkpoint-%d is not pushed: checkpoint-%d is still uploading (hub_always_push: true pushes "
                         "every checkpoint)", step, running[-1][0])  # fmt: skip
@@ -320,25 +320,26 @@ class HubPushCallback(TrainerCallback):
             with contextlib.suppress(OSError):  # the staging folder goes with its last checkpoint
                 os.rmdir(os.path.dirname(staged))
 
+    def _running(self) -> list[tuple[int, threading.Thread]]:
+        return [(step, upload) for step, upload in self.uploads if upload.is_alive()]
+
     def wait(self) -> None:
         """Let the checkpoint pushes still uploading finish (before the final push, which must come after them)."""
-        for step, upload in self.uploads:
-            if upload.is_alive():
-                logger.info("waiting for the push of checkpoint-%d to finish", step)
-                upload.join()
+        for step, upload in self._running():
+            logger.info("waiting for the push of checkpoint-%d to finish", step)
+            upload.join()
 
     def still_uploading(self) -> list[int]:
-        return [step for step, upload in self.uploads if upload.is_alive()]
+        return [step for step, _ in self._running()]
 
 
 def stage_for_push(checkpoint: str, staged: str) -> str:
-    """The files of `checkpoint` a push uploads, hard-linked (else copied) into `staged`."""
+    """The files of `checkpoint` a push uploads (chosen by the filter upload_folder applies in push_folder),
+    hard-linked (else copied) into `staged`."""
     os.makedirs(staged, exist_ok=True)
-    for name in os.listdir(checkpoint):
+    files = [name for name in os.listdir(checkpoint) if os.path.isfile(os.path.join(checkpoint, name))]
+    for name in filter_repo_objects(files, allow_patterns=PUSHED_FILES, ignore_patterns=NEVER_PUSHED):
         source = os.path.join(checkpoint, name)
-        pushed = any(fnmatch.fnmatch(name, pattern) for pattern in PUSHED_FILES)
-        if not os.path.isfile(source) or not pushed or any(fnmatch.fnmatch(name, p) for p in NEVER_PUSHED):
-            continue
         try:
             os.link(source, os.path.join(staged, name))
         except OSError:  # another file system, or one without hard links

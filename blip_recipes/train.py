@@ -305,9 +305,10 @@ def run(recipe) -> int:
         if preemption.received:
             logger.warning("pre-empted: checkpoint saved at step %s in %s; %s", preemption.stopped_at_step,
                            training_args.output_dir, resume_hint(training_args))  # fmt: skip
-            if hub_pushes is not None and hub_pushes.still_uploading():  # no waiting past the grace period
+            abandoned = hub_pushes.still_uploading() if hub_pushes is not None else []
+            if abandoned:  # no waiting past the scheduler's grace period
                 logger.warning("the push of checkpoint-%s to the Hub is abandoned (the checkpoint is saved)",
-                               ", checkpoint-".join(map(str, hub_pushes.still_uploading())))  # fmt: skip
+                               ", checkpoint-".join(map(str, abandoned)))  # fmt: skip
             return PREEMPTED_EXIT_CODE
         save_outputs(trainer, model_args.merge_lora, train_result.metrics)
     except (OSError, RuntimeError) as error:
