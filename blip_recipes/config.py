@@ -85,11 +85,14 @@ class DataArguments:
     dataset_name: str = field(
         default="builtin:shapes",
         metadata={
-            "help": "Required. Hub id, imagefolder directory (metadata.jsonl/csv), save_to_disk directory, JSON/JSONL "
-            "file of image paths, COCO Karpathy or COCO captions-format file, or builtin:shapes."
+            "help": "Required. Hub id, a Hub repo's files in a folder, imagefolder directory (metadata.jsonl/csv), "
+            "save_to_disk directory, JSON/JSONL file of image paths, COCO Karpathy or COCO captions-format file, or "
+            "builtin:shapes."
         },
     )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset configuration (also of a Hub repo's files in a local folder)."}
+    )
     dataset_revision: str | None = field(default=None, metadata={"help": "Hub dataset revision."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     eval_split: str | None = field(
@@ -105,7 +108,10 @@ class DataArguments:
     )
     validation_split_percentage: float = field(
         default=5.0,
-        metadata={"help": "Percent of training images held out for evaluation when there is no eval split."},
+        metadata={
+            "help": "Percent of training images held out for evaluation when there is no eval split (refused when "
+            "there is one)."
+        },
     )
     image_column: str = field(default="image", metadata={"help": "Column holding the image (or its path)."})
     caption_column: str = field(default="text", metadata={"help": "Column holding one caption or a list of captions."})

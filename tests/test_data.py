@@ -120,6 +120,20 @@ def test_missing_split_and_eval_without_a_split(tmp_path, shapes_dir):
         load_caption_splits(args, 0, True)
 
 
+def test_a_hold_out_share_for_a_dataset_with_an_evaluation_split_is_refused(shapes_dir):
+    """validation_split_percentage was ignored when the dataset has a 'validation' split (or eval_split names one):
+    the run trained on every training image and evaluated elsewhere than the recipe said. 0 (hold out nothing) and
+    the default (a recorded recipe.yaml holds it) pass; so does a run that evaluates nothing."""
+    args = DataArguments(dataset_name=shapes_dir, validation_split_percentage=10)
+    said = r": validation_split_percentage \(10\) holds out training images only for a dataset without an evaluation "
+    with pytest.raises(DataError, match=said + "split, and this one evaluates on 'validation': remove "):
+        load_caption_splits(args, 0, True)
+    assert len(load_caption_splits(args, 0, need_eval=False).train.records) == 480
+    for share in (0, 5):
+        data = load_caption_splits(DataArguments(dataset_name=shapes_dir, validation_split_percentage=share), 0, True)
+        assert (len(data.train.records), data.evaluation.name) == (480, "validation")
+
+
 def test_empty_dataset(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(Exception, match="empty.jsonl"):

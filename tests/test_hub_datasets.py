@@ -3,6 +3,7 @@ cannot be reached: a cluster node without network, after `hf download --repo-typ
 
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -169,3 +170,68 @@ def test_hub_datasets_stream_from_the_hub_and_read_from_the_hub_cache_when_unrea
         "HF_DATASETS_OFFLINE), and neither datasets' cache nor the Hub cache holds a Hub dataset of that name "
         "(download it where there is network: `hf download --repo-type dataset someone/not-downloaded`)"
     )
+
+
+def test_a_hub_dataset_downloaded_into_a_folder_is_read_as_the_hub_repo(tmp_path, football_repo):
+    """`hf download --repo-type dataset ID --local-dir DIR` (or a git clone) leaves the repo's files in a folder: a
+    card with configs and Parquet files. It was refused ("directory is neither a save_to_disk dataset, ..."); now it
+    is read as datasets reads the repo, map-style and streamed, with its card's configs (dataset_config_name)."""
+    from blip_recipes.config import DataArguments
+    from blip_recipes.data.records import collect_splits
+    from blip_recipes.data.sources import DataError, load_raw_splits
+    from blip_recipes.data.streaming import stream_shards
+
+    def read(folder, **keys):
+        arguments = DataArguments(dataset_name=str(folder), **keys)
+        splits, _root = load_raw_splits(arguments)
+        streamed = [sample.captions for shard in stream_shards(arguments) for sample in shard.samples()]
+        records = collect_splits(arguments, seed=0, need_eval=False)[0].train.records
+        return {name: [row["text"] for row in split] for name, split in splits.items()}, streamed, len(records)
+
+    downloaded = tmp_path / "football"
+    shutil.copytree(football_repo, downloaded)
+    os.makedirs(downloaded / ".cache" / "huggingface" / "download")  # hf download's own bookkeeping
+    splits, streamed, images = read(downloaded)
+    assert list(splits) == ["train"] and len(splits["train"]) == 6 and images == 6
+    assert streamed == splits["train"]
+
+    no_card = tmp_path / "no-card"  # Parquet files alone, as a repo without a dataset card holds them
+    shutil.copytree(football_repo / "data", no_card / "data")
+    assert read(no_card)[0] == splits
+
+    two_configs = tmp_path / "two-configs"
+    shutil.copytree(football_repo / "data", two_configs / "a")
+    shutil.copytree(football_repo / "data", two_configs / "b")
+    configs = "".join(f"- config_name: {c}\n  data_files:\n  - split: {s}\n    path: {c}/train-*\n"
+                      for c, s in (("a", "train"), ("b", "validation")))  # fmt: skip
+    (two_configs / "README.md").write_text(f"---\nconfigs:\n{configs}---\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(two_configs))}: the dataset repo folder has several "
+                       r"configurations: set dataset_config_name to one of them \(Config name is missing\. Please "
+                       r"pick one among the available configs: \['a', 'b'\]"):  # fmt: skip
+        load_raw_splits(DataArguments(dataset_name=str(two_configs)))
+    assert read(two_configs, dataset_config_name="a")[0] == splits
+    assert list(load_raw_splits(DataArguments(dataset_name=str(two_configs), dataset_config_name="b"))[0]) == [
+        "validation"
+    ]
+
+
+@pytest.mark.parametrize(
+    "keys, said",
+    [
+        ({"dataset_config_name": "2017"}, "builtin:shapes: dataset_config_name (2017) names a configuration of a Hub "
+         "dataset (its card's `configs`), and this local file or folder has none: remove it"),
+        ({"dataset_revision": "v1"}, "builtin:shapes: a local file or folder has no revisions; dataset_revision (v1) "
+         "names one of a Hub dataset: remove it, or check out that revision into the folder"),
+        ({"streaming": True, "dataset_revision": "v1"}, "builtin:shapes: a local file or folder has no revisions"),
+    ],
+)  # fmt: skip
+def test_hub_only_keys_are_refused_for_a_local_dataset(keys, said):
+    """dataset_config_name and dataset_revision were ignored for a local file or folder: it was read whole, as it is
+    now, whatever configuration or revision the recipe named."""
+    from blip_recipes.config import DataArguments
+    from blip_recipes.data.sources import DataError, load_raw_splits
+    from blip_recipes.data.streaming import stream_shards
+
+    arguments = DataArguments(dataset_name="builtin:shapes", **keys)
+    with pytest.raises(DataError, match=f"^{re.escape(said)}"):
+        stream_shards(arguments) if arguments.streaming else load_raw_splits(arguments)

@@ -336,6 +336,13 @@ def collect_splits(data_args, seed: int, need_eval: bool, need_train: bool = Tru
         eval_name = "val"
     elif not need_train and "test" in raw:
         eval_name = "test"
+    held_out = data_args.validation_split_percentage
+    if need_eval and eval_name is not None and held_out > 0 and _said(data_args, "validation_split_percentage"):
+        raise DataError(
+            f"{source}: validation_split_percentage ({held_out:g}) holds out training "
+            f"images only for a dataset without an evaluation split, and this one evaluates on {eval_name!r}: remove "
+            "validation_split_percentage"
+        )
     train = evaluation = test = None
     bad_rows: list[BadRow] = []
     if need_train:
@@ -364,6 +371,12 @@ def collect_splits(data_args, seed: int, need_eval: bool, need_train: bool = Tru
         if split is not None and train is not None:
             bad_rows.extend(training_images_in(split, train))
     return CaptionData(train, evaluation, test), bad_rows
+
+
+def _said(data_args, key: str) -> bool:
+    """The key differs from its default (a recorded recipe.yaml holds every key, so "explicit" cannot be told)."""
+    default = next(item.default for item in dataclasses.fields(data_args) if item.name == key)
+    return getattr(data_args, key) != default
 
 
 def training_images_in(scored: CaptionSplit, train: CaptionSplit) -> list[BadRow]:

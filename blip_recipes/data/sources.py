@@ -28,20 +28,38 @@ def load_raw_splits(data_args) -> tuple[dict, str | None]:
     if os.path.isfile(source) and os.path.getsize(source) == 0:
         raise DataError(f"{source}: empty file, no rows")
     if os.path.exists(source):
+        check_hub_keys_for_local(data_args)
         try:
             return _load_raw_splits(source, data_args)
         except DataError:
             raise
         except Exception as error:  # datasets raises anything from StopIteration to pyarrow errors on bad files
+            config_problem = missing_config_problem(source, error, "dataset repo folder")
+            if config_problem is not None:
+                raise DataError(config_problem) from error
             # datasets wraps the reader's error ("An error occurred while generating the dataset"): name the reader's
             # own, which says where (pandas: "Expected 2 fields in line 6, saw 4").
             cause = error
             while (cause.__cause__ or cause.__context__) is not None:
                 cause = cause.__cause__ or cause.__context__
-            raise DataError(
-                f"{source}: could not load the dataset ({type(cause).__name__}: {str(cause).strip()})"
-            ) from error
+            said = " ".join(str(cause).split())
+            raise DataError(f"{source}: could not load the dataset ({type(cause).__name__}: {said})") from error
     return read_hub_dataset(source, data_args), None
+
+
+def check_hub_keys_for_local(data_args) -> None:
+    """dataset_revision, and dataset_config_name outside a folder laid out as a Hub dataset repo, name what only a Hub
+    dataset has: a local file or folder was read whole, at what it holds now, whatever they said."""
+    source = data_args.dataset_name
+    if data_args.dataset_revision is not None:
+        raise DataError(f"{source}: a local file or folder has no revisions; dataset_revision "
+                        f"({data_args.dataset_revision}) names one of a Hub dataset: remove it, or check out that "
+                        "revision into the folder")  # fmt: skip
+    if data_args.dataset_config_name is not None and not is_dataset_repo_folder(_resolve_source(source)):
+        raise DataError(
+            f"{source}: dataset_config_name ({data_args.dataset_config_name}) names a configuration of a "
+            "Hub dataset (its card's `configs`), and this local file or folder has none: remove it"
+        )
 
 
 def read_hub_dataset(name: str, data_args, streaming: bool = False) -> dict:
@@ -68,13 +86,54 @@ def read_hub_dataset(name: str, data_args, streaming: bool = False) -> dict:
             raise DataError(f"{name}: no local file or folder of that name; {why}, and neither datasets' cache "
                             "nor the Hub cache holds a Hub dataset of that name (download it where there is network: "
                             f"`hf download --repo-type dataset {name}`)") from error  # fmt: skip
-        # On one line: datasets' own message spans several ("Config name is missing.\nPlease pick one among ...").
+        config_problem = missing_config_problem(name, error)
+        if config_problem is not None:
+            raise DataError(config_problem) from error
         said = " ".join(str(error).split())
-        if "Config name is missing" in said:
-            raise DataError(f"{name}: the Hub dataset has several configurations: set dataset_config_name to one of "
-                            f"them ({said})") from error  # fmt: skip
         raise DataError(f"{name}: no local file or folder of that name, and loading it as a Hub dataset failed "
                         f"({type(error).__name__}: {said})") from error  # fmt: skip
+
+
+def missing_config_problem(name: str, error: Exception, what: str = "Hub dataset") -> str | None:
+    """The message for a dataset of several configurations loaded without dataset_config_name, on one line (datasets'
+    own spans several: "Config name is missing.\nPlease pick one among ..."); None for another error."""
+    said = " ".join(str(error).split())
+    if "Config name is missing" not in said:
+        return None
+    return f"{name}: the {what} has several configurations: set dataset_config_name to one of them ({said})"
+
+
+def is_dataset_repo_folder(directory: str) -> bool:
+    """A folder laid out as a Hub dataset repo (`hf download --repo-type dataset ID --local-dir DIR`, a git clone),
+    which datasets reads as it reads the repo: a dataset card (README.md) whose YAML header declares `configs` or
+    `dataset_info`, or Parquet/Arrow data files."""
+    if not os.path.isdir(directory):
+        return False
+    if card_declares_data(os.path.join(directory, "README.md")):
+        return True
+    for _folder, folders, files in os.walk(directory):
+        folders[:] = [name for name in folders if not name.startswith(".")]  # .git, .cache (hf download's own)
+        if any(name.endswith((".parquet", ".arrow")) for name in files):
+            return True
+    return False
+
+
+def card_declares_data(card: str) -> bool:
+    """A dataset card whose YAML header declares `configs` or `dataset_info` (which datasets then reads)."""
+    import yaml
+
+    if not os.path.isfile(card):
+        return False
+    with open(card, encoding="utf-8", errors="replace") as handle:
+        text = handle.read()
+    if not text.startswith("---"):
+        return False
+    header = text[3:].split("\n---", 1)[0]
+    try:
+        metadata = yaml.safe_load(header)
+    except yaml.YAMLError:
+        return False
+    return isinstance(metadata, dict) and bool({"configs", "dataset_info"} & set(metadata))
 
 
 def _load_hub_dataset(name_or_snapshot: str, data_args, streaming: bool) -> dict:
@@ -184,6 +243,9 @@ def _load_raw_splits(source: str, data_args) -> tuple[dict, str | None]:
         ):
             loaded = datasets.load_from_disk(source)
             return (dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}), source
+        # A Hub repo's card configs name its splits and data files; without them, its Parquet/Arrow files, below.
+        if card_declares_data(os.path.join(source, "README.md")):
+            return _load_dataset_repo_folder(source, data_args), source
         if is_lavis_karpathy_dir(source):
             for name in LAVIS_FILES.values():
                 if os.path.isfile(os.path.join(source, name)):
@@ -205,11 +267,22 @@ def _load_raw_splits(source: str, data_args) -> tuple[dict, str | None]:
         if _has_imagefolder_metadata(source):
             check_imagefolder_metadata(source)
             return dict(datasets.load_dataset("imagefolder", data_dir=source)), source
+        if is_dataset_repo_folder(source):
+            return _load_dataset_repo_folder(source, data_args), source
         raise DataError(
             f"{source}: directory is neither a save_to_disk dataset, an imagefolder with metadata.jsonl/metadata.csv, "
-            "nor split files (train.jsonl, validation.jsonl, ...)"
+            "split files (train.jsonl, validation.jsonl, ...), nor a Hub dataset repo's files (a card with configs, "
+            "Parquet files)"
         )
     raise DataError(f"{source}: neither a file nor a directory")  # a socket, a device
+
+
+def _load_dataset_repo_folder(source: str, data_args, streaming: bool = False) -> dict:
+    """A Hub dataset repo's files in a local folder, read as datasets reads the repo (its card's configs, data files
+    and split names); an imagefolder repo's metadata is checked as a local imagefolder's is."""
+    if _has_imagefolder_metadata(source):
+        check_imagefolder_metadata(source)
+    return _load_hub_dataset(source, data_args, streaming)
 
 
 def can_only_be_a_path(name: str) -> bool:

@@ -163,14 +163,25 @@ def stream_shards(data_args) -> list:
         return [TarShard(path) for path in tar_files]
     import datasets
 
-    from .sources import _resolve_source, file_builder, read_hub_dataset
+    from .sources import (
+        _load_dataset_repo_folder,
+        _resolve_source,
+        check_hub_keys_for_local,
+        file_builder,
+        is_dataset_repo_folder,
+        read_hub_dataset,
+    )
 
     source = _resolve_source(data_args.dataset_name)
+    if os.path.exists(source):
+        check_hub_keys_for_local(data_args)
     if os.path.isfile(source):
         builder = file_builder(source)
         if builder is None:
             raise DataError(f"{source}: cannot stream this file; use .tar shards, .json, .jsonl or .csv")
         loaded = datasets.load_dataset(builder, data_files={"train": source}, streaming=True)
+    elif is_dataset_repo_folder(source):
+        loaded = _load_dataset_repo_folder(source, data_args, streaming=True)
     elif os.path.isdir(source):
         loaded = datasets.load_dataset("imagefolder", data_dir=source, streaming=True)
     else:
