@@ -3,8 +3,8 @@ CPU processes: DeepSpeed picks its CPU accelerator and gloo by itself. `make tes
 first launch compiles a small communication op into TORCH_EXTENSIONS_DIR (torch's cache, shared by every test here).
 
 Each engine trains, evaluates (captions generated under sharding, equal to one process scoring the saved model),
-saves the checkpoint a one-process run writes, resumes bit for bit, counts parameters right, and under LoRA starts
-from the adapters a one-process run draws from the same seed."""
+saves the checkpoint a one-process run writes and counts parameters right; under ZeRO-3 it also resumes bit for bit,
+and LoRA starts from the adapters a one-process run draws from the same seed (each run once, for the suite's time)."""
 
 import os
 import re
@@ -87,7 +87,11 @@ def test_full_training_saves_standard_weights_and_resumes_exactly(stage, tmp_pat
         read_json(straight / "eval_results.json")["eval_cider"], abs=1e-12
     )
 
-    # Interrupted after step 2 and resumed: the same weights bit for bit, the same losses.
+    # Interrupted after step 2 and resumed: the same weights bit for bit, the same losses. ZeRO-3 only, to keep the
+    # suite's time: the Trainer resumes both stages through the same DeepSpeed load_checkpoint, and ZeRO-3's
+    # checkpoint (sharded parameters as well as optimizer state) is the harder of the two.
+    if stage == "zero2":
+        return
     resumed = tmp_path / "resumed"
     shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
     launch(stage, "full", resumed, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
@@ -119,10 +123,11 @@ def one_process_lora(tmp_path_factory, builtin_cache):
 LORA_ARGS = ["--max_steps", "3", "--lora_dropout", "0", "--cache_vision_features", "false"]
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_lora_matches_one_process(stage, tmp_path, one_process_lora):
+def test_lora_matches_one_process_under_zero3(tmp_path, one_process_lora):
+    """ZeRO-3 (the frozen base sharded, the adapters trained); ZeRO-2 shards only optimizer state and gradients, the
+    same for LoRA's few trainable tensors as for the full model's (test_full_training_...[zero2])."""
     output_dir = tmp_path / "lora"
-    log = launch(stage, "lora", output_dir, *LORA_ARGS, port_offset=2)
+    log = launch("zero3", "lora", output_dir, *LORA_ARGS, port_offset=2)
     assert "training_mode=lora: 47,104 of 247,349 parameters train (19.04%)" in log
     adapters = load_file(output_dir / "adapter_model.safetensors")
     assert adapters and all("lora_" in name for name in adapters)
