@@ -234,8 +234,8 @@ def report_caption_lengths(
     captions: list[str], tokenizer, prompt: str, max_caption_length: int, generation_max_length: int
 ) -> dict:
     """Logs the training captions' lengths in decoder tokens ([DEC] + prompt + caption + [SEP], what both length
-    limits count), and warns about what the limits do silently: a longer caption is cut to max_caption_length and
-    trained to end there; generation stops at generation_max_length, so a model trained on longer captions is scored
+    limits count), and warns about what the limits do silently: a longer caption is cut to max_caption_length (its
+    end never learned); generation stops at generation_max_length, so a model trained on longer captions is scored
     on cut ones. Returns the numbers logged."""
     import random
 
@@ -257,9 +257,9 @@ def report_caption_lengths(
                 "prompt + caption + [SEP])", measured, numbers["median"], numbers["p95"], lengths[-1])  # fmt: skip
     if cut:
         logger.warning("%s of %s training captions (%.1f%%) have more than max_caption_length %d tokens (the "
-                       "longest %d): each is cut there and trained to end there; raise max_caption_length to train "
-                       "them whole", f"{cut:,}", measured, 100 * cut / len(sample), max_caption_length,
-                       lengths[-1])  # fmt: skip
+                       "longest %d): each is trained on its first %d tokens only (and not taught to end there); "
+                       "raise max_caption_length to train them whole", f"{cut:,}", measured, 100 * cut / len(sample),
+                       max_caption_length, lengths[-1], max_caption_length)  # fmt: skip
     if too_long > TOO_LONG_TO_GENERATE * len(sample):
         logger.warning("%.1f%% of %s training captions have more than generation_max_length %d tokens: generated "
                        "captions stop there, shorter than the references they are scored against; raise "

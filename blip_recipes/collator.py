@@ -7,7 +7,8 @@ Three things differ from the notebook (`processor(..., padding="max_length")`, `
 - captions are padded to the longest in the batch, not to the tokenizer's 512;
 - the first token is the decoder's bos `[DEC]`, as `BlipForConditionalGeneration.generate` feeds it (the
   processor emits `[CLS]`, so a model trained on raw processor output is trained on a prefix it never sees later);
-- labels are -100 on padding and on the prompt, so only caption tokens (and the closing [SEP]) are learned.
+- labels are -100 on padding and on the prompt, so only caption tokens (and the closing [SEP]) are learned; a caption
+  cut at max_caption_length has no [SEP] (it is not taught to end there).
 
 Items that name their image (IMAGE_POSITION, group_captions_by_image) put each distinct image of the batch in once,
 and `image_index` says which of them each caption row describes (adapt.SharedImages): (rows,), or (images, captions
@@ -70,20 +71,29 @@ class CaptionCollator:
         return {"pixel_values": torch.stack([f["pixel_values"] for f in features])}
 
     def _captions(self, features: list[dict]) -> dict:
-        encoded = self.tokenizer(
+        # Encoded to one token over the limit, which tells a caption that fits from one that does not: a caption cut
+        # at max_length keeps its first tokens and no [SEP], so it is not trained to end where the limit cut it (the
+        # tokenizer's own truncation keeps [SEP], as LAVIS has it: a model learns to stop mid-sentence).
+        rows = self.tokenizer(
             [self.prompt + f["caption"] for f in features],
-            padding="longest",
             truncation=True,
-            max_length=self.max_length,
-            pad_to_multiple_of=self.pad_to_multiple_of,
-            return_tensors="pt",
+            max_length=self.max_length + 1,
             return_token_type_ids=False,
-        )
-        input_ids = encoded["input_ids"]
+            return_attention_mask=False,
+        )["input_ids"]
+        rows = [row[: self.max_length] for row in rows]
+        width = max(len(row) for row in rows)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for index, row in enumerate(rows):
+            input_ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
+            attention_mask[index, : len(row)] = 1
         input_ids[:, 0] = self.bos_token_id
-        labels = input_ids.masked_fill(encoded["attention_mask"] == 0, -100)
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
         labels[:, : 1 + self.prompt_length] = -100
-        return {"input_ids": input_ids, "attention_mask": encoded["attention_mask"], "labels": labels}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     def prompt_ids(self, batch_size: int, device=None) -> torch.Tensor:
         """Decoder prefix for generation: [DEC] + prompt tokens, one row per image."""

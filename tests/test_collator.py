@@ -61,10 +61,28 @@ def test_prompt_tokens_are_masked(collator, tiny_processor):
     assert generation_prefix.tolist() == [ids[: 1 + prompt_tokens].tolist()] * 2
 
 
-def test_long_captions_are_truncated_and_still_end_with_sep(collator, tiny_processor):
-    batch = collator(max_length=8)(features(["a red circle on the left of the image and a blue one too"]))
-    assert batch["input_ids"].shape[1] == 8
-    assert batch["input_ids"][0, -1] == tiny_processor.tokenizer.sep_token_id
+def test_a_caption_cut_at_max_length_is_not_trained_to_end_there(collator, tiny_processor):
+    """The tokenizer's truncation kept [SEP] after the cut, so a model trained on long captions learned to stop
+    mid-sentence. A caption of exactly max_length tokens still ends with [SEP]; a longer one is its first max_length
+    tokens, every one learned, and no [SEP]."""
+    tokenizer = tiny_processor.tokenizer
+    fits = "a red circle on the left"
+    whole = tokenizer(fits).input_ids  # [CLS] ... [SEP]
+    longer = fits + " of the image and a blue one too"
+    limit = len(whole)
+    batch = collator(max_length=limit)(features([fits, longer]))
+    assert batch["input_ids"].shape[1] == limit and batch["attention_mask"].all()
+    assert batch["labels"][0, 1:].tolist() == whole[1:] and whole[-1] == tokenizer.sep_token_id
+    cut = tokenizer(longer, add_special_tokens=False).input_ids[: limit - 1]
+    assert batch["labels"][1, 1:].tolist() == cut and tokenizer.sep_token_id not in batch["labels"][1].tolist()
+    assert batch["input_ids"][1, 1:].tolist() == cut
+    # Padded to a multiple of 8, the pad masked; the [DEC] bos first either way.
+    padded = CaptionCollator(tokenizer, tokenizer.bos_token_id, max_length=limit, pad_to_multiple_of=8)(
+        features([fits, "a square"])
+    )
+    assert padded["input_ids"].shape[1] == -(-limit // 8) * 8
+    assert (padded["labels"][padded["attention_mask"] == 0] == -100).all()
+    assert (padded["input_ids"][:, 0] == tokenizer.bos_token_id).all()
 
 
 def test_eval_batches_carry_indices_and_no_text(collator):
@@ -100,7 +118,7 @@ def test_pixels_match_the_blip_image_processor(tiny_processor, tiny_model_dir):
 
 
 def test_caption_lengths_are_reported_and_what_the_limits_cut_is_said(tiny_processor, collator, caplog, tmp_path):
-    """A caption longer than max_caption_length is cut and trained to end there, and generation stops at
+    """A caption longer than max_caption_length is cut (test_a_caption_cut_...), and generation stops at
     generation_max_length: neither said so. Lengths count what the collator makes: [DEC] + prompt + caption + [SEP]."""
     import logging
     import os
