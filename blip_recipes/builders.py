@@ -26,7 +26,7 @@ from .data import (
     image_cache_dir,
     training_pairs,
 )
-from .data.records import check_images, collect_splits, drop_bad_rows
+from .data.records import check_images, collect_splits, collect_with_eval_dataset, drop_bad_rows
 from .model import (
     apply_training_mode,
     check_decoding,
@@ -61,18 +61,31 @@ def load_data(recipe: Recipe, need_train: bool) -> CaptionData:
     if data_args.image_root and not os.path.isdir(data_args.image_root):  # else every row is "file not found"
         raise DataError(f"image_root {data_args.image_root}: no such directory (the image column's relative paths "
                         "are read under it)")  # fmt: skip
-    if data_args.streaming:  # the training split streams (build_stream); the scored splits are eval_dataset_name's
+    # The scored splits (eval_split, test_split) are eval_dataset_name's when it is set, else dataset_name's.
+    scored_args = data_args
+    if data_args.eval_dataset_name is not None:
+        scored_args = dataclasses.replace(data_args, dataset_name=data_args.eval_dataset_name)
+    if data_args.streaming:  # the training split streams (build_stream)
         if need_train and not scores_captions(recipe):
             return CaptionData(None, None, None)
-        data_args = dataclasses.replace(data_args, dataset_name=data_args.eval_dataset_name)
         need_train = False
     need_eval = not need_train or wants_evaluation(training)
     with training.main_process_first(desc="loading the dataset"):
-        data, bad_rows = collect_splits(data_args, training.seed, need_eval=need_eval, need_train=need_train)
+        if not need_train:
+            data, bad_rows = collect_splits(scored_args, training.seed, need_eval=need_eval, need_train=False)
+        elif scored_args is data_args:
+            data, bad_rows = collect_splits(data_args, training.seed, need_eval=need_eval, need_train=True)
+        else:
+            data, bad_rows = collect_with_eval_dataset(data_args, scored_args, training.seed, need_eval)
     if data_args.validate_images:
         progress = training.local_process_index == 0 and not training.disable_tqdm
         bad_rows += check_images(data, data_args.preprocessing_num_workers, training.process_index,
                                  training.world_size, progress)  # fmt: skip
+    if not need_train:
+        data_args = scored_args
+    elif scored_args is not data_args:  # the report names both datasets; each bad row names its file
+        data_args = dataclasses.replace(data_args, dataset_name=f"{data_args.dataset_name} (training), "
+                                        f"{scored_args.dataset_name} (evaluation)")  # fmt: skip
     return drop_bad_rows(data, bad_rows, data_args)
 
 

@@ -5,6 +5,7 @@ Every command is an argparse parser with its own `--help`. train and evaluate ta
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -67,6 +68,9 @@ def evaluate_command(argv: list[str]) -> int:
             # a streaming run's recipe: dataset_name is its training stream, eval_dataset_name what it scores
             raise RecipeError("this recipe streams its training data (streaming: true): name the dataset to score "
                               "with --eval_dataset_name NAME")  # fmt: skip
+        if "dataset_name" in recipe.overrides and "eval_dataset_name" not in recipe.overrides:
+            # --dataset names what to score, over the recipe's eval_dataset_name
+            recipe.data = dataclasses.replace(recipe.data, eval_dataset_name=None)
         output = recipe.training.output_dir
         held = model_files_in(output)
         if held:  # a run's folder: its eval_results.json and predictions (what its model card reports) would go

@@ -165,7 +165,10 @@ class DataArguments:
     )
     eval_dataset_name: str | None = field(
         default=None,
-        metadata={"help": "With streaming: the dataset (any map-style source) whose eval_split/test_split is scored."},
+        metadata={
+            "help": "A dataset (any map-style source) whose eval_split/test_split is scored instead of "
+            "dataset_name's (a file's one split is scored whole); needed with streaming."
+        },
     )
     shuffle_buffer_size: int = field(
         default=1000, metadata={"help": "With streaming: samples in the shuffle buffer (references, not images)."}
@@ -328,7 +331,7 @@ class Recipe:
         idle = set(LORA_KEYS) if self.model.training_mode != "lora" else set()
         if self.training.training_objective != "scst":
             idle |= {key for key in values if key.startswith("scst_")}
-        if not self.data.streaming:
+        if self.data.eval_dataset_name is None:
             idle.add("eval_dataset_name")
         if self.training.early_stopping_patience is None:
             idle.add("early_stopping_threshold")
@@ -699,10 +702,11 @@ def check_combinations(recipe: Recipe) -> None:
             "streaming: true with evaluation or a test_split needs eval_dataset_name (a map-style dataset with those "
             "splits)",
         )
-    else:
+    if data.eval_dataset_name is not None:
         check(
-            "eval_dataset_name" not in recipe.explicit_keys,
-            "eval_dataset_name only applies with streaming: true (else eval_split names the split)",
+            data.validation_split_percentage == DataArguments.validation_split_percentage,
+            "validation_split_percentage holds out training images for evaluation, and eval_dataset_name names the "
+            "dataset evaluated instead: remove one of them",
         )
     check(
         not (training.use_cpu and (training.fsdp or _env_flag("ACCELERATE_USE_FSDP"))),

@@ -102,6 +102,8 @@ def build_model_card(
     base_model_id: str | None = None,
     dataset_id: str | None = None,
     revision: str | None = None,
+    eval_dataset: str | None = None,
+    eval_dataset_id: str | None = None,
 ) -> ModelCard:
     """metrics: {split name: {"cider": ..., "bleu_4": ...}} -> a card whose model-index carries every number.
 
@@ -112,15 +114,18 @@ def build_model_card(
     """
     lora = training_mode == "lora"
     dataset_name = dataset_id or local_dataset_label(dataset)
+    # The results are eval_dataset's (eval_dataset_name) when the run scored another dataset than it trained on.
+    scored_name = (eval_dataset_id or local_dataset_label(eval_dataset)) if eval_dataset else dataset_name
+    hub_datasets = list(dict.fromkeys(name for name in (dataset_id, eval_dataset_id) if name))
     data = ModelCardData(
         model_name=repo_id.split("/")[-1],
         base_model=base_model_id,
-        datasets=[dataset_id] if dataset_id else None,
+        datasets=hub_datasets or None,
         library_name="peft" if lora else "transformers",
         pipeline_tag="image-to-text",
         license="bsd-3-clause",
         tags=["image-captioning", "blip", "blip-recipes", training_mode] + (["lora"] if lora else []),
-        eval_results=_eval_results(dataset_name, metrics) or None,
+        eval_results=_eval_results(scored_name, metrics) or None,
     )
     table = (
         "\n".join(
@@ -143,7 +148,8 @@ def build_model_card(
     template = resources.files("blip_recipes").joinpath("templates", "model_card.md").read_text(encoding="utf-8")
     content = string.Template(template).substitute(
         metadata=data.to_yaml(), model_name=repo_id.split("/")[-1], base_model_url=_hub_url(base_model),
-        dataset=dataset_name, version=__version__, training_mode=training_mode, num_beams=generation.get("num_beams"),
+        dataset=dataset_name, scored_dataset=scored_name, version=__version__, training_mode=training_mode,
+        num_beams=generation.get("num_beams"),
         max_length=generation.get("max_length"), min_length=generation.get("min_length"),
         prompt_note=f', prompt "{prompt}"' if prompt else "", results_table=table,
         peft_import="from peft import PeftModel" if lora else "", repo_id=repo_id, loading=loading, revision_arg=at,
@@ -394,7 +400,7 @@ def publish_run(recipe, card_metrics: dict) -> bool:
     base_model = model_args.model_name_or_path
     if model_args.training_mode == "lora":
         base_model = adapter_base(base_model, model_args.model_revision) or base_model
-    dataset = recipe.data.dataset_name
+    dataset, scored = recipe.data.dataset_name, recipe.data.eval_dataset_name
     branch = (
         training_args.hub_revision if training_args.push_to_hub and on_branch(training_args.hub_revision) else None
     )
@@ -403,6 +409,7 @@ def publish_run(recipe, card_metrics: dict) -> bool:
         generation=generation, prompt=recipe.data.prompt, base_model_id=hub_model_id(base_model),
         dataset_id=hub_dataset_id(dataset),
         revision=branch,
+        eval_dataset=scored, eval_dataset_id=hub_dataset_id(scored) if scored else None,
     )  # fmt: skip
     write_model_card(output_dir, repo_id, training_mode=model_args.training_mode, **card)
     merged_dir = os.path.join(output_dir, "merged")

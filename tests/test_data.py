@@ -134,6 +134,53 @@ def test_a_hold_out_share_for_a_dataset_with_an_evaluation_split_is_refused(shap
         assert (len(data.train.records), data.evaluation.name) == (480, "validation")
 
 
+def test_a_separate_evaluation_dataset_is_scored_and_named_as_such(tmp_path, shapes_dir, capfd, caplog):
+    """eval_dataset_name (streaming only until now) with a map-style training set: a training file and an evaluation
+    file side by side, the usual layout of one's own data. The evaluation file's one split is scored whole; the
+    card's results name that dataset, not the training one; an evaluation image that is a training image (the same
+    file, reached from the other dataset's folder) is found; `evaluate` with the run's recipe scores it too."""
+    from tests.conftest import read_jsonl
+
+    train = make_jsonl_dataset(tmp_path / "train", shapes_dir, rows=12)
+    os.makedirs(tmp_path / "val")
+    metadata = [json.loads(line) for line in open(os.path.join(shapes_dir, "validation", "metadata.jsonl"))][:5]
+    with open(tmp_path / "val" / "val.jsonl", "w") as handle:
+        for record in metadata:
+            shutil.copy(os.path.join(shapes_dir, "validation", record["file_name"]), tmp_path / "val")
+            handle.write(json.dumps({"image": record["file_name"], "caption": record["text"]}) + "\n")
+    run = ["train", "recipes/shapes/full.yaml", "--dataset_name", train, "--eval_dataset_name",
+           tmp_path / "val" / "val.jsonl", "--caption_column", "caption", "--max_steps", "1", *QUICK,
+           "--do_eval", "true"]  # fmt: skip
+    result = run_main([*run, "--output_dir", tmp_path / "run"], capfd, caplog)
+    assert result.returncode == 0, result.stderr[-3000:]
+    predicted = read_jsonl(tmp_path / "run" / "eval_predictions.jsonl")
+    assert sorted(row["image_id"] for row in predicted) == sorted(record["file_name"] for record in metadata)
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "coco-caption metrics (pycocoevalcap, PTB tokenization) on `val.jsonl`" in card
+    assert "name: val.jsonl" in card and "split: train of val.jsonl" in card and "name: data.jsonl" not in card
+
+    # evaluate with the run's recipe scores eval_dataset_name; --dataset names another
+    evaluated = run_main(["evaluate", tmp_path / "run" / "recipe.yaml", "--model", tmp_path / "run", "--output_dir",
+                          tmp_path / "scored", "--num_beams", "1"], capfd, caplog)  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert len(read_jsonl(tmp_path / "scored" / "predictions.jsonl")) == 5
+
+    with open(tmp_path / "val" / "val.jsonl", "a") as handle:  # a training image, by its path from val/
+        handle.write(json.dumps({"image": "../train/images/" + os.listdir(tmp_path / "train" / "images")[0],
+                                 "caption": "a shape"}) + "\n")  # fmt: skip
+    leaked = run_main([*run, "--output_dir", tmp_path / "leaked"], capfd, caplog)
+    assert leaked.returncode == 2
+    assert "split 'train of val.jsonl' row 5 (../train/images/" in leaked.stderr
+    assert "also a training image (split 'train' row" in leaked.stderr
+    held_out = run_main(
+        [*run, "--output_dir", tmp_path / "both", "--validation_split_percentage", "10"], capfd, caplog
+    )
+    assert held_out.returncode == 2
+    assert "validation_split_percentage holds out training images for evaluation, and eval_dataset_name" in (
+        held_out.stderr
+    )
+
+
 def test_empty_dataset(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(Exception, match="empty.jsonl"):

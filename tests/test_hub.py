@@ -217,6 +217,15 @@ def test_the_card_names_base_model_and_dataset_by_hub_id_only(tmp_path):
     assert local.data.eval_results[0].dataset_name == "captions.jsonl" and "on `captions.jsonl`" in local.text
     shards = build_model_card("me/blip", base_model=str(parent), dataset="/data/cc3m/*.tar", **common, **ids)
     assert "on `cc3m/*.tar`" in shards.text  # not "*.tar"
+    # A run that scored another dataset (eval_dataset_name: a stream's, or any run's) reports its results under that
+    # one: they were filed under the training stream's name. The metadata lists both Hub datasets.
+    coco = "yerevann/coco-karpathy"
+    scored = build_model_card("me/blip", base_model=str(parent), dataset="/data/cc3m/*.tar", **common, **ids,
+                              eval_dataset=coco, eval_dataset_id=coco)  # fmt: skip
+    assert {result.dataset_name for result in scored.data.eval_results} == {"yerevann/coco-karpathy"}
+    assert scored.data.datasets == ["yerevann/coco-karpathy"] and metadata_problem(str(scored)) is None
+    assert "fine-tuned for image captioning on `cc3m/*.tar`" in scored.text
+    assert "PTB tokenization) on `yerevann/coco-karpathy`" in scored.text
     hub = build_model_card("me/blip", base_model="Salesforce/blip-image-captioning-base",
                            dataset="ybelkada/football-dataset", **common,
                            base_model_id="Salesforce/blip-image-captioning-base",

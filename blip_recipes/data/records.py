@@ -336,6 +336,8 @@ def collect_splits(data_args, seed: int, need_eval: bool, need_train: bool = Tru
         eval_name = "val"
     elif not need_train and "test" in raw:
         eval_name = "test"
+    elif not need_train and len(raw) == 1:  # a file scored as a whole: datasets names its one split 'train'
+        eval_name = next(iter(raw))
     held_out = data_args.validation_split_percentage
     if need_eval and eval_name is not None and held_out > 0 and _said(data_args, "validation_split_percentage"):
         raise DataError(
@@ -373,27 +375,58 @@ def collect_splits(data_args, seed: int, need_eval: bool, need_train: bool = Tru
     return CaptionData(train, evaluation, test), bad_rows
 
 
+def collect_with_eval_dataset(data_args, scored_args, seed: int, need_eval: bool) -> tuple[CaptionData, list]:
+    """Training split from `data_args`, evaluation and test splits from `scored_args` (eval_dataset_name): as
+    collect_splits, with the scored images that are also training images found across the two datasets. A scored
+    split named as the training split (a single file's one split is 'train') is named after its dataset too, so
+    results and bad rows never mix the two."""
+    trained, bad_rows = collect_splits(dataclasses.replace(data_args, test_split=None), seed, False, need_train=True)
+    scored, scored_bad = collect_splits(scored_args, seed, need_eval, need_train=False)
+    train = trained.train
+    for split in (scored.evaluation, scored.test):
+        if split is None:
+            continue
+        if split.name == train.name:
+            renamed = f"{split.name} of {os.path.basename(os.path.normpath(scored_args.dataset_name))}"
+            for row in scored_bad:
+                if row.split == split.name:
+                    row.split = renamed
+            split.name = renamed
+        scored_bad.extend(training_images_in(split, train, across_datasets=True))
+    return CaptionData(train, scored.evaluation, scored.test), bad_rows + scored_bad
+
+
 def _said(data_args, key: str) -> bool:
     """The key differs from its default (a recorded recipe.yaml holds every key, so "explicit" cannot be told)."""
     default = next(item.default for item in dataclasses.fields(data_args) if item.name == key)
     return getattr(data_args, key) != default
 
 
-def training_images_in(scored: CaptionSplit, train: CaptionSplit) -> list[BadRow]:
+def training_images_in(scored: CaptionSplit, train: CaptionSplit, across_datasets: bool = False) -> list[BadRow]:
     """The images of a scored split that the run also trains on (the same file, or the same bytes): their scores
     would measure recall of training captions. A split split by row, not by image, before it reached this tool
-    is the usual cause. Evaluating on the training split itself (eval_split: train) is a choice and says so."""
+    is the usual cause. Evaluating on the training split itself (eval_split: train) is a choice and says so.
+    `across_datasets`: the two splits come from different datasets, whose relative paths have different roots."""
     if scored.held_out:  # held out of the training images by image: disjoint by construction
         return []
-    if scored.name == train.name:
+    if scored.name == train.name and not across_datasets:
         logger.warning("split %r is also the training split: its scores measure the fit on training images",
                        scored.name)  # fmt: skip
         return []
-    trained = {record.identity: record.row for record in train.records}
+
+    def key(split: CaptionSplit, record: ImageRecord):
+        identity = record.identity
+        if not across_datasets or identity is None or identity.startswith("sha1:"):
+            return identity
+        return os.path.abspath(resolve_image_path(identity, split.table.image_root))
+
+    trained = {key(train, record): record.row for record in train.records}
+    trained.pop(None, None)
+    found = ((record, key(scored, record)) for record in scored.records)
     return [
         BadRow(scored.name, record.row, scored.table.describe(record.row),
-               f"also a training image (split {train.name!r} row {trained[record.identity]})")
-        for record in scored.records if record.identity is not None and record.identity in trained
+               f"also a training image (split {train.name!r} row {trained[identity]})")
+        for record, identity in found if identity in trained
     ]  # fmt: skip
 
 
