@@ -123,7 +123,12 @@ class DataArguments:
         default=None, metadata={"help": "Directory that relative image paths are resolved against."}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training images."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N evaluation images."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Keep the first N evaluation images (results name the split as a part)."}
+    )
+    max_test_samples: int | None = field(
+        default=None, metadata={"help": "Keep the first N test_split images (results name the split as a part)."}
+    )
     max_caption_length: int = field(
         default=40, metadata={"help": "Max decoder tokens per training caption, [DEC] + prompt + caption + [SEP]."}
     )
@@ -479,7 +484,7 @@ def check_values(recipe: Recipe) -> None:
     beams = training.generation_num_beams
     check(beams is None or beams >= 1, f"generation_num_beams must be at least 1, got {beams}")
     check(training.generation_min_length >= 0, "generation_min_length must not be negative")
-    for key in ("max_train_samples", "max_eval_samples"):
+    for key in ("max_train_samples", "max_eval_samples", "max_test_samples"):
         value = getattr(data, key)
         check(value is None or value >= 1, f"{key} must be at least 1 (or null for all), got {value}")
     multiple = data.pad_to_multiple_of
@@ -668,6 +673,10 @@ def check_combinations(recipe: Recipe) -> None:
     check(
         training.early_stopping_patience is not None or "early_stopping_threshold" not in recipe.explicit_keys,
         "early_stopping_threshold only applies with early_stopping_patience",
+    )
+    check(
+        recipe.data.test_split is not None or recipe.data.max_test_samples is None,
+        "max_test_samples only applies with test_split (max_eval_samples cuts the evaluation split)",
     )
     if training.training_objective == "scst" or training.ema_decay is not None:
         check(

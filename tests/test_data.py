@@ -134,6 +134,26 @@ def test_a_hold_out_share_for_a_dataset_with_an_evaluation_split_is_refused(shap
         assert (len(data.train.records), data.evaluation.name) == (480, "validation")
 
 
+def test_a_cut_split_is_named_as_a_part_and_the_test_split_has_its_own_limit(tmp_path, shapes_dir):
+    """max_eval_samples also cut test_split, and results named the part as the split: CIDEr on the first 500
+    Karpathy test images went to the card as the test split's. The test split now has max_test_samples, and a cut
+    split's label (card, logs, final evaluation) says which part it is."""
+    data = load_caption_splits(DataArguments(dataset_name=shapes_dir, max_eval_samples=10, test_split="validation"),
+                               0, True)  # fmt: skip
+    assert (data.evaluation.label, len(data.evaluation.records)) == ("validation (first 10 of 60 images)", 10)
+    assert (data.test.label, len(data.test.records)) == ("validation", 60)
+    data = load_caption_splits(DataArguments(dataset_name=shapes_dir, max_test_samples=5, test_split="validation",
+                                             max_eval_samples=60, validation_split_percentage=0), 0, True)  # fmt: skip
+    assert (data.evaluation.label, data.test.label) == ("validation", "validation (first 5 of 60 images)")
+    path = make_jsonl_dataset(tmp_path, shapes_dir, rows=12)
+    held_out = load_caption_splits(
+        DataArguments(dataset_name=path, caption_column="caption", validation_split_percentage=50, max_eval_samples=2),
+        0,
+        True,
+    )
+    assert held_out.evaluation.label == "train (held-out part, first 2 of 6 images)"
+
+
 def test_a_separate_evaluation_dataset_is_scored_and_named_as_such(tmp_path, shapes_dir, capfd, caplog):
     """eval_dataset_name (streaming only until now) with a map-style training set: a training file and an evaluation
     file side by side, the usual layout of one's own data. The evaluation file's one split is scored whole; the

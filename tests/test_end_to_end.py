@@ -114,7 +114,7 @@ def test_test_split_is_not_confused_with_the_eval_split_under_persistent_workers
     def evaluate(output_dir, *extra):
         recipe = parse_recipe(["recipes/shapes/full.yaml", "--model_name_or_path", str(full_run[0]), "--output_dir",
                                str(output_dir), "--test_split", "train", "--max_eval_samples", "8",
-                               "--eval_metrics", "bleu", *extra])  # fmt: skip
+                               "--max_test_samples", "8", "--eval_metrics", "bleu", *extra])  # fmt: skip
         trainer = build_evaluator(recipe, evaluation_layout="per_step")
         if extra:
             trainer.evaluate(metric_key_prefix="eval")

@@ -200,6 +200,9 @@ def test_a_token_copied_into_another_key_by_an_alias_is_refused(tmp_path):
         # the Trainer only warns, then ends (saves, publishes) `patience` evaluations past the best model
         (["--early_stopping_patience", "3"], "early_stopping_patience needs load_best_model_at_end: true"),
         (["--early_stopping_threshold", "0.1"], "early_stopping_threshold only applies with early_stopping_patience"),
+        # a cut that would cut nothing: no test split
+        (["--max_test_samples", "100"], "max_test_samples only applies with test_split"),
+        (["--test_split", "validation", "--max_test_samples", "0"], "max_test_samples must be at least 1"),
         (
             [
                 "--lr_scheduler_type",

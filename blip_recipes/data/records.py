@@ -69,17 +69,23 @@ class ImageTable:
 
 @dataclass
 class CaptionSplit:
-    """One split's images. `held_out`: the evaluation part held out of the `name` split (no eval split given)."""
+    """One split's images. `held_out`: the evaluation part held out of the `name` split (no eval split given);
+    `cut`: (images kept, images in the split) when max_eval_samples/max_test_samples kept its first ones."""
 
     name: str
     table: ImageTable
     records: list[ImageRecord]
     held_out: bool = False
+    cut: tuple[int, int] | None = None
 
     @property
     def label(self) -> str:
-        """How results name this split (model card, logs)."""
-        return f"{self.name} (held-out part)" if self.held_out else self.name
+        """How results name this split (model card, logs): a part of it says so, so that numbers on the first 500
+        test images are never reported as the test split's."""
+        parts = ["held-out part"] if self.held_out else []
+        if self.cut is not None:
+            parts.append(f"first {self.cut[0]:,} of {self.cut[1]:,} images")
+        return f"{self.name} ({', '.join(parts)})" if parts else self.name
 
 
 def _prepare_table(dataset, split: str, data_args, default_root: str | None, source: str) -> ImageTable:
@@ -367,9 +373,10 @@ def collect_splits(data_args, seed: int, need_eval: bool, need_train: bool = Tru
 
     if train is not None and data_args.max_train_samples is not None:
         train.records = train.records[: data_args.max_train_samples]
-    for split in (evaluation, test):
-        if split is not None and data_args.max_eval_samples is not None:
-            split.records = split.records[: data_args.max_eval_samples]
+    for split, limit in ((evaluation, data_args.max_eval_samples), (test, data_args.max_test_samples)):
+        if split is not None and limit is not None and len(split.records) > limit:
+            split.cut = (limit, len(split.records))
+            split.records = split.records[:limit]
         if split is not None and train is not None:
             bad_rows.extend(training_images_in(split, train))
     return CaptionData(train, evaluation, test), bad_rows
