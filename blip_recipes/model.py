@@ -35,6 +35,12 @@ def check_model_source(model_name_or_path: str, revision: str = "main") -> None:
     """Before anything loads: a local model directory that exists and holds a model, or a Hub id that can be had
     (cached, when offline). Errors name the model and say what to do."""
     name = model_name_or_path
+    if revision not in (None, "main") and (is_builtin(name) or os.path.isdir(os.path.expanduser(name))):
+        # from_pretrained ignores a revision for a local folder: the model loaded is whatever the folder holds now
+        raise ModelError(
+            f"model_name_or_path {name}: a local model has no revisions; the revision {revision!r} (model_revision, "
+            "--revision) names a Hub model's branch, tag or commit: remove it"
+        )
     if is_builtin(name):
         return
     path = os.path.expanduser(name)

@@ -426,6 +426,26 @@ def test_a_model_name_that_is_no_folder_and_not_on_the_hub_fails_at_once(tmp_pat
     assert "no local directory of that name, and no Hub model of that name either (a private one needs a login" in log
 
 
+def test_a_revision_for_a_local_model_is_refused(tiny_model_dir, tmp_path, capfd, caplog):
+    """from_pretrained ignores a revision for a local folder (and builtin:tiny-blip is one): `--model_revision v2`
+    trained, evaluated and captioned whatever the folder held, as if it were the revision asked for."""
+    from blip_recipes.model import ModelError, check_model_source
+
+    said = "a local model has no revisions; the revision 'v2' (model_revision, --revision) names a Hub model's"
+    for name in ("builtin:tiny-blip", tiny_model_dir):
+        with pytest.raises(ModelError, match=f"^model_name_or_path {re.escape(str(name))}: {re.escape(said)}"):
+            check_model_source(str(name), "v2")
+        check_model_source(str(name), "main")
+        check_model_source(str(name), None)
+    picture = tmp_path / "picture.png"
+    Image.new("RGB", (32, 32), "red").save(picture)
+    caption = run_main(["caption", picture, "--model", tiny_model_dir, "--revision", "v2"], capfd, caplog)
+    assert caption.returncode == 2 and said in caption.stderr
+    train = run_main(["train", "recipes/shapes/full.yaml", "--model_revision", "v2", "--output_dir", tmp_path / "run",
+                      *QUICK, "--max_steps", "1"], capfd, caplog)  # fmt: skip
+    assert train.returncode == 2 and said in train.stderr and not (tmp_path / "run" / "model.safetensors").exists()
+
+
 def test_a_dataset_name_that_is_no_file_or_folder_is_named_as_one(tmp_path):
     """A missing path was looked up as a Hub dataset: "Couldn't reach 'data/no-such.jsonl' on the Hub"."""
     for name in ("data/no-such.jsonl", "./data/no-such", str(tmp_path / "no-such")):
