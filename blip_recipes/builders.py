@@ -62,9 +62,12 @@ def load_data(recipe: Recipe, need_train: bool) -> CaptionData:
         raise DataError(f"image_root {data_args.image_root}: no such directory (the image column's relative paths "
                         "are read under it)")  # fmt: skip
     # The scored splits (eval_split, test_split) are eval_dataset_name's when it is set, else dataset_name's.
+    # Columns and image_root are shared; dataset_config_name and dataset_revision are dataset_name's own.
     scored_args = data_args
     if data_args.eval_dataset_name is not None:
         scored_args = dataclasses.replace(data_args, dataset_name=data_args.eval_dataset_name)
+        if data_args.eval_dataset_name != data_args.dataset_name:
+            scored_args = dataclasses.replace(scored_args, dataset_config_name=None, dataset_revision=None)
     if data_args.streaming:  # the training split streams (build_stream)
         if need_train and not scores_captions(recipe):
             return CaptionData(None, None, None)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import read_json, read_jsonl, run_cli
+from tests.conftest import REPO, read_json, read_jsonl, run_cli
 from tests.fake_hub import FakeHub
 
 FOOTBALL = "ybelkada/football-dataset"
@@ -172,7 +172,7 @@ def test_hub_datasets_stream_from_the_hub_and_read_from_the_hub_cache_when_unrea
     )
 
 
-def test_a_hub_dataset_downloaded_into_a_folder_is_read_as_the_hub_repo(tmp_path, football_repo):
+def test_a_hub_dataset_downloaded_into_a_folder_is_read_as_the_hub_repo(tmp_path, football_repo, shapes_dir):
     """`hf download --repo-type dataset ID --local-dir DIR` (or a git clone) leaves the repo's files in a folder: a
     card with configs and Parquet files. It was refused ("directory is neither a save_to_disk dataset, ..."); now it
     is read as datasets reads the repo, map-style and streamed, with its card's configs (dataset_config_name)."""
@@ -213,6 +213,25 @@ def test_a_hub_dataset_downloaded_into_a_folder_is_read_as_the_hub_repo(tmp_path
     assert list(load_raw_splits(DataArguments(dataset_name=str(two_configs), dataset_config_name="b"))[0]) == [
         "validation"
     ]
+
+    # Trained on with its configuration, beside an evaluation file (eval_dataset_name), which the configuration
+    # does not apply to; the file's one split is scored whole, named after the file.
+    from blip_recipes.builders import load_data
+    from blip_recipes.recipe_parser import parse_recipe
+
+    metadata = read_jsonl(os.path.join(shapes_dir, "validation", "metadata.jsonl"))[:3]
+    (tmp_path / "val.jsonl").write_text("".join(
+        json.dumps({"image": os.path.join(shapes_dir, "validation", row["file_name"]), "text": row["text"]}) + "\n"
+        for row in metadata
+    ))  # fmt: skip
+    recipe = parse_recipe([os.path.join(REPO, "recipes", "shapes", "full.yaml"), "--dataset_name", str(two_configs),
+                           "--dataset_config_name", "a", "--eval_dataset_name", str(tmp_path / "val.jsonl"),
+                           "--output_dir", str(tmp_path / "run")])  # fmt: skip
+    data = load_data(recipe, need_train=True)
+    assert len(data.train.records) == 6 and (data.evaluation.label, len(data.evaluation.records)) == (
+        "train of val.jsonl",
+        3,
+    )
 
 
 @pytest.mark.parametrize(
