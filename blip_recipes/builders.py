@@ -206,6 +206,7 @@ def build_trainer(recipe: Recipe, callbacks=(), data: CaptionData | None = None)
         captions = [caption for _, caption in training_pairs(data.train, data_args.caption_preprocessing)]
         report_caption_lengths(captions, processor.tokenizer, data_args.prompt, data_args.max_caption_length,
                                decoding["max_length"])  # fmt: skip
+        report_prompt_in_captions(captions, data_args.prompt)
     datasets = build_datasets(
         data, processor.image_processor, data_args.caption_preprocessing, data_args.image_augmentation,
         data_args.image_cache, model_args.cache_vision_features, data_args.preprocessing_num_workers,
@@ -282,6 +283,25 @@ def report_caption_lengths(
                        "generation_max_length", 100 * too_long / len(sample), measured,
                        generation_max_length)  # fmt: skip
     return numbers
+
+
+PROMPT_IN_CAPTIONS = 0.5  # share of training captions starting with the prompt worth a warning
+
+
+def report_prompt_in_captions(captions: list[str], prompt: str) -> float:
+    """Warns when most training captions already begin with the prompt (captions written as "a picture of a dog"
+    with prompt "a picture of "): the model is trained on the prompt twice ("a picture of a picture of a dog"), and
+    its captions, scored without the prompt, are compared with references that keep it. Returns that share."""
+    words = prompt.lower().split()
+    if not words or not captions:
+        return 0.0
+    share = sum(caption.lower().split()[: len(words)] == words for caption in captions) / len(captions)
+    if share > PROMPT_IN_CAPTIONS:
+        logger.warning("%.0f%% of the training captions begin with the prompt %r, which every caption is trained "
+                       "after and which generated captions are scored without: the model learns the prompt twice and "
+                       "its captions miss it against the references; remove it from the captions, or set prompt: ''",
+                       100 * share, prompt)  # fmt: skip
+    return share
 
 
 def check_one_whole_batch(train_dataset, training_args) -> None:

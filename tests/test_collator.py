@@ -147,3 +147,22 @@ def test_caption_lengths_are_reported_and_what_the_limits_cut_is_said(tiny_proce
                                "--max_caption_length", "8", *QUICK])  # fmt: skip
         build_trainer(recipe)
     assert "960 of 1,440 training captions (66.7%) have more than max_caption_length 8 tokens" in caplog.text
+
+
+def test_captions_that_already_begin_with_the_prompt_are_said(caplog):
+    """Captions written "a picture of a dog" with prompt "a picture of " train "a picture of a picture of a dog", and
+    the generated captions (scored without the prompt) miss it against references that keep it: said before
+    training. Compared by words, so "an apple" does not begin with the prompt "a "."""
+    import logging
+
+    from blip_recipes.builders import report_prompt_in_captions
+
+    with caplog.at_level(logging.WARNING, logger="blip_recipes"):
+        assert report_prompt_in_captions(
+            ["A picture of  a dog", "a picture of a cat", "two cats"], "a picture of "
+        ) == (pytest.approx(2 / 3))
+        assert "67% of the training captions begin with the prompt 'a picture of '" in caplog.text
+        caplog.clear()
+        assert report_prompt_in_captions(["an apple", "a dog", "two cats"], "a ") == pytest.approx(1 / 3)
+        assert report_prompt_in_captions(["a dog"], "") == 0.0
+        assert "WARNING" not in caplog.text
