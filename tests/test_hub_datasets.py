@@ -215,23 +215,28 @@ def test_a_hub_dataset_downloaded_into_a_folder_is_read_as_the_hub_repo(tmp_path
     ]
 
     # Trained on with its configuration, beside an evaluation file (eval_dataset_name), which the configuration
-    # does not apply to; the file's one split is scored whole, named after the file.
+    # does not apply to; the file's one split is scored whole, named after the file. eval_split names a split of the
+    # evaluation dataset, which the training dataset need not have.
     from blip_recipes.builders import load_data
     from blip_recipes.recipe_parser import parse_recipe
 
     metadata = read_jsonl(os.path.join(shapes_dir, "validation", "metadata.jsonl"))[:3]
-    (tmp_path / "val.jsonl").write_text("".join(
+    (tmp_path / "evaluation").mkdir()
+    (tmp_path / "evaluation" / "val.jsonl").write_text("".join(
         json.dumps({"image": os.path.join(shapes_dir, "validation", row["file_name"]), "text": row["text"]}) + "\n"
         for row in metadata
     ))  # fmt: skip
-    recipe = parse_recipe([os.path.join(REPO, "recipes", "shapes", "full.yaml"), "--dataset_name", str(two_configs),
-                           "--dataset_config_name", "a", "--eval_dataset_name", str(tmp_path / "val.jsonl"),
-                           "--output_dir", str(tmp_path / "run")])  # fmt: skip
-    data = load_data(recipe, need_train=True)
-    assert len(data.train.records) == 6 and (data.evaluation.label, len(data.evaluation.records)) == (
-        "train of val.jsonl",
-        3,
-    )
+
+    def scored(evaluation, *keys):
+        recipe = parse_recipe([os.path.join(REPO, "recipes", "shapes", "full.yaml"), "--dataset_name",
+                               str(two_configs), "--dataset_config_name", "a", "--eval_dataset_name", str(evaluation),
+                               "--output_dir", str(tmp_path / "run"), *keys])  # fmt: skip
+        data = load_data(recipe, need_train=True)
+        assert len(data.train.records) == 6
+        return data.evaluation.label, len(data.evaluation.records)
+
+    assert scored(tmp_path / "evaluation" / "val.jsonl") == ("train of val.jsonl", 3)
+    assert scored(tmp_path / "evaluation", "--eval_split", "val") == ("val", 3)  # a folder of split files
 
 
 @pytest.mark.parametrize(

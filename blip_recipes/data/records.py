@@ -387,7 +387,9 @@ def collect_with_eval_dataset(data_args, scored_args, seed: int, need_eval: bool
     collect_splits, with the scored images that are also training images found across the two datasets. A scored
     split named as the training split (a single file's one split is 'train') is named after its dataset too, so
     results and bad rows never mix the two."""
-    trained, bad_rows = collect_splits(dataclasses.replace(data_args, test_split=None), seed, False, need_train=True)
+    # eval_split and test_split name the evaluation dataset's splits: the training dataset need not have them
+    training_only = dataclasses.replace(data_args, eval_split=None, test_split=None)
+    trained, bad_rows = collect_splits(training_only, seed, False, need_train=True)
     scored, scored_bad = collect_splits(scored_args, seed, need_eval, need_train=False)
     train = trained.train
     for split in (scored.evaluation, scored.test):
