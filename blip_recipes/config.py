@@ -621,6 +621,7 @@ def check_combinations(recipe: Recipe) -> None:
     )
     check_launcher_precision(recipe, check)
     check_launcher_compile(recipe, check)
+    check_launcher_processes(check)
     check(not (training.bf16 and training.fp16), "bf16 and fp16 are exclusive")
     check(
         not (training.fp16 and training.use_cpu),
@@ -927,6 +928,20 @@ def check_launcher_precision(recipe: Recipe, check) -> None:
         f"accelerate launch asks for mixed_precision {launched} (its config file or --mixed_precision), but the "
         f"recipe sets {settings}; make them agree (this project trains in bf16, fp16 or fp32, which is "
         "mixed_precision 'no' in the accelerate config)",
+    )
+
+
+def check_launcher_processes(check) -> None:
+    """`accelerate launch --num_processes N` without --multi_gpu (on a machine without GPUs, or with --cpu) starts one
+    process and drops N: the run trained alone, with a global batch N times smaller than asked for."""
+    from .machine import launcher_processes_dropped
+
+    asked = launcher_processes_dropped()
+    check(
+        asked is None,
+        f"accelerate launch was asked for {asked} processes but started one: without --multi_gpu (or a config file "
+        "with distributed_type MULTI_GPU/MULTI_CPU) its simple launcher runs a single process here. Add --multi_gpu "
+        f"(on a CPU: one gloo job of {asked} processes), or launch without --num_processes",
     )
 
 
