@@ -84,12 +84,10 @@ def load_data(recipe: Recipe, need_train: bool) -> CaptionData:
         progress = training.local_process_index == 0 and not training.disable_tqdm
         bad_rows += check_images(data, data_args.preprocessing_num_workers, training.process_index,
                                  training.world_size, progress)  # fmt: skip
-    if not need_train:
-        data_args = scored_args
-    elif scored_args is not data_args:  # the report names both datasets; each bad row names its file
-        data_args = dataclasses.replace(data_args, dataset_name=f"{data_args.dataset_name} (training), "
-                                        f"{scored_args.dataset_name} (evaluation)")  # fmt: skip
-    return drop_bad_rows(data, bad_rows, data_args)
+    source = scored_args.dataset_name if not need_train else data_args.dataset_name
+    if need_train and scored_args is not data_args:  # the report names both datasets; each bad row names its file
+        source = f"{data_args.dataset_name} (training), {scored_args.dataset_name} (evaluation)"
+    return drop_bad_rows(data, bad_rows, data_args, source)
 
 
 def image_transform(image_processor, augmentation: str = "none") -> ImageTransform:

@@ -344,8 +344,9 @@ def collect_splits(data_args, seed: int, need_eval: bool, need_train: bool = Tru
         eval_name = "test"
     elif not need_train and len(raw) == 1:  # a file scored as a whole: datasets names its one split 'train'
         eval_name = next(iter(raw))
+    # Refused when set (not 0, which holds out nothing; not the default, which a recorded recipe.yaml holds).
     held_out = data_args.validation_split_percentage
-    if need_eval and eval_name is not None and held_out > 0 and _said(data_args, "validation_split_percentage"):
+    if need_eval and eval_name is not None and held_out not in (0, type(data_args).validation_split_percentage):
         raise DataError(
             f"{source}: validation_split_percentage ({held_out:g}) holds out training "
             f"images only for a dataset without an evaluation split, and this one evaluates on {eval_name!r}: remove "
@@ -405,12 +406,6 @@ def collect_with_eval_dataset(data_args, scored_args, seed: int, need_eval: bool
     return CaptionData(train, scored.evaluation, scored.test), bad_rows + scored_bad
 
 
-def _said(data_args, key: str) -> bool:
-    """The key differs from its default (a recorded recipe.yaml holds every key, so "explicit" cannot be told)."""
-    default = next(item.default for item in dataclasses.fields(data_args) if item.name == key)
-    return getattr(data_args, key) != default
-
-
 def training_images_in(scored: CaptionSplit, train: CaptionSplit, across_datasets: bool = False) -> list[BadRow]:
     """The images of a scored split that the run also trains on (the same file, or the same bytes): their scores
     would measure recall of training captions. A split split by row, not by image, before it reached this tool
@@ -439,10 +434,11 @@ def training_images_in(scored: CaptionSplit, train: CaptionSplit, across_dataset
     ]  # fmt: skip
 
 
-def drop_bad_rows(data: CaptionData, bad_rows: list[BadRow], data_args) -> CaptionData:
+def drop_bad_rows(data: CaptionData, bad_rows: list[BadRow], data_args, source: str | None = None) -> CaptionData:
     """One complete report of the bad captions and images of every split (an error, or skipped with a warning
-    under skip_bad_samples); splits left without rows are an error."""
-    source = data_args.dataset_name
+    under skip_bad_samples); splits left without rows are an error. `source`: how the report names the data
+    (default: dataset_name)."""
+    source = source or data_args.dataset_name
     for split in data.splits():
         unusable = {row.row for row in bad_rows if row.split == split.name}
         split.records = [record for record in split.records if record.row not in unusable]

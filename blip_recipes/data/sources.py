@@ -109,8 +109,10 @@ def is_dataset_repo_folder(directory: str) -> bool:
     `dataset_info`, or Parquet/Arrow data files."""
     if not os.path.isdir(directory):
         return False
-    if card_declares_data(os.path.join(directory, "README.md")):
-        return True
+    return card_declares_data(os.path.join(directory, "README.md")) or _has_repo_data_files(directory)
+
+
+def _has_repo_data_files(directory: str) -> bool:
     for _folder, folders, files in os.walk(directory):
         folders[:] = [name for name in folders if not name.startswith(".")]  # .git, .cache (hf download's own)
         if any(name.endswith((".parquet", ".arrow")) for name in files):
@@ -267,7 +269,7 @@ def _load_raw_splits(source: str, data_args) -> tuple[dict, str | None]:
         if _has_imagefolder_metadata(source):
             check_imagefolder_metadata(source)
             return dict(datasets.load_dataset("imagefolder", data_dir=source)), source
-        if is_dataset_repo_folder(source):
+        if _has_repo_data_files(source):  # a repo without a card that declares its data
             return _load_dataset_repo_folder(source, data_args), source
         raise DataError(
             f"{source}: directory is neither a save_to_disk dataset, an imagefolder with metadata.jsonl/metadata.csv, "
