@@ -106,10 +106,13 @@ def missing_config_problem(name: str, error: Exception, what: str = "Hub dataset
 def is_dataset_repo_folder(directory: str) -> bool:
     """A folder laid out as a Hub dataset repo (`hf download --repo-type dataset ID --local-dir DIR`, a git clone),
     which datasets reads as it reads the repo: a dataset card (README.md) whose YAML header declares `configs` or
-    `dataset_info`, or Parquet/Arrow data files."""
+    `dataset_info`, or, for a folder that is no imagefolder, Parquet/Arrow data files (the order _load_raw_splits
+    takes; an imagefolder's metadata is found at its top, before a walk through every image)."""
     if not os.path.isdir(directory):
         return False
-    return card_declares_data(os.path.join(directory, "README.md")) or _has_repo_data_files(directory)
+    if card_declares_data(os.path.join(directory, "README.md")):
+        return True
+    return not _has_imagefolder_metadata(directory) and _has_repo_data_files(directory)
 
 
 def _has_repo_data_files(directory: str) -> bool:
