@@ -15,7 +15,7 @@ import torch
 
 from .choices import GENERATION_DEFAULTS
 from .collator import CaptionCollator
-from .config import Recipe, scores_captions, wants_evaluation
+from .config import Recipe, extra_training_datasets, scores_captions, wants_evaluation
 from .data import (
     CaptionData,
     CaptionEvalDataset,
@@ -26,7 +26,14 @@ from .data import (
     image_cache_dir,
     training_pairs,
 )
-from .data.records import check_images, collect_splits, collect_with_eval_dataset, drop_bad_rows
+from .data.records import (
+    check_images,
+    collect_extra_training,
+    collect_splits,
+    collect_with_eval_dataset,
+    drop_bad_rows,
+    mix_training_splits,
+)
 from .model import (
     apply_training_mode,
     check_decoding,
@@ -80,14 +87,22 @@ def load_data(recipe: Recipe, need_train: bool) -> CaptionData:
             data, bad_rows = collect_splits(data_args, training.seed, need_eval=need_eval, need_train=True)
         else:
             data, bad_rows = collect_with_eval_dataset(data_args, scored_args, training.seed, need_eval)
+        mixture = extra_training_datasets(data_args) if need_train else []
+        if mixture:
+            scored = [split for split in (data.evaluation, data.test) if split is not None]
+            data.extra_train, extra_bad = collect_extra_training(data_args, mixture, training.seed, scored)
+            bad_rows += extra_bad
     if data_args.validate_images:
         progress = training.local_process_index == 0 and not training.disable_tqdm
         bad_rows += check_images(data, data_args.preprocessing_num_workers, training.process_index,
                                  training.world_size, progress)  # fmt: skip
     source = scored_args.dataset_name if not need_train else data_args.dataset_name
-    if need_train and scored_args is not data_args:  # the report names both datasets; each bad row names its file
-        source = f"{data_args.dataset_name} (training), {scored_args.dataset_name} (evaluation)"
-    return drop_bad_rows(data, bad_rows, data_args, source)
+    if need_train and (scored_args is not data_args or mixture):  # each bad row names its split, and that its file
+        source = ", ".join([data_args.dataset_name, *(extra.dataset_name for extra in mixture)]) + " (training)"
+        if scored_args is not data_args:
+            source += f", {scored_args.dataset_name} (evaluation)"
+    data = drop_bad_rows(data, bad_rows, data_args, source)
+    return mix_training_splits(data, [extra.repeat for extra in mixture])
 
 
 def image_transform(image_processor, augmentation: str = "none") -> ImageTransform:

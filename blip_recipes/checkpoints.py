@@ -413,7 +413,11 @@ FIXED_ON_RESUME = frozenset({
     "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "label_smoothing_factor", "seed", "data_seed",
     "bf16", "fp16", "dataloader_drop_last", "train_sampling_strategy", "neftune_noise_alpha", "training_objective",
     "scst_num_samples", "scst_baseline", "scst_sampling", "scst_reward_weights", "streaming", "shuffle_buffer_size",
+    "extra_train_datasets",
 })  # fmt: skip
+# Fixed keys that a resolved recipe leaves out when unset (and recipes from before the key existed lack): absent is
+# None, so adding one on resume is a change too.
+ABSENT_WHEN_UNSET = frozenset({"extra_train_datasets"})
 RECIPE_FILE = "recipe.yaml"
 
 
@@ -438,6 +442,9 @@ def resume_conflicts(resolved: dict, checkpoint: str) -> tuple[str, list[str]] |
         return None
     path, old = recorded
     new = yaml.safe_load(yaml.safe_dump(resolved))  # the same normal form as the recorded file
+    for key in ABSENT_WHEN_UNSET:
+        old.setdefault(key, None)
+        new.setdefault(key, None)
     changed = [f"  {key}: {old[key]!r} -> {new[key]!r}" for key in sorted(FIXED_ON_RESUME)
                if key in old and key in new and old[key] != new[key]]  # fmt: skip
     return (path, changed) if changed else None

@@ -175,6 +175,16 @@ class DataArguments:
             "dataset_name's (a file's one split is scored whole); needed with streaming."
         },
     )
+    extra_train_datasets: list[str | dict] | None = field(
+        default=None,
+        metadata={
+            "help": "More datasets (any map-style source) whose train split is trained on with dataset_name's: "
+            "SOURCE, SOURCE*K (K times per epoch), or a mapping of dataset_name, repeat and its own train_split, "
+            "dataset_config_name, dataset_revision, image_root, image_column, caption_column, image_id_column "
+            "(columns default to the recipe's; image_root does not). Evaluation stays dataset_name's (or "
+            "eval_dataset_name's)."
+        },
+    )
     shuffle_buffer_size: int = field(
         default=1000, metadata={"help": "With streaming: samples in the shuffle buffer (references, not images)."}
     )
@@ -303,6 +313,74 @@ MACHINE_KEYS = ("use_cpu", "ddp_backend")  # machine.machine_defaults' keys
 METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")  # step on an evaluation metric (metric_for_best_model)
 
 
+MAX_DATASET_REPEATS = 1000
+# What an extra_train_datasets entry may set for its own dataset (the DataArguments keys of one dataset), and repeat.
+EXTRA_DATASET_KEYS = (
+    "dataset_name", "dataset_config_name", "dataset_revision", "train_split", "image_root", "image_column",
+    "caption_column", "image_id_column",
+)  # fmt: skip
+
+
+@dataclass
+class ExtraDataset:
+    """One entry of extra_train_datasets: its dataset's own keys (`settings`, DataArguments names) and how many times
+    per epoch its images are trained on."""
+
+    dataset_name: str
+    repeat: int = 1
+    settings: dict = field(default_factory=dict)
+
+
+def extra_training_datasets(data: DataArguments) -> list[ExtraDataset]:
+    """extra_train_datasets -> [ExtraDataset]. An entry is `SOURCE` (once per epoch), `SOURCE*K` (K times; an
+    existing path is a source as written, even with a `*`), or a mapping of dataset_name, repeat and that dataset's
+    own train_split, dataset_config_name, dataset_revision, image_root and column names. ValueError naming the entry
+    when it cannot be read."""
+    mixture, seen = [], {_dataset_key(data.dataset_name, data.dataset_config_name, data.train_split)}
+    for entry in data.extra_train_datasets or []:
+        where = f"extra_train_datasets: {entry!r}"
+        if isinstance(entry, dict):
+            unknown = sorted(set(entry) - {*EXTRA_DATASET_KEYS, "repeat"})
+            if unknown:
+                raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; an entry takes repeat, "
+                                 f"{', '.join(EXTRA_DATASET_KEYS)}")  # fmt: skip
+            settings = {key: value for key, value in entry.items() if key != "repeat"}
+            for key, value in settings.items():
+                optional = key in ("dataset_config_name", "dataset_revision", "image_root", "image_id_column")
+                if not (isinstance(value, str) and value.strip()) and not (value is None and optional):
+                    raise ValueError(f"{where}: {key} must be text{' or null' if optional else ''}, got {value!r}")
+            repeat = entry.get("repeat", 1)
+            if not settings.get("dataset_name"):
+                raise ValueError(f"{where}: names no dataset (dataset_name)")
+        elif isinstance(entry, str):
+            settings, repeat = {"dataset_name": entry.strip()}, 1
+            if "*" in entry and not os.path.exists(entry):
+                source, _, times = entry.rpartition("*")
+                settings["dataset_name"] = source.strip()
+                repeat = int(times) if times.strip().isdigit() else None
+            if not settings["dataset_name"]:
+                raise ValueError(f"{where} names no dataset")
+        else:
+            raise ValueError(f"{where}: an entry is a dataset (SOURCE or SOURCE*K) or a mapping with dataset_name")
+        if isinstance(repeat, bool) or not isinstance(repeat, int) or not 1 <= repeat <= MAX_DATASET_REPEATS:
+            raise ValueError(f"{where}: the times per epoch (SOURCE*K, or repeat) must be a whole number from 1 to "
+                             f"{MAX_DATASET_REPEATS}")  # fmt: skip
+        name = settings.pop("dataset_name")
+        key = _dataset_key(name, settings.get("dataset_config_name"), settings.get("train_split", data.train_split))
+        if key in seen:
+            raise ValueError(
+                f"{where}: its {key[2]!r} split is already trained on (dataset_name or an entry before); to train on "
+                "a dataset more often, give it once with a number of times (SOURCE*K, or repeat)"
+            )
+        seen.add(key)
+        mixture.append(ExtraDataset(name, repeat, settings))
+    return mixture
+
+
+def _dataset_key(name: str, config: str | None, split: str) -> tuple:
+    return (os.path.normpath(name), config, split)
+
+
 def choice_name(choice) -> str:
     """An lr_scheduler_type or optim as written in a recipe (TrainingArguments turns them into enums)."""
     return getattr(choice, "value", choice)
@@ -338,6 +416,8 @@ class Recipe:
             idle |= {key for key in values if key.startswith("scst_")}
         if self.data.eval_dataset_name is None:
             idle.add("eval_dataset_name")
+        if self.data.extra_train_datasets is None:
+            idle.add("extra_train_datasets")
         if self.training.early_stopping_patience is None:
             idle.add("early_stopping_threshold")
         # What this machine chose (machine.py: use_cpu without a GPU, gloo for several CPU processes) is not the
@@ -712,6 +792,16 @@ def check_combinations(recipe: Recipe) -> None:
             "streaming: true with evaluation or a test_split needs eval_dataset_name (a map-style dataset with those "
             "splits)",
         )
+    if data.extra_train_datasets is not None:
+        check(
+            not data.streaming,
+            "extra_train_datasets mixes map-style datasets; with streaming: true put every dataset's shards in "
+            "dataset_name (a glob or a {a,b} list)",
+        )
+        try:
+            extra_training_datasets(data)
+        except ValueError as error:
+            check(False, str(error))
     if data.eval_dataset_name is not None:
         check(
             data.validation_split_percentage == DataArguments.validation_split_percentage,

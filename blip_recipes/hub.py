@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 
 from . import __version__
 from .builtin import is_builtin
+from .config import extra_training_datasets
 from .metrics import METRIC_DISPLAY_NAMES
 from .model import adapter_base, hub_offline
 
@@ -104,6 +105,7 @@ def build_model_card(
     revision: str | None = None,
     eval_dataset: str | None = None,
     eval_dataset_id: str | None = None,
+    extra_datasets: tuple[str, ...] = (),
 ) -> ModelCard:
     """metrics: {split name: {"cider": ..., "bleu_4": ...}} -> a card whose model-index carries every number.
 
@@ -111,12 +113,16 @@ def build_model_card(
     The metadata names the base model and dataset only by Hub id (`base_model_id`, `dataset_id`; None for local
     ones): the Hub refuses a commit whose card metadata holds a local path ("datasets[0] with value ... is not
     valid"), and a builtin or a path would be a broken link; local data is named by its file or folder name.
+    `extra_datasets`: the other datasets trained on (extra_train_datasets), named beside `dataset`.
     """
     lora = training_mode == "lora"
     dataset_name = dataset_id or local_dataset_label(dataset)
     # The results are eval_dataset's (eval_dataset_name) when the run scored another dataset than it trained on.
     scored_name = (eval_dataset_id or local_dataset_label(eval_dataset)) if eval_dataset else dataset_name
-    hub_datasets = list(dict.fromkeys(name for name in (dataset_id, eval_dataset_id) if name))
+    extra_ids = [hub_dataset_id(name) for name in extra_datasets]
+    trained_on = " + ".join([dataset_name, *(hub_id or local_dataset_label(name)
+                                             for name, hub_id in zip(extra_datasets, extra_ids))])  # fmt: skip
+    hub_datasets = list(dict.fromkeys(name for name in (dataset_id, *extra_ids, eval_dataset_id) if name))
     data = ModelCardData(
         model_name=repo_id.split("/")[-1],
         base_model=base_model_id,
@@ -148,7 +154,7 @@ def build_model_card(
     template = resources.files("blip_recipes").joinpath("templates", "model_card.md").read_text(encoding="utf-8")
     content = string.Template(template).substitute(
         metadata=data.to_yaml(), model_name=repo_id.split("/")[-1], base_model_url=_hub_url(base_model),
-        dataset=dataset_name, scored_dataset=scored_name, version=__version__, training_mode=training_mode,
+        dataset=trained_on, scored_dataset=scored_name, version=__version__, training_mode=training_mode,
         num_beams=generation.get("num_beams"),
         max_length=generation.get("max_length"), min_length=generation.get("min_length"),
         prompt_note=f', prompt "{prompt}"' if prompt else "", results_table=table,
@@ -410,6 +416,7 @@ def publish_run(recipe, card_metrics: dict) -> bool:
         dataset_id=hub_dataset_id(dataset),
         revision=branch,
         eval_dataset=scored, eval_dataset_id=hub_dataset_id(scored) if scored else None,
+        extra_datasets=tuple(extra.dataset_name for extra in extra_training_datasets(recipe.data)),
     )  # fmt: skip
     write_model_card(output_dir, repo_id, training_mode=model_args.training_mode, **card)
     merged_dir = os.path.join(output_dir, "merged")

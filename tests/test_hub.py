@@ -232,6 +232,12 @@ def test_the_card_names_base_model_and_dataset_by_hub_id_only(tmp_path):
                            dataset_id="ybelkada/football-dataset")  # fmt: skip
     assert hub.data.datasets == ["ybelkada/football-dataset"]
     assert hub.data.eval_results[0].dataset_type == "ybelkada/football-dataset"
+    # extra_train_datasets: the card names every dataset trained on, the metadata each Hub one (a local path never)
+    mixed = build_model_card("me/blip", base_model=str(parent), dataset=coco, dataset_id=coco, **common,
+                             extra_datasets=(str(data), "someone/more-captions"))  # fmt: skip
+    assert "on `yerevann/coco-karpathy + captions.jsonl + someone/more-captions`" in mixed.text
+    assert mixed.data.datasets == [coco, "someone/more-captions"] and metadata_problem(str(mixed)) is None
+    assert {result.dataset_name for result in mixed.data.eval_results} == {coco}
     unvalidated = build_model_card("me/blip", base_model="x", dataset="y", **common, base_model_id="/home/me/blip")
     assert 'base_model" with value "/home/me/blip" is not valid' in metadata_problem(str(unvalidated))
 

@@ -5,6 +5,7 @@ every split are checked before training and reported in one complete list (or sk
 without an eval split, a share of the training images (by image, never by row) is held out.
 """
 
+import bisect
 import dataclasses
 import hashlib
 import json
@@ -88,15 +89,20 @@ class CaptionSplit:
         return f"{self.name} ({', '.join(parts)})" if parts else self.name
 
 
+class MissingColumnError(DataError):
+    def __init__(self, source: str, split: str, column: str, columns: list[str], column_key: str):
+        self.column_key = column_key  # the recipe key naming the column
+        self.missing = f"{source}: split {split!r} has no column {column!r} (columns: {', '.join(columns)})"
+        super().__init__(f"{self.missing}; set image_column / caption_column / image_id_column in the recipe")
+
+
 def _prepare_table(dataset, split: str, data_args, default_root: str | None, source: str) -> ImageTable:
     import datasets
 
-    for column in (data_args.image_column, data_args.caption_column, data_args.image_id_column):
+    for key in ("image_column", "caption_column", "image_id_column"):
+        column = getattr(data_args, key)
         if column and column not in dataset.column_names:
-            raise DataError(
-                f"{source}: split {split!r} has no column {column!r} (columns: {', '.join(dataset.column_names)}); "
-                "set image_column / caption_column / image_id_column in the recipe"
-            )
+            raise MissingColumnError(source, split, column, dataset.column_names, key)
     feature = dataset.features[data_args.image_column]
     if isinstance(feature, datasets.Image) and feature.decode:
         # Decoding ourselves gives row-level error messages, EXIF orientation and safe mode conversion.
@@ -306,12 +312,70 @@ def _report_bad_rows(bad: list[BadRow], skip: bool, source: str) -> None:
 
 @dataclass
 class CaptionData:
+    """`extra_train`: the training splits of extra_train_datasets, each checked under its own name (rows and
+    bad-row reports are its dataset's own) until `mix_training_splits` folds them into `train`."""
+
     train: CaptionSplit | None
     evaluation: CaptionSplit | None
     test: CaptionSplit | None
+    extra_train: list[CaptionSplit] = dataclasses.field(default_factory=list)
 
     def splits(self) -> list[CaptionSplit]:
-        return [split for split in (self.train, self.evaluation, self.test) if split is not None]
+        return [split for split in (self.train, self.evaluation, self.test, *self.extra_train) if split is not None]
+
+
+class MixedTable:
+    """The images of several training splits as one table: rows of the first table keep their numbers, each next
+    table's follow the one before (extra_train_datasets). Each image is read through its own table, with its
+    dataset's image root."""
+
+    def __init__(self, tables: list[ImageTable]):
+        self.tables = tables
+        self.offsets = [0]
+        for table in tables[:-1]:
+            self.offsets.append(self.offsets[-1] + len(table.dataset))
+        self.image_root = None  # the records' identities are absolute (mix_training_splits)
+        self.max_pixels = tables[0].max_pixels
+
+    def _part(self, row: int) -> tuple[ImageTable, int]:
+        index = bisect.bisect_right(self.offsets, row) - 1
+        return self.tables[index], row - self.offsets[index]
+
+    def raw(self, row: int):
+        table, own_row = self._part(row)
+        return table.raw(own_row)
+
+    def describe(self, row: int) -> str:
+        table, own_row = self._part(row)
+        return table.describe(own_row)
+
+    def load(self, row: int):
+        table, own_row = self._part(row)
+        return table.load(own_row)
+
+
+def mix_training_splits(data: CaptionData, repeats: list[int]) -> CaptionData:
+    """`data.train` and `data.extra_train` (checked, bad rows dropped) -> one training split; each extra split's
+    images `repeats[i]` times. Records are copied with their rows moved into the mixed table and their identities
+    made absolute (a relative path means a file under its own dataset's root), so caches tell the images apart."""
+    if not data.extra_train:
+        return data
+    parts = [(data.train, 1), *zip(data.extra_train, repeats)]
+    table = MixedTable([split.table for split, _ in parts])
+    records = []
+    for (split, times), offset in zip(parts, table.offsets):
+        moved = []
+        for record in split.records:
+            identity = record.identity
+            if identity is not None and not identity.startswith("sha1:"):
+                path = os.path.abspath(resolve_image_path(identity, split.table.image_root))
+                # not a file (a row without path or bytes): named by its split, apart from other datasets' rows
+                identity = path if os.path.exists(path) else f"{split.name}:{identity}"
+            moved.append(dataclasses.replace(record, row=record.row + offset, identity=identity))
+        records += moved * times
+    counts = ", ".join(f"{len(split.records)} x{times} ({split.name})" for split, times in parts)
+    logger.info("training on %d images of %d datasets: %s", len(records), len(parts), counts)
+    return dataclasses.replace(data, train=CaptionSplit(data.train.name, table, records), extra_train=[])
 
 
 def load_caption_splits(data_args, seed: int, need_eval: bool, need_train: bool = True) -> CaptionData:
@@ -406,12 +470,44 @@ def collect_with_eval_dataset(data_args, scored_args, seed: int, need_eval: bool
     return CaptionData(train, scored.evaluation, scored.test), bad_rows + scored_bad
 
 
+def collect_extra_training(data_args, mixture: list, seed: int, scored: list[CaptionSplit]):
+    """The training split of each extra dataset (config.ExtraDataset), named `TRAIN_SPLIT of SOURCE` so that its bad
+    rows are reported by its own rows, with the scored images that it also holds found as bad rows of their split.
+    An entry's own keys win; the column names and max_train_samples are otherwise the recipe's; image_root,
+    configuration and revision are dataset_name's only (an extra dataset's relative paths are read where it is)."""
+    splits, bad_rows = [], []
+    for extra in mixture:
+        dataset_own = {"dataset_config_name": None, "dataset_revision": None, "image_root": None}
+        own = dataclasses.replace(data_args, eval_split=None, test_split=None, dataset_name=extra.dataset_name,
+                                  **{**dataset_own, **extra.settings})  # fmt: skip
+        if own.image_root and not os.path.isdir(own.image_root):
+            raise DataError(f"{own.dataset_name}: image_root {own.image_root}: no such directory")
+        try:
+            collected, own_bad = collect_splits(own, seed, need_eval=False, need_train=True)
+        except MissingColumnError as error:  # the recipe's column names were taken for it
+            if error.column_key in extra.settings:
+                raise DataError(f"{error.missing}: its extra_train_datasets entry sets {error.column_key}") from None
+            raise DataError(
+                f"{error.missing}: an extra_train_datasets entry is read with the recipe's {error.column_key} unless "
+                f"it sets its own: {{dataset_name: {extra.dataset_name}, {error.column_key}: ...}}"
+            ) from None
+        split = collected.train
+        split.name = f"{split.name} of {extra.dataset_name}"
+        for row in own_bad:
+            row.split = split.name
+        for scored_split in scored:
+            own_bad.extend(training_images_in(scored_split, split, across_datasets=True))
+        splits.append(split)
+        bad_rows += own_bad
+    return splits, bad_rows
+
+
 def training_images_in(scored: CaptionSplit, train: CaptionSplit, across_datasets: bool = False) -> list[BadRow]:
     """The images of a scored split that the run also trains on (the same file, or the same bytes): their scores
     would measure recall of training captions. A split split by row, not by image, before it reached this tool
     is the usual cause. Evaluating on the training split itself (eval_split: train) is a choice and says so.
     `across_datasets`: the two splits come from different datasets, whose relative paths have different roots."""
-    if scored.held_out:  # held out of the training images by image: disjoint by construction
+    if scored.held_out and not across_datasets:  # held out of the training images by image: disjoint by construction
         return []
     if scored.name == train.name and not across_datasets:
         logger.warning("split %r is also the training split: its scores measure the fit on training images",

@@ -1,0 +1,193 @@
+"""extra_train_datasets: training on several datasets at once (e.g. one's own images beside COCO)."""
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from blip_recipes.builders import load_data
+from blip_recipes.checkpoints import resume_conflicts
+from blip_recipes.data import training_pairs
+from blip_recipes.recipe_parser import parse_recipe
+from blip_recipes.transforms import ImageTransform
+from tests.conftest import QUICK, REPO, read_jsonl, run_main
+
+RECIPE = os.path.join(REPO, "recipes", "shapes", "full.yaml")
+COLORS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 210), "yellow": (230, 220, 30)}
+
+
+def own_dataset(folder, rows=None) -> str:
+    """A JSONL file of four solid-colour images no other dataset has (paths relative to the file, as one's own data
+    usually is), with the shapes dataset's column names."""
+    os.makedirs(folder / "pictures", exist_ok=True)
+    lines = []
+    for name, color in COLORS.items():
+        Image.new("RGB", (40, 30), color).save(folder / "pictures" / f"{name}.png")
+        lines.append({"image": f"pictures/{name}.png", "text": [f"a plain {name} picture", f"all {name}"]})
+    with open(folder / "own.jsonl", "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in (rows or lines))
+    return str(folder / "own.jsonl")
+
+
+def test_extra_datasets_are_trained_on_with_their_own_images_and_repeats(tmp_path, shapes_dir, caplog):
+    """The mixture is one training split: dataset_name's images, then each extra dataset's (K times with *K), each
+    read through its own dataset's folder; evaluation stays dataset_name's."""
+    own = own_dataset(tmp_path / "own")
+    # Another dataset's own layout: a CSV of bare file names under a folder elsewhere, its own column names
+    os.makedirs(tmp_path / "elsewhere" / "photos")
+    Image.new("RGB", (20, 20), (250, 250, 250)).save(tmp_path / "elsewhere" / "photos" / "white.png")
+    (tmp_path / "listing.csv").write_text("file,words\nwhite.png,a plain white picture\n")
+    listing = {"dataset_name": str(tmp_path / "listing.csv"), "image_root": str(tmp_path / "elsewhere" / "photos"),
+               "image_column": "file", "caption_column": "words", "repeat": 2}  # fmt: skip
+    # image_root is dataset_name's alone: own.jsonl's relative paths are still read next to it
+    mixture = json.dumps([f"{own}*3", listing])
+    recipe = parse_recipe([RECIPE, "--dataset_name", shapes_dir, "--image_root", str(tmp_path), "--output_dir",
+                           str(tmp_path / "run"), "--extra_train_datasets", mixture])  # fmt: skip
+    data = load_data(recipe, need_train=True)
+    assert len(data.train.records) == 480 + 3 * 4 + 2 * 1 and not data.extra_train
+    colors = {**COLORS, "white": (250, 250, 250)}
+    assert data.evaluation.name == "validation" and len(data.evaluation.records) == 60
+    transform = ImageTransform(8, 8)
+    for record in data.train.records[480:]:
+        pixels = transform(data.train.table.load(record.row))
+        color = record.captions[0].split()[2]
+        expected = transform(Image.new("RGB", (40, 30), colors[color]))
+        assert torch.equal(pixels, expected), color
+    captions = [caption for _, caption in training_pairs(data.train)]
+    assert captions.count("a plain red picture") == 3 and captions.count("all blue") == 3
+    assert captions.count("a plain white picture") == 2
+    # Each dataset's image check is cached on its own: shapes alone is not decoded again
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    shapes_only = load_data(parse_recipe([RECIPE, "--dataset_name", shapes_dir, "--output_dir", str(tmp_path / "x")]),
+                            need_train=True)  # fmt: skip
+    assert [r.captions for r in data.train.records[:480]] == [r.captions for r in shapes_only.train.records]
+    assert "images of split 'train': checked before (0 bad), not decoded again" in caplog.text
+
+    # max_train_samples keeps the first N images of each dataset; evaluate (need_train=False) reads no extra dataset
+    cut = parse_recipe([RECIPE, "--dataset_name", shapes_dir, "--extra_train_datasets", own,
+                        "--max_train_samples", "2", "--output_dir", str(tmp_path / "cut")])  # fmt: skip
+    assert [r.captions[0] for r in load_data(cut, need_train=True).train.records][2:] == [
+        "a plain red picture", "a plain green picture"
+    ]  # fmt: skip
+    os.remove(own)
+    assert load_data(cut, need_train=False).train is None
+
+
+def test_a_run_on_a_mixture_trains_caches_and_names_every_dataset(tmp_path, shapes_dir, capfd, caplog):
+    """End to end: the image cache and the model card see the mixture; a resume that adds a dataset is refused."""
+    own = own_dataset(tmp_path / "own")
+    run = ["train", RECIPE, "--dataset_name", shapes_dir, "--extra_train_datasets", f"{own}*2", "--max_steps",
+           "2", *QUICK, "--do_eval", "true", "--max_eval_samples", "4", "--image_cache", "true"]  # fmt: skip
+    result = run_main([*run, "--output_dir", tmp_path / "run"], capfd, caplog)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert f"training on 488 images of 2 datasets: 480 x1 (train), 4 x2 (train of {own})" in log
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert f"on `{os.path.basename(shapes_dir)} + own.jsonl`" in card
+    assert "coco-caption metrics (pycocoevalcap, PTB tokenization) on `" + os.path.basename(shapes_dir) in card
+    assert len(read_jsonl(tmp_path / "run" / "eval_predictions.jsonl")) == 4
+
+    recorded = str(tmp_path / "run" / "checkpoint-2")  # its recipe: the run's (recorded_recipe)
+    without = [RECIPE, "--dataset_name", shapes_dir, *QUICK, "--output_dir", str(tmp_path / "run")]
+    resolved = parse_recipe(without).resolved()
+    assert resume_conflicts(resolved, recorded)[1] == [f"  extra_train_datasets: ['{own}*2'] -> None"]
+    with open(tmp_path / "run" / "recipe.yaml") as handle:  # a run from before the key existed
+        older = handle.read().replace(f"extra_train_datasets:\n- {own}*2\n", "")
+    assert older.count("extra_train_datasets") == 0
+    with open(tmp_path / "run" / "recipe.yaml", "w") as handle:
+        handle.write(older)
+    assert resume_conflicts(resolved, recorded) is None
+
+
+def test_bad_and_leaked_rows_of_an_extra_dataset_are_named_by_its_own_rows(tmp_path, shapes_dir, capfd, caplog):
+    validation = read_jsonl(os.path.join(shapes_dir, "validation", "metadata.jsonl"))
+    rows = [
+        {"image": "pictures/red.png", "text": "red"},
+        {"image": "pictures/missing.png", "text": "lost"},
+        {"image": os.path.join(shapes_dir, "validation", validation[7]["file_name"]), "text": "a scored image"},
+    ]
+    own = own_dataset(tmp_path / "own", rows)
+    run = ["train", RECIPE, "--dataset_name", shapes_dir, "--extra_train_datasets", own, *QUICK, "--do_eval",
+           "true", "--output_dir", tmp_path / "run"]  # fmt: skip
+    result = run_main(run, capfd, caplog)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"{shapes_dir}, {own} (training): 2 bad row(s) found before training" in result.stderr
+    assert f"split 'train of {own}' row 1 (pictures/missing.png): file not found" in result.stderr
+    assert "split 'validation' row 7 (" in result.stderr
+    assert f"also a training image (split 'train of {own}' row 2)" in result.stderr
+    assert not os.path.exists(tmp_path / "run" / "recipe.yaml")
+
+    skipped = run_main([*run[:-1], tmp_path / "skipped", "--skip_bad_samples", "true", "--max_steps", "1",
+                        "--max_eval_samples", "8"], capfd, caplog)  # fmt: skip
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert "training on 482 images of 2 datasets: 480 x1 (train), 2 x1" in skipped.stdout + skipped.stderr
+    assert len(read_jsonl(tmp_path / "skipped" / "eval_predictions.jsonl")) == 7  # the leaked image is not scored
+
+
+TIMES = "the times per epoch (SOURCE*K, or repeat) must be a whole number from 1 to 1000"
+
+
+@pytest.mark.parametrize(
+    "entries, keys, said",
+    [
+        ("OWN*0", [], f"'OWN*0': {TIMES}"),
+        ("OWN*two", [], f"'OWN*two': {TIMES}"),
+        ("[{dataset_name: OWN, repeat: 1.5}]", [], TIMES),
+        (
+            "OWN,OWN*2",
+            [],
+            "'OWN*2': its 'train' split is already trained on (dataset_name or an entry before); to "
+            "train on a dataset more often, give it once with a number of times (SOURCE*K, or repeat)",
+        ),
+        ("SHAPES", [], "'SHAPES': its 'train' split is already trained on"),
+        ("*3", [], "'*3' names no dataset"),
+        ("[{image_root: /data}]", [], "names no dataset (dataset_name)"),
+        (
+            "[{dataset_name: OWN, caption: text}]",
+            [],
+            "unknown key(s) caption; an entry takes repeat, dataset_name, "
+            "dataset_config_name, dataset_revision, train_split, image_root, image_column, caption_column, "
+            "image_id_column",
+        ),
+        ("[{dataset_name: OWN, caption_column: null}]", [], "caption_column must be text, got None"),
+        ("[[OWN]]", [], "an entry is a dataset (SOURCE or SOURCE*K) or a mapping with dataset_name"),
+        ("OWN", ["--streaming", "true", "--max_steps", "2", *QUICK], "extra_train_datasets mixes map-style datasets"),
+    ],
+)
+def test_a_mixture_that_cannot_be_read_is_refused_before_anything_loads(tmp_path, shapes_dir, entries, keys, said):
+    from blip_recipes.config import RecipeError
+
+    own = own_dataset(tmp_path / "own")
+    entries = entries.replace("OWN", own).replace("SHAPES", shapes_dir)
+    with pytest.raises(RecipeError) as error:
+        parse_recipe([RECIPE, "--dataset_name", shapes_dir, "--extra_train_datasets", entries, *keys,
+                      "--output_dir", str(tmp_path / "run")])  # fmt: skip
+    assert said.replace("OWN", own).replace("SHAPES", shapes_dir) in str(error.value)
+
+
+def test_an_extra_dataset_with_other_columns_or_a_missing_root_is_named(tmp_path, shapes_dir):
+    from blip_recipes.data import DataError
+
+    own = own_dataset(tmp_path / "own", [{"image": "pictures/red.png", "caption": "red"}])
+
+    def load(entry):
+        recipe = parse_recipe([RECIPE, "--dataset_name", shapes_dir, "--extra_train_datasets", json.dumps([entry]),
+                               "--output_dir", str(tmp_path / "run")])  # fmt: skip
+        with pytest.raises(DataError) as error:
+            load_data(recipe, need_train=True)
+        return str(error.value)
+
+    assert load(own) == (
+        f"{own}: split 'train' has no column 'text' (columns: image, caption): an extra_train_datasets entry is read "
+        f"with the recipe's caption_column unless it sets its own: {{dataset_name: {own}, caption_column: ...}}"
+    )
+    assert load({"dataset_name": own, "caption_column": "words"}).endswith(
+        "has no column 'words' (columns: image, caption): its extra_train_datasets entry sets caption_column"
+    )
+    assert load({"dataset_name": own, "caption_column": "caption", "image_root": str(tmp_path / "nowhere")}) == (
+        f"{own}: image_root {tmp_path / 'nowhere'}: no such directory"
+    )
