@@ -26,11 +26,13 @@ from .data import (
     image_cache_dir,
     training_pairs,
 )
+from .data.datasets import image_positions_per_epoch
 from .data.records import (
     check_images,
     collect_extra_training,
     collect_splits,
     collect_with_eval_dataset,
+    copied_training_images,
     drop_bad_rows,
     mix_training_splits,
 )
@@ -96,6 +98,7 @@ def load_data(recipe: Recipe, need_train: bool) -> CaptionData:
         progress = training.local_process_index == 0 and not training.disable_tqdm
         bad_rows += check_images(data, data_args.preprocessing_num_workers, training.process_index,
                                  training.world_size, progress)  # fmt: skip
+        bad_rows += copied_training_images(data, bad_rows)
     source = scored_args.dataset_name if not need_train else data_args.dataset_name
     if need_train and (scored_args is not data_args or mixture):  # each bad row names its split, and that its file
         source = ", ".join([data_args.dataset_name, *(extra.dataset_name for extra in mixture)]) + " (training)"
@@ -241,6 +244,9 @@ def build_trainer(recipe: Recipe, callbacks=(), data: CaptionData | None = None)
     if training_args.training_objective == "scst":  # one item per image; the loss samples its captions
         train_dataset = CaptionEvalDataset(data.train, datasets.train.transform, datasets.train.cache,
                                            model_args.cache_vision_features)  # fmt: skip
+        positions = image_positions_per_epoch(data.train)
+        if len(positions) != len(train_dataset):  # extra_train_datasets' SOURCE*K: images repeated per epoch
+            train_dataset = torch.utils.data.Subset(train_dataset, positions)
         scst = build_scst_loss(data.train, processor.tokenizer, collator, training_args)
     if data_args.streaming:
         seed = training_args.data_seed or training_args.seed

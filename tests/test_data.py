@@ -1,6 +1,7 @@
 """Every supported data source loads; bad input fails before training with the file, row and reason."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -54,6 +55,44 @@ def test_evaluation_images_that_are_training_images_are_named(tmp_path, shapes_d
     same = load_caption_splits(DataArguments(**arguments, eval_split="train"), seed=0, need_eval=True)
     assert len(same.evaluation.records) == 10
     assert "split 'train' is also the training split: its scores measure the fit on training images" in caplog.text
+
+
+def test_a_scored_image_that_is_a_training_image_under_another_name_is_found(tmp_path, shapes_dir, caplog):
+    """The same bytes under another file name (a copy made before the data was split, a renamed export): the image
+    check hashes each file it decodes, so a copy is found like the same file is, also from the check's cache."""
+    make_jsonl_dataset(tmp_path, shapes_dir, rows=12)
+    rows = open(tmp_path / "data.jsonl").read().splitlines(keepends=True)
+    (tmp_path / "train.jsonl").write_text("".join(rows[:10]))
+    os.makedirs(tmp_path / "copies")
+    shutil.copy(tmp_path / "images" / "00003.png", tmp_path / "copies" / "renamed.png")
+    copy = json.dumps({"image": "copies/renamed.png", "caption": ["a shape"]}) + "\n"
+    (tmp_path / "validation.jsonl").write_text("".join(rows[10:]) + copy)
+    os.remove(tmp_path / "data.jsonl")
+    arguments = {"dataset_name": str(tmp_path), "caption_column": "caption"}
+    said = ("split 'validation' row 2 (copies/renamed.png): a copy of training image images/00003.png (split 'train' "
+            "row 3): the same bytes under another name")  # fmt: skip
+    for attempt in ("decoded", "from the image check's cache"):
+        caplog.clear()
+        caplog.set_level(logging.INFO)
+        with pytest.raises(DataError) as error:
+            load_caption_splits(DataArguments(**arguments), seed=0, need_eval=True)
+        assert "1 bad row(s) found before training" in str(error.value) and said in str(error.value), attempt
+        assert ("not decoded again" in caplog.text) == (attempt != "decoded")
+    kept = load_caption_splits(DataArguments(**arguments, skip_bad_samples=True), seed=0, need_eval=True)
+    assert [record.image_id for record in kept.evaluation.records] == ["images/00010.png", "images/00011.png"]
+    # Held out of one file: a copy of a training image in the held-out part is found too
+    (tmp_path / "train.jsonl").write_text("".join(rows[:10]) + copy)
+    os.remove(tmp_path / "validation.jsonl")
+    for seed in range(20):  # a seed that holds out the copy and keeps the original for training
+        data = load_caption_splits(DataArguments(**arguments, skip_bad_samples=True, validation_split_percentage=30),
+                                   seed=seed, need_eval=True)  # fmt: skip
+        trained = {record.image_id for record in data.train.records}
+        if "images/00003.png" in trained:
+            assert "copies/renamed.png" not in {record.image_id for record in data.evaluation.records}
+            assert "a copy of training image images/00003.png" in caplog.text
+            break
+    else:
+        pytest.fail("no seed held out the copy")
 
 
 def test_imagefolder_with_validation_split(shapes_dir):

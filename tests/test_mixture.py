@@ -1,8 +1,10 @@
 """extra_train_datasets: training on several datasets at once (e.g. one's own images beside COCO)."""
 
+import collections
 import json
 import logging
 import os
+import shutil
 
 import pytest
 import torch
@@ -47,7 +49,8 @@ def test_extra_datasets_are_trained_on_with_their_own_images_and_repeats(tmp_pat
     recipe = parse_recipe([RECIPE, "--dataset_name", shapes_dir, "--image_root", str(tmp_path), "--output_dir",
                            str(tmp_path / "run"), "--extra_train_datasets", mixture])  # fmt: skip
     data = load_data(recipe, need_train=True)
-    assert len(data.train.records) == 480 + 3 * 4 + 2 * 1 and not data.extra_train
+    assert len(data.train.records) == 480 + 4 + 1 and not data.extra_train  # each image once; repeats per record
+    assert [record.repeat for record in data.train.records[479:]] == [1, 3, 3, 3, 3, 2]
     colors = {**COLORS, "white": (250, 250, 250)}
     assert data.evaluation.name == "validation" and len(data.evaluation.records) == 60
     transform = ImageTransform(8, 8)
@@ -59,6 +62,19 @@ def test_extra_datasets_are_trained_on_with_their_own_images_and_repeats(tmp_pat
     captions = [caption for _, caption in training_pairs(data.train)]
     assert captions.count("a plain red picture") == 3 and captions.count("all blue") == 3
     assert captions.count("a plain white picture") == 2
+    assert len(captions) == sum(len(record.captions) for record in data.train.records[:480]) + 3 * 4 * 2 + 2
+
+    # Self-critical training's epoch (one item per image) repeats them too
+    from blip_recipes.builders import build_trainer
+
+    scst = parse_recipe([os.path.join(REPO, "recipes", "shapes", "scst.yaml"), "--model_name_or_path",
+                         "builtin:tiny-blip", "--dataset_name", shapes_dir, "--output_dir", str(tmp_path / "scst"),
+                         "--extra_train_datasets", mixture, "--image_root", str(tmp_path), *QUICK])  # fmt: skip
+    items = build_trainer(scst).train_dataset
+    times = collections.Counter(items.indices)
+    assert len(items) == 480 + 3 * 4 + 2 and (times[0], times[480], times[483], times[484]) == (1, 3, 3, 2)
+    assert items[480]["index"] == 480  # Subset item 480: the red image, the split's position 480
+
     # Each dataset's image check is cached on its own: shapes alone is not decoded again
     caplog.clear()
     caplog.set_level(logging.INFO)
@@ -85,7 +101,8 @@ def test_a_run_on_a_mixture_trains_caches_and_names_every_dataset(tmp_path, shap
     result = run_main([*run, "--output_dir", tmp_path / "run"], capfd, caplog)
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
-    assert f"training on 488 images of 2 datasets: 480 x1 (train), 4 x2 (train of {own})" in log
+    assert f"training on 484 images of 2 datasets (488 per epoch): 480 x1 (train), 4 x2 (train of {own})" in log
+    assert "cached 484 resized images of split 'train'" in log  # each image once, whatever its repeats
     card = (tmp_path / "run" / "README.md").read_text()
     assert f"on `{os.path.basename(shapes_dir)} + own.jsonl`" in card
     assert "coco-caption metrics (pycocoevalcap, PTB tokenization) on `" + os.path.basename(shapes_dir) in card
@@ -109,23 +126,32 @@ def test_bad_and_leaked_rows_of_an_extra_dataset_are_named_by_its_own_rows(tmp_p
         {"image": "pictures/red.png", "text": "red"},
         {"image": "pictures/missing.png", "text": "lost"},
         {"image": os.path.join(shapes_dir, "validation", validation[7]["file_name"]), "text": "a scored image"},
+        {"image": "pictures/renamed.png", "text": "a scored image under another name"},
     ]
     own = own_dataset(tmp_path / "own", rows)
+    shutil.copy(os.path.join(shapes_dir, "validation", validation[9]["file_name"]),
+                tmp_path / "own" / "pictures" / "renamed.png")  # fmt: skip
     run = ["train", RECIPE, "--dataset_name", shapes_dir, "--extra_train_datasets", own, *QUICK, "--do_eval",
            "true", "--output_dir", tmp_path / "run"]  # fmt: skip
     result = run_main(run, capfd, caplog)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert f"{shapes_dir}, {own} (training): 2 bad row(s) found before training" in result.stderr
+    assert f"{shapes_dir}, {own} (training): 3 bad row(s) found before training" in result.stderr
     assert f"split 'train of {own}' row 1 (pictures/missing.png): file not found" in result.stderr
     assert "split 'validation' row 7 (" in result.stderr
     assert f"also a training image (split 'train of {own}' row 2)" in result.stderr
+    assert ("split 'validation' row 9 (" in result.stderr and "a copy of training image pictures/renamed.png "
+            f"(split 'train of {own}' row 3): the same bytes under another name" in result.stderr)  # fmt: skip
     assert not os.path.exists(tmp_path / "run" / "recipe.yaml")
 
     skipped = run_main([*run[:-1], tmp_path / "skipped", "--skip_bad_samples", "true", "--max_steps", "1",
-                        "--max_eval_samples", "8"], capfd, caplog)  # fmt: skip
+                        "--max_eval_samples", "10"], capfd, caplog)  # fmt: skip
     assert skipped.returncode == 0, skipped.stderr[-3000:]
-    assert "training on 482 images of 2 datasets: 480 x1 (train), 2 x1" in skipped.stdout + skipped.stderr
-    assert len(read_jsonl(tmp_path / "skipped" / "eval_predictions.jsonl")) == 7  # the leaked image is not scored
+    said = skipped.stdout + skipped.stderr
+    assert "training on 483 images of 2 datasets (483 per epoch): 480 x1 (train), 3 x1" in said
+    predicted = read_jsonl(tmp_path / "skipped" / "eval_predictions.jsonl")  # the leaked images are not scored
+    assert len(predicted) == 8 and {validation[7]["file_name"], validation[9]["file_name"]}.isdisjoint(
+        row["image_id"] for row in predicted
+    )
 
 
 TIMES = "the times per epoch (SOURCE*K, or repeat) must be a whole number from 1 to 1000"

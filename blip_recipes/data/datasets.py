@@ -26,9 +26,20 @@ def blip_caption(caption: str, max_words: int = 50) -> str:
 
 
 def training_pairs(split: CaptionSplit, caption_preprocessing: str = "none") -> list[tuple[int, str]]:
-    """(image position, caption as trained on) for every caption of every image of `split`."""
+    """(image position, caption as trained on) for every caption of every image of `split`, `record.repeat` times
+    (extra_train_datasets' SOURCE*K)."""
     clean = blip_caption if caption_preprocessing == "blip" else (lambda caption: caption)
-    return [(position, clean(caption)) for position, record in enumerate(split.records) for caption in record.captions]
+    return [
+        (position, clean(caption))
+        for position, record in enumerate(split.records)
+        for _ in range(record.repeat)
+        for caption in record.captions
+    ]
+
+
+def image_positions_per_epoch(split: CaptionSplit) -> list[int]:
+    """Each image's position, `record.repeat` times: an epoch of one item per image (self-critical training)."""
+    return [position for position, record in enumerate(split.records) for _ in range(record.repeat)]
 
 
 class CaptionTrainDataset(torch.utils.data.Dataset):

@@ -33,6 +33,8 @@ class ImageRecord:
     image_id: str
     captions: list[str]
     identity: str | None = None  # what made its rows one image (image_identities); None: derive it from the row
+    content: str | None = None  # "sha1:..." of its file's bytes, once check_images has read it (images named by path)
+    repeat: int = 1  # times per epoch it is trained on (extra_train_datasets' SOURCE*K); caches hold it once
 
 
 @dataclass
@@ -212,24 +214,51 @@ def _image_identity(value, root: str | None) -> tuple[str | None, str | None]:
 
 def find_bad_images(
     table: ImageTable, records: list[ImageRecord], split: str, workers: int | None, progress: bool = False
-) -> list[BadRow]:
+) -> tuple[list[BadRow], dict[int, str]]:
+    """The records' bad images, and {row: content digest} of the good ones named by path (file_digest)."""
+
     def check(record: ImageRecord):
         try:
             table.load(record.row)
         except BadImageError as error:
-            return BadRow(split, record.row, table.describe(record.row), str(error))
-        return None
+            return BadRow(split, record.row, table.describe(record.row), str(error)), None
+        return None, file_digest(table, record)  # the file was just read: its bytes come from the page cache
 
     from tqdm.auto import tqdm
 
     workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes without the GIL
-        results = tqdm(pool.map(check, records), total=len(records), desc=f"checking images ({split})",
-                       disable=not progress, leave=False)  # fmt: skip
-        return [bad for bad in results if bad is not None]
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes (and hashlib hashes) without the GIL
+        results = list(tqdm(pool.map(check, records), total=len(records), desc=f"checking images ({split})",
+                            disable=not progress, leave=False))  # fmt: skip
+    digests = {record.row: digest for record, (_, digest) in zip(records, results) if digest is not None}
+    return [bad for bad, _ in results if bad is not None], digests
 
 
-IMAGE_CHECK_VERSION = 2  # bump when what makes an image bad, or its reason, changes: older cached results are ignored
+def file_digest(table: ImageTable, record: ImageRecord) -> str | None:
+    """The digest of the file a record names ("sha1:<hex>", the form of a stored image's identity); None for a stored
+    image (its identity is that digest already) or a file that cannot be read."""
+    identity = record.identity
+    if identity is None or identity.startswith("sha1:"):
+        return None
+    try:
+        digest = hashlib.sha1()
+        with open(resolve_image_path(identity, table.image_root), "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):  # hashlib.file_digest is Python 3.11+
+                digest.update(chunk)
+        return "sha1:" + digest.hexdigest()
+    except (OSError, TypeError):
+        return None
+
+
+def content_of(record: ImageRecord) -> str | None:
+    """What a record's image is, by its bytes: a stored image's identity, else the digest of its file (known once
+    check_images has run)."""
+    if record.identity is not None and record.identity.startswith("sha1:"):
+        return record.identity
+    return record.content
+
+
+IMAGE_CHECK_VERSION = 3  # bump when what makes an image bad, or its reason, changes: older cached results are ignored
 
 
 def record_identity(table: ImageTable, record: ImageRecord):
@@ -257,43 +286,49 @@ def check_images(
     progress: bool = True,
 ) -> list[BadRow]:  # fmt: skip
     """Decode every image once, per job: under several processes each checks every world_size-th image and the
-    results are gathered. The outcome is cached by the split's fingerprint (its files' paths, sizes and mtimes or
-    bytes, and the pixel limit), so a resumed or repeated run does not decode the dataset again."""
+    results are gathered. Each good image's file is hashed too (ImageRecord.content), so copied_training_images can
+    find a scored image that is a training image under another name. The outcome is cached by the split's
+    fingerprint (its files' paths, sizes and mtimes or bytes, and the pixel limit), so a resumed or repeated run does
+    not decode the dataset again."""
     bad: list[BadRow] = []
     for split in data.splits():
         cache = None
         if process_index == 0:
             key = split_fingerprint(split, split.table.max_pixels, IMAGE_CHECK_VERSION)
             cache = os.path.join(cache_root(), "image-checks", f"{key}.json")
-        cached = broadcast_from_main(_read_bad_rows(cache) if cache else None, world_size)
+        cached = broadcast_from_main(_read_check(cache) if cache else None, world_size)
         if cached is not None:
-            logger.info("images of split %r: checked before (%d bad), not decoded again", split.label, len(cached))
-            bad += cached
-            continue
-        own = split.records[process_index::world_size]
-        logger.info("checking %d images of split %r (%d on this process)", len(split.records), split.label, len(own))
-        found = find_bad_images(split.table, own, split.name, workers, progress)
-        found = [row for rows in gather_from_all(found, world_size) for row in rows]
-        found.sort(key=lambda row: row.row)
-        if cache:
-            _write_bad_rows(cache, found)
+            found, digests = cached
+            logger.info("images of split %r: checked before (%d bad), not decoded again", split.label, len(found))
+        else:
+            own = split.records[process_index::world_size]
+            logger.info("checking %d images of split %r (%d on this process)", len(split.records), split.label,
+                        len(own))  # fmt: skip
+            shares = gather_from_all(find_bad_images(split.table, own, split.name, workers, progress), world_size)
+            found = sorted((row for rows, _ in shares for row in rows), key=lambda row: row.row)
+            digests = {row: digest for _, share in shares for row, digest in share.items()}
+            if cache:
+                _write_check(cache, found, digests)
+        for record in split.records:
+            record.content = digests.get(record.row)
         bad += found
     return bad
 
 
-def _read_bad_rows(path: str) -> list[BadRow] | None:
+def _read_check(path: str) -> tuple[list[BadRow], dict[int, str]] | None:
     try:
         with open(path, encoding="utf-8") as handle:
-            return [BadRow(**row) for row in json.load(handle)]
-    except (OSError, ValueError, TypeError):
+            saved = json.load(handle)
+        return [BadRow(**row) for row in saved["bad"]], {int(row): digest for row, digest in saved["content"].items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
 
 
-def _write_bad_rows(path: str, rows: list[BadRow]) -> None:
+def _write_check(path: str, rows: list[BadRow], digests: dict[int, str]) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     staging = f"{path}.{os.getpid()}.tmp"
     with open(staging, "w", encoding="utf-8") as handle:
-        json.dump([dataclasses.asdict(row) for row in rows], handle)
+        json.dump({"bad": [dataclasses.asdict(row) for row in rows], "content": digests}, handle)
     os.replace(staging, path)
 
 
@@ -355,9 +390,10 @@ class MixedTable:
 
 
 def mix_training_splits(data: CaptionData, repeats: list[int]) -> CaptionData:
-    """`data.train` and `data.extra_train` (checked, bad rows dropped) -> one training split; each extra split's
-    images `repeats[i]` times. Records are copied with their rows moved into the mixed table and their identities
-    made absolute (a relative path means a file under its own dataset's root), so caches tell the images apart."""
+    """`data.train` and `data.extra_train` (checked, bad rows dropped) -> one training split, each extra split's
+    images trained on `repeats[i]` times per epoch (ImageRecord.repeat). Records are copied with their rows moved
+    into the mixed table and their identities made absolute (a relative path means a file under its own dataset's
+    root), so caches tell the images apart."""
     if not data.extra_train:
         return data
     parts = [(data.train, 1), *zip(data.extra_train, repeats)]
@@ -371,10 +407,12 @@ def mix_training_splits(data: CaptionData, repeats: list[int]) -> CaptionData:
                 path = os.path.abspath(resolve_image_path(identity, split.table.image_root))
                 # not a file (a row without path or bytes): named by its split, apart from other datasets' rows
                 identity = path if os.path.exists(path) else f"{split.name}:{identity}"
-            moved.append(dataclasses.replace(record, row=record.row + offset, identity=identity))
-        records += moved * times
+            moved.append(dataclasses.replace(record, row=record.row + offset, identity=identity, repeat=times))
+        records += moved
     counts = ", ".join(f"{len(split.records)} x{times} ({split.name})" for split, times in parts)
-    logger.info("training on %d images of %d datasets: %s", len(records), len(parts), counts)
+    per_epoch = sum(len(split.records) * times for split, times in parts)
+    logger.info("training on %d images of %d datasets (%d per epoch): %s", len(records), len(parts), per_epoch,
+                counts)  # fmt: skip
     return dataclasses.replace(data, train=CaptionSplit(data.train.name, table, records), extra_train=[])
 
 
@@ -383,6 +421,7 @@ def load_caption_splits(data_args, seed: int, need_eval: bool, need_train: bool 
     data, bad_rows = collect_splits(data_args, seed, need_eval, need_train)
     if data_args.validate_images:
         bad_rows += check_images(data, data_args.preprocessing_num_workers)
+        bad_rows += copied_training_images(data, bad_rows)
     return drop_bad_rows(data, bad_rows, data_args)
 
 
@@ -528,6 +567,34 @@ def training_images_in(scored: CaptionSplit, train: CaptionSplit, across_dataset
                f"also a training image (split {train.name!r} row {trained[identity]})")
         for record, identity in found if identity in trained
     ]  # fmt: skip
+
+
+def copied_training_images(data: CaptionData, reported: list[BadRow]) -> list[BadRow]:
+    """Scored images that are training images under another name: the same bytes (content_of, known once
+    check_images has run) as an image of a training split, in another file. A copy left in a dataset before it was
+    split, in the evaluation folder or in a second training dataset, would make its scores measure recall. Rows
+    reported already (the same file: training_images_in; a bad image) are left alone, as is a training split
+    evaluated on purpose (eval_split: train)."""
+    trained: dict[str, tuple[CaptionSplit, ImageRecord]] = {}
+    for split in (data.train, *data.extra_train):
+        for record in split.records if split is not None else []:
+            if (content := content_of(record)) is not None:
+                trained.setdefault(content, (split, record))
+    reported_rows = {(row.split, row.row) for row in reported}
+    found = []
+    for scored in (data.evaluation, data.test):
+        if scored is None or (data.train is not None and scored.name == data.train.name and not scored.held_out):
+            continue
+        for record in scored.records:
+            split, original = trained.get(content_of(record), (None, None))
+            if original is None or (scored.name, record.row) in reported_rows:
+                continue
+            found.append(BadRow(
+                scored.name, record.row, scored.table.describe(record.row),
+                f"a copy of training image {split.table.describe(original.row)} (split {split.name!r} row "
+                f"{original.row}): the same bytes under another name",
+            ))  # fmt: skip
+    return found
 
 
 def drop_bad_rows(data: CaptionData, bad_rows: list[BadRow], data_args, source: str | None = None) -> CaptionData:
