@@ -8,12 +8,14 @@ recipe (recipe_parser.py -> config.py) -> builders.py: data (data/), model + tra
 collator, CaptionTrainer (trainer.py) -> trainer.train() -> save, evaluate (evaluation.py, metrics.py) -> hub.py.
 """
 
+import json
 import logging
 import os
 import shutil
 import signal
 import socket
 import sys
+import time
 
 import torch
 import transformers
@@ -158,24 +160,70 @@ def check_before_loading(recipe) -> str | None:
     return resume
 
 
+class LastError(logging.Handler):
+    """The last error this process reported (logged, or printed through `fail`): record_for_launcher's message."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.message: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.message = record.getMessage()
+
+    def fail(self, message: str) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        self.message = message
+        return 2
+
+
+def record_for_launcher(message: str | None) -> None:
+    """torch's elastic launcher (`accelerate launch` with several processes, torchrun) ends a failed run with a
+    summary whose root cause is read from an error file it names to each process (TORCHELASTIC_ERROR_FILE); without
+    one it says "To enable traceback see: ..." and the run's own message is far above the launcher's traceback.
+    The message goes there, in the form torch's own @record writes."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or not message:
+        return
+    data = {
+        "message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}
+    }
+    try:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(data, handle)
+    except OSError:  # the summary then points at torch's documentation, as before
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    errors = LastError()
+    package_logger = logging.getLogger("blip_recipes")
+    package_logger.addHandler(errors)
+    try:
+        code = _main(sys.argv[1:] if argv is None else argv, errors)
+    finally:
+        package_logger.removeHandler(errors)
+    if code != 0:
+        record_for_launcher(errors.message)
+    return code
+
+
+def _main(argv: list[str], errors: LastError) -> int:
     parser = recipe_argument_parser(PROG, DESCRIPTION, usage=f"{PROG} RECIPE.yaml [--key value ...]")
     try:
         recipe = parse_recipe(argv, parser)
     except RecipeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return errors.fail(str(error))
     if recipe.path is None:  # never silently train the defaults into ./trainer_output
         parser.print_help(sys.stderr)
-        print("\nerror: train needs a recipe file (e.g. recipes/shapes/full.yaml)", file=sys.stderr)
-        return 2
+        print(file=sys.stderr)
+        return errors.fail("train needs a recipe file (e.g. recipes/shapes/full.yaml)")
     unset = [key for key in ("model_name_or_path", "dataset_name") if key not in recipe.explicit_keys]
     if unset:  # their defaults are the offline demo's: a random tiny model, synthetic shapes
-        print(f"error: {recipe.source}: {' and '.join(unset)} not set; a recipe names the model it fine-tunes (e.g. "
-              "Salesforce/blip-image-captioning-base) and its dataset (builtin:tiny-blip and builtin:shapes are the "
-              "offline demo's)", file=sys.stderr)  # fmt: skip
-        return 2
+        return errors.fail(
+            f"{recipe.source}: {' and '.join(unset)} not set; a recipe names the model it fine-tunes (e.g. "
+            "Salesforce/blip-image-captioning-base) and its dataset (builtin:tiny-blip and builtin:shapes are the "
+            "offline demo's)"
+        )
     setup_logging(recipe.training)
     try:
         lock = lock_output_dir(recipe.training)

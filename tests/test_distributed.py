@@ -153,6 +153,10 @@ def test_machines_that_see_different_folders_all_stop_with_the_reason(tmp_path):
     for log in logs:
         assert "ERROR blip_recipes: output_dir run is not one folder all machines share (process 1 on " in log
         assert "Put output_dir on a file system every machine mounts" in log
+        # The launcher's closing summary names the reason too (record_for_launcher), not only torch's docs
+        root_cause = log[log.index("Root Cause (first observed failure)") :]
+        assert "traceback : output_dir run is not one folder all machines share" in root_cause, root_cause
+        assert "To enable traceback see" not in log
 
 
 def test_a_check_that_fails_on_one_process_stops_every_process_with_its_message(monkeypatch):
