@@ -15,7 +15,7 @@ import torch
 
 from .choices import GENERATION_DEFAULTS
 from .collator import CaptionCollator
-from .config import Recipe, extra_training_datasets, scores_captions, wants_evaluation
+from .config import Recipe, extra_evaluation_datasets, extra_training_datasets, scores_captions, wants_evaluation
 from .data import (
     CaptionData,
     CaptionEvalDataset,
@@ -29,6 +29,7 @@ from .data import (
 from .data.datasets import image_positions_per_epoch
 from .data.records import (
     check_images,
+    collect_extra_evaluation,
     collect_extra_training,
     collect_splits,
     collect_with_eval_dataset,
@@ -61,6 +62,7 @@ class CaptionDatasets:
     train: CaptionTrainDataset | None
     evaluation: CaptionEvalDataset | None
     test: CaptionEvalDataset | None
+    extra_evaluation: dict[str, CaptionEvalDataset] = dataclasses.field(default_factory=dict)
 
 
 def load_data(recipe: Recipe, need_train: bool) -> CaptionData:
@@ -77,6 +79,8 @@ def load_data(recipe: Recipe, need_train: bool) -> CaptionData:
         scored_args = dataclasses.replace(data_args, dataset_name=data_args.eval_dataset_name)
         if data_args.eval_dataset_name != data_args.dataset_name:
             scored_args = dataclasses.replace(scored_args, dataset_config_name=None, dataset_revision=None)
+    # A training run also scores extra_eval_datasets at each evaluation (`evaluate` scores one dataset)
+    extra_scored = extra_evaluation_datasets(data_args) if need_train and wants_evaluation(training) else []
     if data_args.streaming:  # the training split streams (build_stream)
         if need_train and not scores_captions(recipe):
             return CaptionData(None, None, None)
@@ -94,16 +98,23 @@ def load_data(recipe: Recipe, need_train: bool) -> CaptionData:
             scored = [split for split in (data.evaluation, data.test) if split is not None]
             data.extra_train, extra_bad = collect_extra_training(data_args, mixture, training.seed, scored)
             bad_rows += extra_bad
+        if extra_scored:
+            trained = [split for split in (data.train, *data.extra_train) if split is not None]
+            data.extra_evaluation, extra_bad = collect_extra_evaluation(data_args, extra_scored, training.seed,
+                                                                        trained)  # fmt: skip
+            bad_rows += extra_bad
     if data_args.validate_images:
         progress = training.local_process_index == 0 and not training.disable_tqdm
         bad_rows += check_images(data, data_args.preprocessing_num_workers, training.process_index,
                                  training.world_size, progress)  # fmt: skip
         bad_rows += copied_training_images(data, bad_rows)
     source = scored_args.dataset_name if not need_train else data_args.dataset_name
-    if need_train and (scored_args is not data_args or mixture):  # each bad row names its split, and that its file
+    if need_train and (scored_args is not data_args or mixture or extra_scored):  # each bad row names its split
         source = ", ".join([data_args.dataset_name, *(extra.dataset_name for extra in mixture)]) + " (training)"
-        if scored_args is not data_args:
-            source += f", {scored_args.dataset_name} (evaluation)"
+        scored_names = [scored_args.dataset_name] if scored_args is not data_args else []
+        scored_names += [extra.dataset_name for extra in extra_scored]
+        if scored_names:
+            source += f", {', '.join(scored_names)} (evaluation)"
     data = drop_bad_rows(data, bad_rows, data_args, source)
     return mix_training_splits(data, [extra.repeat for extra in mixture])
 
@@ -145,9 +156,11 @@ def build_datasets(
         )  # fmt: skip
         train = CaptionTrainDataset(data.train, augmented, caption_preprocessing, pixels, vision_features,
                                     group_by_image)  # fmt: skip
-    datasets = CaptionDatasets(train, evaluation_set(data.evaluation), evaluation_set(data.test))
+    extra = {name: evaluation_set(split) for name, split in data.extra_evaluation.items()}
+    datasets = CaptionDatasets(train, evaluation_set(data.evaluation), evaluation_set(data.test), extra)
     sizes = [len(d) if d else "no" for d in (datasets.train, datasets.evaluation, datasets.test)]
-    logger.info("data: %s training captions, %s evaluation images, %s test images", *sizes)
+    logger.info("data: %s training captions, %s evaluation images, %s test images%s", *sizes,
+                "".join(f", {len(dataset)} {name} images" for name, dataset in extra.items()))  # fmt: skip
     return datasets
 
 
@@ -257,7 +270,7 @@ def build_trainer(recipe: Recipe, callbacks=(), data: CaptionData | None = None)
     return CaptionTrainer(
         model=model, args=_trainer_arguments(training_args, **changes), train_dataset=train_dataset,
         eval_dataset=datasets.evaluation, test_dataset=datasets.test, processing_class=processor,
-        caption_collator=collator, callbacks=list(callbacks), scst=scst,
+        caption_collator=collator, callbacks=list(callbacks), scst=scst, extra_eval_datasets=datasets.extra_evaluation,
     )  # fmt: skip
 
 

@@ -9,6 +9,7 @@ these dataclasses. Rules that involve more than one key live in `validate_recipe
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 import yaml
@@ -175,6 +176,14 @@ class DataArguments:
             "dataset_name's (a file's one split is scored whole); needed with streaming."
         },
     )
+    extra_eval_datasets: list[str | dict] | None = field(
+        default=None,
+        metadata={
+            "help": "More datasets scored at every evaluation beside the evaluation split, each under its own name "
+            "(eval_NAME_cider): SOURCE, or a mapping of dataset_name, name and its own eval_split, "
+            "dataset_config_name, dataset_revision, image_root, image_column, caption_column, image_id_column."
+        },
+    )
     extra_train_datasets: list[str | dict] | None = field(
         default=None,
         metadata={
@@ -314,71 +323,110 @@ METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")  # step on an evaluation 
 
 
 MAX_DATASET_REPEATS = 1000
-# What an extra_train_datasets entry may set for its own dataset (the DataArguments keys of one dataset), and repeat.
-EXTRA_DATASET_KEYS = (
-    "dataset_name", "dataset_config_name", "dataset_revision", "train_split", "image_root", "image_column",
-    "caption_column", "image_id_column",
-)  # fmt: skip
+# The DataArguments keys of one dataset that an extra_train_datasets / extra_eval_datasets entry may set for its own.
+DATASET_KEYS = ("dataset_name", "dataset_config_name", "dataset_revision", "image_root", "image_column",
+                "caption_column", "image_id_column")  # fmt: skip
+NULLABLE_DATASET_KEYS = ("dataset_config_name", "dataset_revision", "image_root", "image_id_column")
+EVALUATION_NAME = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 
 
 @dataclass
 class ExtraDataset:
-    """One entry of extra_train_datasets: its dataset's own keys (`settings`, DataArguments names) and how many times
-    per epoch its images are trained on."""
+    """One entry of extra_train_datasets or extra_eval_datasets: its dataset's own keys (`settings`, DataArguments
+    names); for training, how many times per epoch its images are trained on; for evaluation, the name its metrics
+    go by (eval_NAME_cider)."""
 
     dataset_name: str
     repeat: int = 1
     settings: dict = field(default_factory=dict)
+    name: str | None = None
 
 
-def extra_training_datasets(data: DataArguments) -> list[ExtraDataset]:
-    """extra_train_datasets -> [ExtraDataset]. An entry is `SOURCE` (once per epoch), `SOURCE*K` (K times; an
-    existing path is a source as written, even with a `*`), or a mapping of dataset_name, repeat and that dataset's
-    own train_split, dataset_config_name, dataset_revision, image_root and column names. ValueError naming the entry
-    when it cannot be read."""
-    mixture, seen = [], {_dataset_key(data.dataset_name, data.dataset_config_name, data.train_split)}
-    for entry in data.extra_train_datasets or []:
-        where = f"extra_train_datasets: {entry!r}"
+def _dataset_entries(entries, key: str, own_keys: tuple[str, ...]) -> list[ExtraDataset]:
+    """Entries of `key` -> [ExtraDataset]: `SOURCE`, `SOURCE*K` (training: K times per epoch; an existing path is a
+    source as written, even with a `*`), or a mapping of `own_keys`. ValueError naming the entry when it cannot be
+    read."""
+    counted = "repeat" in own_keys
+    parsed = []
+    for entry in entries or []:
+        where = f"{key}: {entry!r}"
         if isinstance(entry, dict):
-            unknown = sorted(set(entry) - {*EXTRA_DATASET_KEYS, "repeat"})
+            unknown = sorted(set(entry) - set(own_keys))
             if unknown:
-                raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; an entry takes repeat, "
-                                 f"{', '.join(EXTRA_DATASET_KEYS)}")  # fmt: skip
-            settings = {key: value for key, value in entry.items() if key != "repeat"}
-            for key, value in settings.items():
-                optional = key in ("dataset_config_name", "dataset_revision", "image_root", "image_id_column")
-                if not (isinstance(value, str) and value.strip()) and not (value is None and optional):
-                    raise ValueError(f"{where}: {key} must be text{' or null' if optional else ''}, got {value!r}")
-            repeat = entry.get("repeat", 1)
+                raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; an entry takes "
+                                 f"{', '.join(own_keys)}")  # fmt: skip
+            settings = {name: value for name, value in entry.items() if name not in ("repeat", "name")}
+            for name, value in settings.items():
+                nullable = name in NULLABLE_DATASET_KEYS
+                if not (isinstance(value, str) and value.strip()) and not (value is None and nullable):
+                    raise ValueError(f"{where}: {name} must be text{' or null' if nullable else ''}, got {value!r}")
+            repeat, label = entry.get("repeat", 1), entry.get("name")
             if not settings.get("dataset_name"):
                 raise ValueError(f"{where}: names no dataset (dataset_name)")
         elif isinstance(entry, str):
-            settings, repeat = {"dataset_name": entry.strip()}, 1
-            if "*" in entry and not os.path.exists(entry):
+            settings, repeat, label = {"dataset_name": entry.strip()}, 1, None
+            if counted and "*" in entry and not os.path.exists(entry):
                 source, _, times = entry.rpartition("*")
                 settings["dataset_name"] = source.strip()
                 repeat = int(times) if times.strip().isdigit() else None
             if not settings["dataset_name"]:
                 raise ValueError(f"{where} names no dataset")
         else:
-            raise ValueError(f"{where}: an entry is a dataset (SOURCE or SOURCE*K) or a mapping with dataset_name")
+            shapes = "SOURCE or SOURCE*K" if counted else "SOURCE"
+            raise ValueError(f"{where}: an entry is a dataset ({shapes}) or a mapping with dataset_name")
         if isinstance(repeat, bool) or not isinstance(repeat, int) or not 1 <= repeat <= MAX_DATASET_REPEATS:
             raise ValueError(f"{where}: the times per epoch (SOURCE*K, or repeat) must be a whole number from 1 to "
                              f"{MAX_DATASET_REPEATS}")  # fmt: skip
-        name = settings.pop("dataset_name")
-        key = _dataset_key(name, settings.get("dataset_config_name"), settings.get("train_split", data.train_split))
+        if label is not None and not (isinstance(label, str) and EVALUATION_NAME.match(label)):
+            raise ValueError(f"{where}: name {label!r} must be lowercase letters, digits and _ (it names metrics: "
+                             "eval_NAME_cider)")  # fmt: skip
+        parsed.append(ExtraDataset(settings.pop("dataset_name"), repeat, settings, label))
+    return parsed
+
+
+def extra_training_datasets(data: DataArguments) -> list[ExtraDataset]:
+    """extra_train_datasets -> [ExtraDataset]: `SOURCE` (once per epoch), `SOURCE*K` (K times), or a mapping of
+    dataset_name, repeat and that dataset's own train_split, dataset_config_name, dataset_revision, image_root and
+    column names. A dataset's split trained on twice is refused (SOURCE*K says it)."""
+    mixture = _dataset_entries(
+        data.extra_train_datasets, "extra_train_datasets", (*DATASET_KEYS, "train_split", "repeat")
+    )
+    seen = {_dataset_key(data.dataset_name, data.dataset_config_name, data.train_split)}
+    for extra, entry in zip(mixture, data.extra_train_datasets or []):
+        key = _dataset_key(extra.dataset_name, extra.settings.get("dataset_config_name"),
+                           extra.settings.get("train_split", data.train_split))  # fmt: skip
         if key in seen:
             raise ValueError(
-                f"{where}: its {key[2]!r} split is already trained on (dataset_name or an entry before); to train on "
-                "a dataset more often, give it once with a number of times (SOURCE*K, or repeat)"
+                f"extra_train_datasets: {entry!r}: its {key[2]!r} split is already trained on (dataset_name or an "
+                "entry before); to train on a dataset more often, give it once with a number of times (SOURCE*K, or "
+                "repeat)"
             )
         seen.add(key)
-        mixture.append(ExtraDataset(name, repeat, settings))
     return mixture
 
 
 def _dataset_key(name: str, config: str | None, split: str) -> tuple:
     return (os.path.normpath(name), config, split)
+
+
+def extra_evaluation_datasets(data: DataArguments) -> list[ExtraDataset]:
+    """extra_eval_datasets -> [ExtraDataset], each scored beside the evaluation split under its own name: `SOURCE`
+    or a mapping of dataset_name, name and that dataset's own eval_split, dataset_config_name, dataset_revision,
+    image_root and column names. The name defaults to the dataset's file or repo name (lowercase, `_` for other
+    characters); names must differ."""
+    scored = _dataset_entries(data.extra_eval_datasets, "extra_eval_datasets", (*DATASET_KEYS, "eval_split", "name"))
+    names: dict[str, str] = {}
+    for extra in scored:
+        if extra.name is None:
+            stem = os.path.basename(os.path.normpath(extra.dataset_name)).split(".")[0]
+            extra.name = re.sub(r"[^a-z0-9]+", "_", stem.lower()).strip("_") or "dataset"
+        if extra.name in names:
+            raise ValueError(
+                f"extra_eval_datasets: {extra.dataset_name} and {names[extra.name]} are both named {extra.name!r} "
+                "(their metrics would mix): give one another name ({dataset_name: ..., name: ...})"
+            )
+        names[extra.name] = extra.dataset_name
+    return scored
 
 
 def choice_name(choice) -> str:
@@ -416,8 +464,7 @@ class Recipe:
             idle |= {key for key in values if key.startswith("scst_")}
         if self.data.eval_dataset_name is None:
             idle.add("eval_dataset_name")
-        if self.data.extra_train_datasets is None:
-            idle.add("extra_train_datasets")
+        idle |= {key for key in ("extra_train_datasets", "extra_eval_datasets") if getattr(self.data, key) is None}
         if self.training.early_stopping_patience is None:
             idle.add("early_stopping_threshold")
         # What this machine chose (machine.py: use_cpu without a GPU, gloo for several CPU processes) is not the
@@ -668,10 +715,16 @@ def check_combinations(recipe: Recipe) -> None:
             "metric_for_best_model" in recipe.explicit_keys,
             f"{user} needs metric_for_best_model (e.g. cider); evaluation reports caption metrics, no loss",
         )
+        try:  # an extra evaluation dataset's metric may be the one: its name first (nocaps_cider)
+            extra_names = [extra.name for extra in extra_evaluation_datasets(data)]
+        except ValueError:
+            extra_names = []  # refused below with the entry named
+        computed = {*scored, *(f"{name}_{key}" for name in extra_names for key in scored)}
         check(
-            training.metric_for_best_model.removeprefix("eval_") in scored,
+            training.metric_for_best_model.removeprefix("eval_") in computed,
             f"metric_for_best_model {training.metric_for_best_model!r} is not computed; "
-            f"eval_metrics give {sorted(scored)}",
+            f"eval_metrics give {sorted(scored)}"
+            + (f" (and {', '.join(f'{name}_...' for name in extra_names)})" if extra_names else ""),
         )
     check_evaluation_is_generation(recipe, check)
     check_trainer_options(recipe, check)
@@ -791,6 +844,16 @@ def check_combinations(recipe: Recipe) -> None:
             data.eval_dataset_name is not None or not scores_captions(recipe),
             "streaming: true with evaluation or a test_split needs eval_dataset_name (a map-style dataset with those "
             "splits)",
+        )
+    if data.extra_eval_datasets is not None:
+        try:
+            extra_evaluation_datasets(data)
+        except ValueError as error:
+            check(False, str(error))
+        check(
+            wants_evaluation(training),
+            "extra_eval_datasets are scored at each evaluation, and this run evaluates nowhere: set eval_strategy, "
+            "do_eval or eval_on_start",
         )
     if data.extra_train_datasets is not None:
         check(

@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 
 from . import __version__
 from .builtin import is_builtin
-from .config import extra_training_datasets
+from .config import extra_evaluation_datasets, extra_training_datasets
 from .metrics import METRIC_DISPLAY_NAMES
 from .model import adapter_base, hub_offline
 
@@ -106,6 +106,7 @@ def build_model_card(
     eval_dataset: str | None = None,
     eval_dataset_id: str | None = None,
     extra_datasets: tuple[str, ...] = (),
+    extra_scored: tuple[str, ...] = (),
 ) -> ModelCard:
     """metrics: {split name: {"cider": ..., "bleu_4": ...}} -> a card whose model-index carries every number.
 
@@ -113,7 +114,9 @@ def build_model_card(
     The metadata names the base model and dataset only by Hub id (`base_model_id`, `dataset_id`; None for local
     ones): the Hub refuses a commit whose card metadata holds a local path ("datasets[0] with value ... is not
     valid"), and a builtin or a path would be a broken link; local data is named by its file or folder name.
-    `extra_datasets`: the other datasets trained on (extra_train_datasets), named beside `dataset`.
+    `extra_datasets`: the other datasets trained on (extra_train_datasets), named beside `dataset`. `extra_scored`:
+    the extra_eval_datasets, whose splits' labels in `metrics` end in " of SOURCE" (records.collect_extra_evaluation):
+    their results are filed under their own dataset.
     """
     lora = training_mode == "lora"
     dataset_name = dataset_id or local_dataset_label(dataset)
@@ -122,7 +125,18 @@ def build_model_card(
     extra_ids = [hub_dataset_id(name) for name in extra_datasets]
     trained_on = " + ".join([dataset_name, *(hub_id or local_dataset_label(name)
                                              for name, hub_id in zip(extra_datasets, extra_ids))])  # fmt: skip
-    hub_datasets = list(dict.fromkeys(name for name in (dataset_id, *extra_ids, eval_dataset_id) if name))
+    scored_ids = [hub_dataset_id(name) for name in extra_scored]
+    hub_datasets = list(dict.fromkeys(name for name in (dataset_id, *extra_ids, eval_dataset_id, *scored_ids) if name))
+    scored_names = [
+        scored_name,
+        *(hub_id or local_dataset_label(name) for name, hub_id in zip(extra_scored, scored_ids)),
+    ]
+    # {split label: (dataset, split)} for the results: an extra evaluation dataset's split under its own name
+    filed = {label: (scored_name, label) for label in metrics}
+    for label in metrics:
+        for source, hub_id in zip(extra_scored, scored_ids):
+            if f" of {source}" in label:
+                filed[label] = (hub_id or local_dataset_label(source), label.replace(f" of {source}", "", 1))
     data = ModelCardData(
         model_name=repo_id.split("/")[-1],
         base_model=base_model_id,
@@ -131,7 +145,7 @@ def build_model_card(
         pipeline_tag="image-to-text",
         license="bsd-3-clause",
         tags=["image-captioning", "blip", "blip-recipes", training_mode] + (["lora"] if lora else []),
-        eval_results=_eval_results(scored_name, metrics) or None,
+        eval_results=_eval_results(filed, metrics) or None,
     )
     table = (
         "\n".join(
@@ -154,7 +168,7 @@ def build_model_card(
     template = resources.files("blip_recipes").joinpath("templates", "model_card.md").read_text(encoding="utf-8")
     content = string.Template(template).substitute(
         metadata=data.to_yaml(), model_name=repo_id.split("/")[-1], base_model_url=_hub_url(base_model),
-        dataset=trained_on, scored_dataset=scored_name, version=__version__, training_mode=training_mode,
+        dataset=trained_on, scored_dataset="`, `".join(scored_names), version=__version__, training_mode=training_mode,
         num_beams=generation.get("num_beams"),
         max_length=generation.get("max_length"), min_length=generation.get("min_length"),
         prompt_note=f', prompt "{prompt}"' if prompt else "", results_table=table,
@@ -177,19 +191,19 @@ def local_dataset_label(dataset: str) -> str:
     return name
 
 
-def _eval_results(dataset: str, metrics: dict[str, dict]) -> list:
+def _eval_results(filed: dict[str, tuple[str, str]], metrics: dict[str, dict]) -> list:
     return [
         EvalResult(
             task_type="image-to-text",
             task_name="Image Captioning",
-            dataset_type=dataset,
-            dataset_name=dataset,
-            dataset_split=split,
+            dataset_type=filed[label][0],
+            dataset_name=filed[label][0],
+            dataset_split=filed[label][1],
             metric_type=name,
             metric_name=METRIC_DISPLAY_NAMES[name],
             metric_value=round(float(value), 4),
         )
-        for split, values in metrics.items()
+        for label, values in metrics.items()
         for name, value in values.items()
     ]
 
@@ -417,6 +431,7 @@ def publish_run(recipe, card_metrics: dict) -> bool:
         revision=branch,
         eval_dataset=scored, eval_dataset_id=hub_dataset_id(scored) if scored else None,
         extra_datasets=tuple(extra.dataset_name for extra in extra_training_datasets(recipe.data)),
+        extra_scored=tuple(extra.dataset_name for extra in extra_evaluation_datasets(recipe.data)),
     )  # fmt: skip
     write_model_card(output_dir, repo_id, training_mode=model_args.training_mode, **card)
     merged_dir = os.path.join(output_dir, "merged")

@@ -428,7 +428,9 @@ def final_evaluation(trainer) -> dict[str, dict]:
     An evaluation the Trainer already ran at the final step (eval_strategy epoch or steps) is reused, not repeated.
     """
     card_metrics = {}
-    for prefix, dataset in (("eval", trainer.eval_dataset), ("test", trainer.test_dataset)):
+    scored = [("eval", trainer.eval_dataset), ("test", trainer.test_dataset)]
+    scored += [(f"eval_{name}", dataset) for name, dataset in trainer.extra_eval_datasets.items()]
+    for prefix, dataset in scored:
         if dataset is None:
             continue
         metrics = _evaluation_at_final_step(trainer, prefix)

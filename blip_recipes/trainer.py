@@ -55,12 +55,13 @@ class CaptionTrainer(Seq2SeqTrainer):
     the main process against all references, writes predictions / per-image scores / caption grids, and gives
     every process the same metrics.
 
-    `test_dataset`: a split scored once after training. `evaluation_layout`: "per_step" writes each evaluation to
+    `test_dataset`: a split scored once after training. `extra_eval_datasets`: {name: dataset} scored with the
+    evaluation split at every evaluation, as eval_NAME_*. `evaluation_layout`: "per_step" writes each evaluation to
     output_dir/evaluations/<prefix>-step-N (training); "flat" writes straight into output_dir (standalone evaluate).
     """
 
     def __init__(self, *args, caption_collator, test_dataset=None, evaluation_layout: str = "per_step", scst=None,
-                 **kwargs):  # fmt: skip
+                 extra_eval_datasets=None, **kwargs):  # fmt: skip
         if evaluation_layout not in ("per_step", "flat"):
             raise ValueError(f"evaluation_layout must be per_step or flat, got {evaluation_layout!r}")
         training_args = kwargs["args"]
@@ -70,6 +71,7 @@ class CaptionTrainer(Seq2SeqTrainer):
         super().__init__(*args, data_collator=caption_collator, **kwargs)
         self.caption_collator = caption_collator
         self.test_dataset = test_dataset
+        self.extra_eval_datasets = dict(extra_eval_datasets or {})
         self.evaluation_layout = evaluation_layout
         self.shared_images = [0, 0]  # caption rows, images encoded for them (group_captions_by_image)
         self.stream_position = None  # a streaming run's position to resume from (checkpoints.load_stream_position)
@@ -271,8 +273,16 @@ class CaptionTrainer(Seq2SeqTrainer):
         return generated
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Score `eval_dataset` (default: the evaluation split). The Trainer's own evaluations (no dataset given)
+        score each of extra_eval_datasets too, as eval_NAME_*; the callbacks (early stopping, the best checkpoint)
+        then see every dataset's metrics at once."""
         with self.ema_weights():
-            return self._generate_and_score(eval_dataset, metric_key_prefix)
+            metrics = self._generate_and_score(eval_dataset, metric_key_prefix)
+            if eval_dataset is None and metric_key_prefix == "eval":
+                for name, dataset in self.extra_eval_datasets.items():
+                    metrics.update(self._generate_and_score(dataset, f"eval_{name}"))
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     def _generate_and_score(self, eval_dataset, metric_key_prefix: str) -> dict[str, float]:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
@@ -302,8 +312,9 @@ class CaptionTrainer(Seq2SeqTrainer):
             metrics = {f"{metric_key_prefix}_{name}": value for name, value in scores.items()}
             metrics[f"{metric_key_prefix}_generation_runtime"] = round(generation_seconds, 4)
             logger.info(
-                "scored %d captions on process %d at step %d: %s (files in %s)",
+                "scored %d captions of %s on process %d at step %d: %s (files in %s)",
                 len(predictions),
+                dataset.split.label,
                 self.args.process_index,
                 self.state.global_step,
                 _brief(scores),
@@ -313,7 +324,6 @@ class CaptionTrainer(Seq2SeqTrainer):
             metrics = broadcast_object_list([metrics])[0]
         metrics.update(speed_metrics(metric_key_prefix, start_time, num_samples=len(dataset)))
         self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         self._memory_tracker.stop_and_update_metrics(metrics)
         return metrics
 

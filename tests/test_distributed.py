@@ -31,7 +31,7 @@ def test_two_process_training_and_evaluation(tmp_path, shapes_dir, capfd, caplog
     assert "weights identical on all 2 processes" in log
     assert "find_unused_parameters=True was specified" not in log  # no per-step graph search for unused parameters
     # Two evaluations (step 0 and final), each scored exactly once although both ranks generate and log at info.
-    assert len(re.findall(r"scored 60 captions on process 0", log)) == 2
+    assert len(re.findall(r"scored 60 captions of validation on process 0", log)) == 2
     assert "on process 1" not in log
     rows = read_jsonl(output_dir / "eval_predictions.jsonl")
     assert len(rows) == 60 and len({row["image_id"] for row in rows}) == 60

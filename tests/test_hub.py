@@ -238,6 +238,14 @@ def test_the_card_names_base_model_and_dataset_by_hub_id_only(tmp_path):
     assert "on `yerevann/coco-karpathy + captions.jsonl + someone/more-captions`" in mixed.text
     assert mixed.data.datasets == [coco, "someone/more-captions"] and metadata_problem(str(mixed)) is None
     assert {result.dataset_name for result in mixed.data.eval_results} == {coco}
+    # extra_eval_datasets: each split's results filed under its own dataset (the label ends in " of SOURCE")
+    metrics = {"test": {"cider": 1.0}, "validation of lmms-lab/NoCaps (first 10 of 4,500 images)": {"cider": 0.5}}
+    nocaps = build_model_card("me/blip", base_model=str(parent), dataset=coco, dataset_id=coco,
+                              **{**common, "metrics": metrics}, extra_scored=("lmms-lab/NoCaps",))  # fmt: skip
+    filed = {(result.dataset_name, result.dataset_split, result.metric_value) for result in nocaps.data.eval_results}
+    assert filed == {(coco, "test", 1.0), ("lmms-lab/NoCaps", "validation (first 10 of 4,500 images)", 0.5)}
+    assert nocaps.data.datasets == [coco, "lmms-lab/NoCaps"] and metadata_problem(str(nocaps)) is None
+    assert "on `yerevann/coco-karpathy`, `lmms-lab/NoCaps`" in nocaps.text
     unvalidated = build_model_card("me/blip", base_model="x", dataset="y", **common, base_model_id="/home/me/blip")
     assert 'base_model" with value "/home/me/blip" is not valid' in metadata_problem(str(unvalidated))
 

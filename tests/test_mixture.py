@@ -1,4 +1,4 @@
-"""extra_train_datasets: training on several datasets at once (e.g. one's own images beside COCO)."""
+"""Several datasets in one run: extra_train_datasets (trained on together), extra_eval_datasets (scored together)."""
 
 import collections
 import json
@@ -15,7 +15,7 @@ from blip_recipes.checkpoints import resume_conflicts
 from blip_recipes.data import training_pairs
 from blip_recipes.recipe_parser import parse_recipe
 from blip_recipes.transforms import ImageTransform
-from tests.conftest import QUICK, REPO, read_jsonl, run_main
+from tests.conftest import QUICK, REPO, read_json, read_jsonl, run_main
 
 RECIPE = os.path.join(REPO, "recipes", "shapes", "full.yaml")
 COLORS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 210), "yellow": (230, 220, 30)}
@@ -175,9 +175,8 @@ TIMES = "the times per epoch (SOURCE*K, or repeat) must be a whole number from 1
         (
             "[{dataset_name: OWN, caption: text}]",
             [],
-            "unknown key(s) caption; an entry takes repeat, dataset_name, "
-            "dataset_config_name, dataset_revision, train_split, image_root, image_column, caption_column, "
-            "image_id_column",
+            "unknown key(s) caption; an entry takes dataset_name, dataset_config_name, dataset_revision, "
+            "image_root, image_column, caption_column, image_id_column, train_split, repeat",
         ),
         ("[{dataset_name: OWN, caption_column: null}]", [], "caption_column must be text, got None"),
         ("[[OWN]]", [], "an entry is a dataset (SOURCE or SOURCE*K) or a mapping with dataset_name"),
@@ -217,3 +216,68 @@ def test_an_extra_dataset_with_other_columns_or_a_missing_root_is_named(tmp_path
     assert load({"dataset_name": own, "caption_column": "caption", "image_root": str(tmp_path / "nowhere")}) == (
         f"{own}: image_root {tmp_path / 'nowhere'}: no such directory"
     )
+
+
+def test_extra_evaluation_datasets_are_scored_at_every_evaluation_under_their_own_names(
+    tmp_path, shapes_dir, capfd, caplog
+):
+    """extra_eval_datasets: each scored beside the validation split at every evaluation (eval_NAME_*), one of them
+    can pick the best checkpoint, the final evaluation writes each one's files, the card files each result under its
+    own dataset; an extra evaluation image that is a training image is a bad row like any scored one."""
+    own = own_dataset(tmp_path / "own")
+    (tmp_path / "listing.csv").write_text(f"image,text\n{tmp_path / 'own' / 'pictures' / 'red.png'},red\n")
+    extras = json.dumps([{"dataset_name": own, "name": "colors"}, str(tmp_path / "listing.csv")])
+    run = ["train", RECIPE, "--dataset_name", shapes_dir, "--extra_eval_datasets", extras, "--max_steps", "2", *QUICK,
+           "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "steps", "--save_steps", "1",
+           "--max_eval_samples", "4", "--load_best_model_at_end", "true", "--metric_for_best_model",
+           "colors_cider"]  # fmt: skip
+    result = run_main([*run, "--output_dir", tmp_path / "run"], capfd, caplog)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = read_json(tmp_path / "run" / "trainer_state.json")
+    scored = {entry["step"]: entry for entry in state["log_history"] if "eval_colors_cider" in entry}
+    assert sorted(scored) == [1, 2]
+    assert sorted(entry["step"] for entry in state["log_history"] if "eval_listing_cider" in entry) == [1, 2]
+    best_step = max(scored, key=lambda step: scored[step]["eval_colors_cider"])
+    assert state["best_metric"] == scored[best_step]["eval_colors_cider"]
+    assert state["best_model_checkpoint"].endswith(f"checkpoint-{best_step}")
+    predicted = read_jsonl(tmp_path / "run" / "eval_colors_predictions.jsonl")
+    assert sorted(row["image_id"] for row in predicted) == sorted(f"pictures/{name}.png" for name in COLORS)
+    assert read_json(tmp_path / "run" / "eval_listing_results.json")["eval_listing_cider"] >= 0
+    assert len(read_jsonl(tmp_path / "run" / "eval_predictions.jsonl")) == 4
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "name: own.jsonl" in card and "name: listing.csv" in card
+    assert f"on `{os.path.basename(shapes_dir)}`, `own.jsonl`, `listing.csv`" in card
+
+    leaked = {"dataset_name": str(tmp_path / "leaked.jsonl"), "name": "colors"}
+    train_image = read_jsonl(os.path.join(shapes_dir, "train", "metadata.jsonl"))[5]["file_name"]
+    (tmp_path / "leaked.jsonl").write_text(json.dumps({"image": os.path.join(shapes_dir, "train", train_image),
+                                                       "text": "a training image"}) + "\n")  # fmt: skip
+    refused = run_main([*run[:5], json.dumps([leaked]), *run[6:], "--output_dir", tmp_path / "leak"], capfd, caplog)
+    assert refused.returncode == 2
+    assert f"split 'train of {tmp_path / 'leaked.jsonl'}' row 0 (" in refused.stderr
+    assert "also a training image (split 'train' row 5)" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    "entries, keys, said",
+    [
+        ("[{dataset_name: OWN, name: Colors}]", [], "name 'Colors' must be lowercase letters, digits and _"),
+        ("[OWN, {dataset_name: OTHER, name: own}]", [], "are both named 'own' (their metrics would mix)"),
+        ("[{dataset_name: OWN, train_split: x}]", [], "unknown key(s) train_split; an entry takes dataset_name"),
+        ("OWN", QUICK, "extra_eval_datasets are scored at each evaluation, and this run"),
+        (
+            "OWN",
+            ["--metric_for_best_model", "nocaps_cider", "--load_best_model_at_end", "true"],
+            "metric_for_best_model 'nocaps_cider' is not computed",
+        ),
+    ],
+)
+def test_extra_evaluation_datasets_that_cannot_be_scored_are_refused(tmp_path, shapes_dir, entries, keys, said):
+    from blip_recipes.config import RecipeError
+
+    own = own_dataset(tmp_path / "own")
+    entries = entries.replace("OWN", own).replace("OTHER", str(tmp_path / "other" / "own.csv"))
+    with pytest.raises(RecipeError) as error:
+        parse_recipe([RECIPE, "--dataset_name", shapes_dir, "--extra_eval_datasets", entries, *keys,
+                      "--output_dir", str(tmp_path / "run")])  # fmt: skip
+    assert said in str(error.value)

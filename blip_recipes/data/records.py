@@ -354,9 +354,14 @@ class CaptionData:
     evaluation: CaptionSplit | None
     test: CaptionSplit | None
     extra_train: list[CaptionSplit] = dataclasses.field(default_factory=list)
+    extra_evaluation: dict[str, CaptionSplit] = dataclasses.field(default_factory=dict)  # by extra_eval_datasets name
 
     def splits(self) -> list[CaptionSplit]:
-        return [split for split in (self.train, self.evaluation, self.test, *self.extra_train) if split is not None]
+        named = (self.train, self.evaluation, self.test, *self.extra_train, *self.extra_evaluation.values())
+        return [split for split in named if split is not None]
+
+    def scored_splits(self) -> list[CaptionSplit]:
+        return [split for split in (self.evaluation, self.test, *self.extra_evaluation.values()) if split is not None]
 
 
 class MixedTable:
@@ -523,13 +528,8 @@ def collect_extra_training(data_args, mixture: list, seed: int, scored: list[Cap
             raise DataError(f"{own.dataset_name}: image_root {own.image_root}: no such directory")
         try:
             collected, own_bad = collect_splits(own, seed, need_eval=False, need_train=True)
-        except MissingColumnError as error:  # the recipe's column names were taken for it
-            if error.column_key in extra.settings:
-                raise DataError(f"{error.missing}: its extra_train_datasets entry sets {error.column_key}") from None
-            raise DataError(
-                f"{error.missing}: an extra_train_datasets entry is read with the recipe's {error.column_key} unless "
-                f"it sets its own: {{dataset_name: {extra.dataset_name}, {error.column_key}: ...}}"
-            ) from None
+        except MissingColumnError as error:
+            raise DataError(_extra_column_problem(error, extra, "extra_train_datasets")) from None
         split = collected.train
         split.name = f"{split.name} of {extra.dataset_name}"
         for row in own_bad:
@@ -539,6 +539,43 @@ def collect_extra_training(data_args, mixture: list, seed: int, scored: list[Cap
         splits.append(split)
         bad_rows += own_bad
     return splits, bad_rows
+
+
+def collect_extra_evaluation(data_args, entries: list, seed: int, training: list[CaptionSplit]):
+    """{name: evaluation split} of each extra_eval_datasets entry (config.ExtraDataset): its eval_split, else its
+    validation/val/test split, else its one split; named `SPLIT of SOURCE`, with the images that a training split
+    also holds found as bad rows. An entry's own keys win; the column names and max_eval_samples are otherwise the
+    recipe's; image_root, configuration and revision are dataset_name's only."""
+    splits, bad_rows = {}, []
+    for extra in entries:
+        dataset_own = {"dataset_config_name": None, "dataset_revision": None, "image_root": None, "eval_split": None}
+        own = dataclasses.replace(data_args, test_split=None, validation_split_percentage=0,
+                                  dataset_name=extra.dataset_name, **{**dataset_own, **extra.settings})  # fmt: skip
+        if own.image_root and not os.path.isdir(own.image_root):
+            raise DataError(f"{own.dataset_name}: image_root {own.image_root}: no such directory")
+        try:
+            collected, own_bad = collect_splits(own, seed, need_eval=True, need_train=False)
+        except MissingColumnError as error:
+            raise DataError(_extra_column_problem(error, extra, "extra_eval_datasets")) from None
+        split = collected.evaluation
+        split.name = f"{split.name} of {extra.dataset_name}"
+        for row in own_bad:
+            row.split = split.name
+        for trained in training:
+            own_bad.extend(training_images_in(split, trained, across_datasets=True))
+        splits[extra.name] = split
+        bad_rows += own_bad
+    return splits, bad_rows
+
+
+def _extra_column_problem(error: "MissingColumnError", extra, key: str) -> str:
+    """The recipe's column names were taken for an extra dataset that lacks one."""
+    if error.column_key in extra.settings:
+        return f"{error.missing}: its {key} entry sets {error.column_key}"
+    return (
+        f"{error.missing}: an {key} entry is read with the recipe's {error.column_key} unless it sets its own: "
+        f"{{dataset_name: {extra.dataset_name}, {error.column_key}: ...}}"
+    )
 
 
 def training_images_in(scored: CaptionSplit, train: CaptionSplit, across_datasets: bool = False) -> list[BadRow]:
@@ -582,7 +619,7 @@ def copied_training_images(data: CaptionData, reported: list[BadRow]) -> list[Ba
                 trained.setdefault(content, (split, record))
     reported_rows = {(row.split, row.row) for row in reported}
     found = []
-    for scored in (data.evaluation, data.test):
+    for scored in data.scored_splits():
         if scored is None or (data.train is not None and scored.name == data.train.name and not scored.held_out):
             continue
         for record in scored.records:
