@@ -420,6 +420,10 @@ def extra_evaluation_datasets(data: DataArguments) -> list[ExtraDataset]:
         if extra.name is None:
             stem = os.path.basename(os.path.normpath(extra.dataset_name)).split(".")[0]
             extra.name = re.sub(r"[^a-z0-9]+", "_", stem.lower()).strip("_") or "dataset"
+        if extra.name == "generation":  # eval_generation_runtime is the evaluation split's generation time
+            raise ValueError(f"extra_eval_datasets: {extra.dataset_name}: the name 'generation' is taken by the "
+                             "evaluation split's eval_generation_runtime; give it another ({dataset_name: ..., "
+                             "name: ...})")  # fmt: skip
         if extra.name in names:
             raise ValueError(
                 f"extra_eval_datasets: {extra.dataset_name} and {names[extra.name]} are both named {extra.name!r} "

@@ -264,6 +264,7 @@ def test_extra_evaluation_datasets_are_scored_at_every_evaluation_under_their_ow
         ("[{dataset_name: OWN, name: Colors}]", [], "name 'Colors' must be lowercase letters, digits and _"),
         ("[OWN, {dataset_name: OTHER, name: own}]", [], "are both named 'own' (their metrics would mix)"),
         ("[{dataset_name: OWN, train_split: x}]", [], "unknown key(s) train_split; an entry takes dataset_name"),
+        ("[{dataset_name: OWN, name: generation}]", [], "the name 'generation' is taken by the evaluation split's"),
         ("OWN", QUICK, "extra_eval_datasets are scored at each evaluation, and this run"),
         (
             "OWN",
