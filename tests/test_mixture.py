@@ -247,6 +247,11 @@ def test_extra_evaluation_datasets_are_scored_at_every_evaluation_under_their_ow
     card = (tmp_path / "run" / "README.md").read_text()
     assert "name: own.jsonl" in card and "name: listing.csv" in card
     assert f"on `{os.path.basename(shapes_dir)}`, `own.jsonl`, `listing.csv`" in card
+    # `evaluate` with the run's recipe scores one dataset: the extra ones are not even read
+    os.remove(tmp_path / "listing.csv")
+    recorded = parse_recipe([str(tmp_path / "run" / "recipe.yaml"), "--output_dir", str(tmp_path / "scored")])
+    scored_alone = load_data(recorded, need_train=False)
+    assert scored_alone.extra_evaluation == {} and scored_alone.evaluation.name == "validation"
 
     leaked = {"dataset_name": str(tmp_path / "leaked.jsonl"), "name": "colors"}
     train_image = read_jsonl(os.path.join(shapes_dir, "train", "metadata.jsonl"))[5]["file_name"]
