@@ -156,4 +156,6 @@ def test_a_lora_adapter_to_merge_is_refused_under_zero3_before_anything_loads(tm
                       str(tmp_path / "run"), *QUICK, "--max_steps", "1"], launcher=launcher)  # fmt: skip
     log = result.stdout + result.stderr
     assert result.returncode != 0 and "must match the size" not in log, log[-3000:]
-    assert log.count(f"model_name_or_path {adapter} is a LoRA adapter, which training_mode full folds into") == 2
+    said = f"model_name_or_path {adapter} is a LoRA adapter, which training_mode full folds into"
+    assert log.count(f"ERROR blip_recipes: {said}") == 2  # each process, and the launcher's summary names it too
+    assert f"traceback : {said}" in log[log.index("Root Cause (first observed failure)") :]
