@@ -106,7 +106,7 @@ def build_model_card(
     eval_dataset: str | None = None,
     eval_dataset_id: str | None = None,
     extra_datasets: tuple[str, ...] = (),
-    extra_scored: tuple[str, ...] = (),
+    extra_scored: dict[str, str] | None = None,
 ) -> ModelCard:
     """metrics: {split name: {"cider": ..., "bleu_4": ...}} -> a card whose model-index carries every number.
 
@@ -115,8 +115,9 @@ def build_model_card(
     ones): the Hub refuses a commit whose card metadata holds a local path ("datasets[0] with value ... is not
     valid"), and a builtin or a path would be a broken link; local data is named by its file or folder name.
     `extra_datasets`: the other datasets trained on (extra_train_datasets), named beside `dataset`. `extra_scored`:
-    the extra_eval_datasets, whose splits' labels in `metrics` end in " of SOURCE" (records.collect_extra_evaluation):
-    their results are filed under their own dataset.
+    {name: dataset} of extra_eval_datasets, whose splits' labels in `metrics` are "SPLIT of NAME", with a part's
+    "(first N of M images)" after it (records.collect_extra_evaluation): their results are filed under their own
+    dataset.
     """
     lora = training_mode == "lora"
     dataset_name = dataset_id or local_dataset_label(dataset)
@@ -125,18 +126,18 @@ def build_model_card(
     extra_ids = [hub_dataset_id(name) for name in extra_datasets]
     trained_on = " + ".join([dataset_name, *(hub_id or local_dataset_label(name)
                                              for name, hub_id in zip(extra_datasets, extra_ids))])  # fmt: skip
-    scored_ids = [hub_dataset_id(name) for name in extra_scored]
+    extra_scored = extra_scored or {}
+    scored_ids = [hub_dataset_id(source) for source in extra_scored.values()]
     hub_datasets = list(dict.fromkeys(name for name in (dataset_id, *extra_ids, eval_dataset_id, *scored_ids) if name))
-    scored_names = [
-        scored_name,
-        *(hub_id or local_dataset_label(name) for name, hub_id in zip(extra_scored, scored_ids)),
-    ]
-    # {split label: (dataset, split)} for the results: an extra evaluation dataset's split under its own name
+    extra_names = {name: hub_id or local_dataset_label(source)
+                   for (name, source), hub_id in zip(extra_scored.items(), scored_ids)}  # fmt: skip
+    scored_names = [scored_name, *extra_names.values()]
+    # {split label: (dataset, split)} for the results: an extra evaluation dataset's split under its own dataset
     filed = {label: (scored_name, label) for label in metrics}
     for label in metrics:
-        for source, hub_id in zip(extra_scored, scored_ids):
-            if f" of {source}" in label:
-                filed[label] = (hub_id or local_dataset_label(source), label.replace(f" of {source}", "", 1))
+        for name, shown in extra_names.items():
+            if part := re.fullmatch(rf"(.+) of {re.escape(name)}( \(.+\))?", label):
+                filed[label] = (shown, part.group(1) + (part.group(2) or ""))
     data = ModelCardData(
         model_name=repo_id.split("/")[-1],
         base_model=base_model_id,
@@ -431,7 +432,7 @@ def publish_run(recipe, card_metrics: dict) -> bool:
         revision=branch,
         eval_dataset=scored, eval_dataset_id=hub_dataset_id(scored) if scored else None,
         extra_datasets=tuple(extra.dataset_name for extra in extra_training_datasets(recipe.data)),
-        extra_scored=tuple(extra.dataset_name for extra in extra_evaluation_datasets(recipe.data)),
+        extra_scored={extra.name: extra.dataset_name for extra in extra_evaluation_datasets(recipe.data)},
     )  # fmt: skip
     write_model_card(output_dir, repo_id, training_mode=model_args.training_mode, **card)
     merged_dir = os.path.join(output_dir, "merged")

@@ -239,9 +239,10 @@ def test_the_card_names_base_model_and_dataset_by_hub_id_only(tmp_path):
     assert mixed.data.datasets == [coco, "someone/more-captions"] and metadata_problem(str(mixed)) is None
     assert {result.dataset_name for result in mixed.data.eval_results} == {coco}
     # extra_eval_datasets: each split's results filed under its own dataset (the label ends in " of SOURCE")
-    metrics = {"test": {"cider": 1.0}, "validation of lmms-lab/NoCaps (first 10 of 4,500 images)": {"cider": 0.5}}
+    metrics = {"test": {"cider": 1.0}, "validation of nocaps (first 10 of 4,500 images)": {"cider": 0.5}}
     nocaps = build_model_card("me/blip", base_model=str(parent), dataset=coco, dataset_id=coco,
-                              **{**common, "metrics": metrics}, extra_scored=("lmms-lab/NoCaps",))  # fmt: skip
+                              **{**common, "metrics": metrics},
+                              extra_scored={"nocaps": "lmms-lab/NoCaps"})  # fmt: skip
     filed = {(result.dataset_name, result.dataset_split, result.metric_value) for result in nocaps.data.eval_results}
     assert filed == {(coco, "test", 1.0), ("lmms-lab/NoCaps", "validation (first 10 of 4,500 images)", 0.5)}
     assert nocaps.data.datasets == [coco, "lmms-lab/NoCaps"] and metadata_problem(str(nocaps)) is None

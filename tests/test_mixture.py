@@ -259,7 +259,7 @@ def test_extra_evaluation_datasets_are_scored_at_every_evaluation_under_their_ow
                                                        "text": "a training image"}) + "\n")  # fmt: skip
     refused = run_main([*run[:5], json.dumps([leaked]), *run[6:], "--output_dir", tmp_path / "leak"], capfd, caplog)
     assert refused.returncode == 2
-    assert f"split 'train of {tmp_path / 'leaked.jsonl'}' row 0 (" in refused.stderr
+    assert "split 'train of colors' row 0 (" in refused.stderr
     assert "also a training image (split 'train' row 5)" in refused.stderr
 
 

@@ -543,7 +543,7 @@ def collect_extra_training(data_args, mixture: list, seed: int, scored: list[Cap
 
 def collect_extra_evaluation(data_args, entries: list, seed: int, training: list[CaptionSplit]):
     """{name: evaluation split} of each extra_eval_datasets entry (config.ExtraDataset): its eval_split, else its
-    validation/val/test split, else its one split; named `SPLIT of SOURCE`, with the images that a training split
+    validation/val/test split, else its one split; named `SPLIT of NAME`, with the images that a training split
     also holds found as bad rows. An entry's own keys win; the column names and max_eval_samples are otherwise the
     recipe's; image_root, configuration and revision are dataset_name's only."""
     splits, bad_rows = {}, []
@@ -558,7 +558,7 @@ def collect_extra_evaluation(data_args, entries: list, seed: int, training: list
         except MissingColumnError as error:
             raise DataError(_extra_column_problem(error, extra, "extra_eval_datasets")) from None
         split = collected.evaluation
-        split.name = f"{split.name} of {extra.dataset_name}"
+        split.name = f"{split.name} of {extra.name}"  # names are unique; results name the split so (model card)
         for row in own_bad:
             row.split = split.name
         for trained in training:
