@@ -515,25 +515,11 @@ def collect_with_eval_dataset(data_args, scored_args, seed: int, need_eval: bool
 
 
 def collect_extra_training(data_args, mixture: list, seed: int, scored: list[CaptionSplit]):
-    """The training split of each extra dataset (config.ExtraDataset), named `TRAIN_SPLIT of SOURCE` so that its bad
-    rows are reported by its own rows, with the scored images that it also holds found as bad rows of their split.
-    An entry's own keys win; the column names and max_train_samples are otherwise the recipe's; image_root,
-    configuration and revision are dataset_name's only (an extra dataset's relative paths are read where it is)."""
+    """The training split of each extra_train_datasets entry (config.ExtraDataset), named `TRAIN_SPLIT of SOURCE`,
+    with the scored images that it also holds found as bad rows of their split."""
     splits, bad_rows = [], []
     for extra in mixture:
-        dataset_own = {"dataset_config_name": None, "dataset_revision": None, "image_root": None}
-        own = dataclasses.replace(data_args, eval_split=None, test_split=None, dataset_name=extra.dataset_name,
-                                  **{**dataset_own, **extra.settings})  # fmt: skip
-        if own.image_root and not os.path.isdir(own.image_root):
-            raise DataError(f"{own.dataset_name}: image_root {own.image_root}: no such directory")
-        try:
-            collected, own_bad = collect_splits(own, seed, need_eval=False, need_train=True)
-        except MissingColumnError as error:
-            raise DataError(_extra_column_problem(error, extra, "extra_train_datasets")) from None
-        split = collected.train
-        split.name = f"{split.name} of {extra.dataset_name}"
-        for row in own_bad:
-            row.split = split.name
+        split, own_bad = _extra_split(data_args, extra, seed, "extra_train_datasets")
         for scored_split in scored:
             own_bad.extend(training_images_in(scored_split, split, across_datasets=True))
         splits.append(split)
@@ -544,28 +530,38 @@ def collect_extra_training(data_args, mixture: list, seed: int, scored: list[Cap
 def collect_extra_evaluation(data_args, entries: list, seed: int, training: list[CaptionSplit]):
     """{name: evaluation split} of each extra_eval_datasets entry (config.ExtraDataset): its eval_split, else its
     validation/val/test split, else its one split; named `SPLIT of NAME`, with the images that a training split
-    also holds found as bad rows. An entry's own keys win; the column names and max_eval_samples are otherwise the
-    recipe's; image_root, configuration and revision are dataset_name's only."""
+    also holds found as bad rows."""
     splits, bad_rows = {}, []
     for extra in entries:
-        dataset_own = {"dataset_config_name": None, "dataset_revision": None, "image_root": None, "eval_split": None}
-        own = dataclasses.replace(data_args, test_split=None, validation_split_percentage=0,
-                                  dataset_name=extra.dataset_name, **{**dataset_own, **extra.settings})  # fmt: skip
-        if own.image_root and not os.path.isdir(own.image_root):
-            raise DataError(f"{own.dataset_name}: image_root {own.image_root}: no such directory")
-        try:
-            collected, own_bad = collect_splits(own, seed, need_eval=True, need_train=False)
-        except MissingColumnError as error:
-            raise DataError(_extra_column_problem(error, extra, "extra_eval_datasets")) from None
-        split = collected.evaluation
-        split.name = f"{split.name} of {extra.name}"  # names are unique; results name the split so (model card)
-        for row in own_bad:
-            row.split = split.name
+        split, own_bad = _extra_split(data_args, extra, seed, "extra_eval_datasets")
         for trained in training:
             own_bad.extend(training_images_in(split, trained, across_datasets=True))
         splits[extra.name] = split
         bad_rows += own_bad
     return splits, bad_rows
+
+
+def _extra_split(data_args, extra, seed: int, key: str) -> tuple[CaptionSplit, list[BadRow]]:
+    """An extra dataset's training split (extra_train_datasets) or scored split (extra_eval_datasets), with its bad
+    captions, under a name of its own so that its bad rows are reported by its own rows: `SPLIT of SOURCE` (`SPLIT
+    of NAME` when scored: names are unique, and results name the split so in the model card). An entry's own keys
+    win; the column names, max_train_samples and max_eval_samples are otherwise the recipe's; image_root,
+    configuration and revision are dataset_name's only (an extra dataset's relative paths are read where it is)."""
+    scored = key == "extra_eval_datasets"
+    dataset_own = {"dataset_config_name": None, "dataset_revision": None, "image_root": None, "eval_split": None}
+    own = dataclasses.replace(data_args, test_split=None, validation_split_percentage=0,
+                              dataset_name=extra.dataset_name, **{**dataset_own, **extra.settings})  # fmt: skip
+    if own.image_root and not os.path.isdir(own.image_root):
+        raise DataError(f"{own.dataset_name}: image_root {own.image_root}: no such directory")
+    try:
+        collected, own_bad = collect_splits(own, seed, need_eval=scored, need_train=not scored)
+    except MissingColumnError as error:
+        raise DataError(_extra_column_problem(error, extra, key)) from None
+    split = collected.evaluation if scored else collected.train
+    split.name = f"{split.name} of {extra.name if scored else extra.dataset_name}"
+    for row in own_bad:
+        row.split = split.name
+    return split, own_bad
 
 
 def _extra_column_problem(error: "MissingColumnError", extra, key: str) -> str:
