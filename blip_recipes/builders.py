@@ -95,8 +95,8 @@ def load_data(recipe: Recipe, need_train: bool) -> CaptionData:
             data, bad_rows = collect_with_eval_dataset(data_args, scored_args, training.seed, need_eval)
         mixture = extra_training_datasets(data_args) if need_train else []
         if mixture:
-            scored = [split for split in (data.evaluation, data.test) if split is not None]
-            data.extra_train, extra_bad = collect_extra_training(data_args, mixture, training.seed, scored)
+            data.extra_train, extra_bad = collect_extra_training(data_args, mixture, training.seed,
+                                                                 data.scored_splits())  # fmt: skip
             bad_rows += extra_bad
         if extra_scored:
             trained = [split for split in (data.train, *data.extra_train) if split is not None]
