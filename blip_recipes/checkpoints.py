@@ -445,17 +445,34 @@ def resume_conflicts(resolved: dict, checkpoint: str) -> tuple[str, list[str]] |
     for key in ABSENT_WHEN_UNSET:
         old.setdefault(key, None)
         new.setdefault(key, None)
-    changed = [f"  {key}: {old[key]!r} -> {new[key]!r}" for key in sorted(FIXED_ON_RESUME)
+    fixed = FIXED_ON_RESUME
+    if os.path.isfile(os.path.join(checkpoint, PROCESSES_FILE)):  # the batch's size is resume_geometry_problem's
+        fixed = fixed - {"per_device_train_batch_size", "gradient_accumulation_steps"}
+    changed = [f"  {key}: {old[key]!r} -> {new[key]!r}" for key in sorted(fixed)
                if key in old and key in new and old[key] != new[key]]  # fmt: skip
     return (path, changed) if changed else None
 
 
-PROCESSES_FILE = "processes.json"  # inside a checkpoint: how many processes (and DataLoader workers) wrote it
+PROCESSES_FILE = "processes.json"  # inside a checkpoint: the batch geometry and engine that wrote it
+
+
+def batch_geometry(training_args) -> dict:
+    """What a checkpoint records of how its steps were made: processes, per-device batch, accumulation, DataLoader
+    workers (a stream's readers) and the sharding engine (None: one process or DDP)."""
+    from .config import sharding_engine
+
+    return {
+        "world_size": training_args.world_size,
+        "dataloader_num_workers": training_args.dataloader_num_workers,
+        "per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+        "engine": sharding_engine(training_args),
+    }
 
 
 class RecipeSnapshotCallback(TrainerCallback):
-    """Each checkpoint keeps the recipe that produced it and its number of processes, so a resume from it is
-    compared with the right ones."""
+    """Each checkpoint keeps the recipe that produced it and its batch geometry, so a resume from it is compared
+    with the right ones."""
 
     def on_save(self, args, state, control, **kwargs):
         source = os.path.join(args.output_dir, RECIPE_FILE)
@@ -467,41 +484,95 @@ class RecipeSnapshotCallback(TrainerCallback):
             shutil.copyfile(source, os.path.join(target, RECIPE_FILE + ".tmp"))
             os.replace(os.path.join(target, RECIPE_FILE + ".tmp"), os.path.join(target, RECIPE_FILE))
         with open(os.path.join(target, PROCESSES_FILE), "w", encoding="utf-8") as handle:
-            json.dump({"world_size": args.world_size, "dataloader_num_workers": args.dataloader_num_workers}, handle)
+            json.dump(batch_geometry(args), handle)
 
 
-def process_count_problem(checkpoint: str, training_args, streaming: bool) -> str | None:
-    """Why a run of this many processes (and, streaming, DataLoader workers) cannot continue `checkpoint`, or None.
-
-    The global batch is per-device batch x processes x accumulation: with another number of processes the Trainer
-    resumes anyway (it only logs that an RNG file is missing), with another global batch, a shifted data order and
-    a schedule stretched to new step counts. A stream's position is each reader's (process x worker): torchdata
-    fails on another worker count at the first step, with an AssertionError. A checkpoint written before this record
-    existed is not checked."""
-    path = os.path.join(checkpoint, PROCESSES_FILE)
+def _recorded_geometry(checkpoint: str) -> dict | None:
+    """The checkpoint's batch geometry; a checkpoint from before per-device batch and accumulation were recorded
+    there takes them from its recipe.yaml. None when it has no record (not checked)."""
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(os.path.join(checkpoint, PROCESSES_FILE), encoding="utf-8") as handle:
             recorded = json.load(handle)
-        processes, workers = int(recorded["world_size"]), int(recorded["dataloader_num_workers"])
+        recorded["world_size"], recorded["dataloader_num_workers"] = (
+            int(recorded["world_size"]), int(recorded["dataloader_num_workers"])
+        )  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if streaming and workers != training_args.dataloader_num_workers:
+    recipe = recorded_recipe(checkpoint)
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if key not in recorded and recipe is not None and isinstance(recipe[1].get(key), int):
+            recorded[key] = recipe[1][key]
+    return recorded
+
+
+def _geometry_text(geometry: dict) -> str:
+    processes = geometry["world_size"]
+    steps = geometry["gradient_accumulation_steps"]
+    return (f"{geometry['per_device_train_batch_size']} per device x {processes} process{'es' * (processes != 1)} x "
+            f"{steps} accumulation step{'s' * (steps != 1)}")  # fmt: skip
+
+
+def resume_geometry_problem(checkpoint: str, training_args, streaming: bool, group_captions_by_image: bool):
+    """(why this run cannot continue `checkpoint`, or None; a note to log when it continues it with another batch
+    geometry, or None).
+
+    A step's images are the global batch's (per-device batch x processes x accumulation) in the seeded order of the
+    epoch, whatever the geometry that makes it, and the loss is normalised by the caption tokens of the whole global
+    batch: so a DDP or one-process run continues on another number of processes (or another per-device batch) that
+    keeps the global batch, training the same images per step (a job re-queued on fewer GPUs; a smaller GPU with
+    more accumulation). With another global batch the Trainer would resume anyway, with a shifted data order and a
+    schedule stretched to new step counts. What stays fixed: DeepSpeed and FSDP checkpoints hold each process's
+    shard of the optimizer state; a stream's position is each reader's (process x worker: torchdata fails on
+    another worker count at the first step); group_captions_by_image lays its epoch out in per-device batches. A
+    checkpoint written before this record existed is not checked."""
+
+    recorded = _recorded_geometry(checkpoint)
+    if recorded is None:
+        return None, None
+    now = batch_geometry(training_args)
+    workers = recorded["dataloader_num_workers"]
+    if streaming and workers != now["dataloader_num_workers"]:
         return (
             f"resume_from_checkpoint {checkpoint}: its stream position is that of {workers} DataLoader worker"
-            f"{'s' * (workers != 1)} per process, and this run has {training_args.dataloader_num_workers}: each "
+            f"{'s' * (workers != 1)} per process, and this run has {now['dataloader_num_workers']}: each "
             f"reader continues its own shards and cannot be split over other readers. Resume with "
             f"--dataloader_num_workers {workers}"
-        )
-    recorded, now = processes, training_args.world_size
-    if recorded == now:
-        return None
-    per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-    return (
-        f"resume_from_checkpoint {checkpoint}: written by {recorded} process{'es' * (recorded != 1)}, and this run "
-        f"has {now}: the global batch (per_device_train_batch_size x processes x gradient_accumulation_steps) would "
-        f"go from {per_step * recorded} to {per_step * now}, and with it the data order and the schedule. Resume "
-        f"with {recorded} process{'es' * (recorded != 1)}, or start a new run from its weights (--model_name_or_path "
-        f"{checkpoint})"
+        ), None
+    keys = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps")
+    if not all(key in recorded for key in keys) or all(recorded[key] == now[key] for key in keys):
+        if "engine" in recorded and recorded["engine"] != now["engine"]:
+            return (
+                f"resume_from_checkpoint {checkpoint}: written under {recorded['engine'] or 'DDP (or one process)'}"
+                f", and this run uses {now['engine'] or 'DDP (or one process)'}: the optimizer state is saved in "
+                f"each engine's own layout. Resume under the engine that wrote it (its accelerate config)"
+            ), None
+        return None, None
+    size = recorded["world_size"] * recorded["per_device_train_batch_size"] * recorded["gradient_accumulation_steps"]
+    size_now = now["world_size"] * now["per_device_train_batch_size"] * now["gradient_accumulation_steps"]
+    fixed = None
+    if streaming:
+        fixed = "a streaming run's position is each reader's, at its batch size"
+    elif recorded.get("engine") or now["engine"]:
+        fixed = (f"{recorded.get('engine') or now['engine']} checkpoints hold each process's shard of the optimizer "
+                 "state")  # fmt: skip
+    elif group_captions_by_image and recorded["per_device_train_batch_size"] != now["per_device_train_batch_size"]:
+        fixed = "group_captions_by_image lays each epoch out in per-device batches (only processes and accumulation "
+        fixed += "may trade)"
+    if fixed or size != size_now:
+        others = now["world_size"] * now["per_device_train_batch_size"]
+        hint = (f"--gradient_accumulation_steps {size // others}" if not fixed and size % others == 0
+                else "the recorded values")  # fmt: skip
+        why = fixed or ("the global batch would go from "
+                        f"{size} to {size_now}, and with it the data order and the schedule")  # fmt: skip
+        return (
+            f"resume_from_checkpoint {checkpoint}: written with {_geometry_text(recorded)} (a global batch of "
+            f"{size}), and this run has {_geometry_text(now)}: {why}. Resume with {hint}, or start a new run from "
+            f"its weights (--model_name_or_path {checkpoint})"
+        ), None
+    return None, (
+        f"resuming {checkpoint} (written with {_geometry_text(recorded)}) with {_geometry_text(now)}: the same "
+        f"global batch of {size}, so each step trains the same images; random draws (dropout, augmentation, SCST "
+        "samples) are not those of an uninterrupted run, whose generator states were per process"
     )
 
 

@@ -1116,13 +1116,18 @@ def check_launcher_compile(recipe: Recipe, check) -> None:
     )
 
 
+def sharding_engine(training: CaptionTrainingArguments) -> str | None:
+    """ "DeepSpeed" or "FSDP" when the run shards (asked for in the recipe or by `accelerate launch`, in its
+    environment), else None (one process or DDP)."""
+    if training.deepspeed or _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        return "DeepSpeed"
+    if training.fsdp or _env_flag("ACCELERATE_USE_FSDP"):
+        return "FSDP"
+    return None
+
+
 def _sharded(training: CaptionTrainingArguments) -> bool:
-    """FSDP or DeepSpeed, asked for in the recipe or by `accelerate launch` (its environment)."""
-    return (
-        bool(training.fsdp or training.deepspeed)
-        or _env_flag("ACCELERATE_USE_FSDP")
-        or _env_flag("ACCELERATE_USE_DEEPSPEED")
-    )
+    return sharding_engine(training) is not None
 
 
 def _env_flag(name: str) -> bool:

@@ -38,12 +38,12 @@ from .checkpoints import (
     lock_output_dir,
     overwrite_would_remove,
     previous_run_files,
-    process_count_problem,
     processes_not_sharing_output_dir,
     remove_earlier_run,
     resolve_resume,
     resume_conflicts,
     resume_disagreement,
+    resume_geometry_problem,
     resume_hint,
     unshared_output_dir_problem,
 )
@@ -136,9 +136,13 @@ def check_before_loading(recipe) -> str | None:
                 + "\n".join(changed)
                 + "\nResume with the recorded values, or start a new run in another output_dir."
             )
-    problem = process_count_problem(resume, training_args, recipe.data.streaming) if resume is not None else None
-    if problem:
-        raise RecipeError(problem)
+    if resume is not None:
+        problem, note = resume_geometry_problem(resume, training_args, recipe.data.streaming,
+                                                training_args.group_captions_by_image)  # fmt: skip
+        if problem:
+            raise RecipeError(problem)
+        if note and training_args.process_index == 0:
+            logger.warning(note)
     if resume is not None:  # what CaptionTrainer.train restores beside the Trainer's own state
         if recipe.data.streaming:
             load_stream_position(resume, training_args.process_index)

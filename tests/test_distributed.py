@@ -2,9 +2,12 @@
 
 import os
 import re
+import shutil
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tests.conftest import QUICK, REPO, read_json, read_jsonl, run_cli, run_main
 
@@ -18,9 +21,9 @@ def test_two_process_training_and_evaluation(tmp_path, shapes_dir, capfd, caplog
     output_dir = tmp_path / "ddp"
     launcher = two_process_launcher(port=29517)
     result = run_cli(
-        ["train", "recipes/shapes/full.yaml", "--output_dir", str(output_dir), "--max_steps", "12",
+        ["train", "recipes/shapes/full.yaml", "--output_dir", str(output_dir), "--max_steps", "14",
          *QUICK, "--per_device_train_batch_size", "8", "--eval_on_start", "true",
-         "--save_strategy", "steps", "--save_steps", "12",
+         "--save_strategy", "steps", "--save_steps", "12", "--save_total_limit", "2",
          "--per_device_eval_batch_size", "7",  # 60 images over 2 x 7 per step: the sampler pads the last batch
          "--log_level", "info", "--log_level_replica", "info"],
         launcher=launcher,
@@ -36,21 +39,40 @@ def test_two_process_training_and_evaluation(tmp_path, shapes_dir, capfd, caplog
     rows = read_jsonl(output_dir / "eval_predictions.jsonl")
     assert len(rows) == 60 and len({row["image_id"] for row in rows}) == 60
     state = read_json(output_dir / "trainer_state.json")
-    assert state["global_step"] == 12
-    # 12 steps x 2 processes x 8 = 192 captions seen: the global batch is 16, not 8.
-    assert state["train_batch_size"] == 8 and read_json(output_dir / "train_results.json")["epoch"] == 192 / 1440
+    assert state["global_step"] == 14
+    # 14 steps x 2 processes x 8 = 224 captions seen: the global batch is 16, not 8.
+    assert state["train_batch_size"] == 8 and read_json(output_dir / "train_results.json")["epoch"] == 224 / 1440
     assert os.path.isfile(output_dir / "model.safetensors")
 
-    # One process cannot continue it: the Trainer would resume with half the global batch, saying nothing.
-    assert read_json(output_dir / "checkpoint-12" / "processes.json") == {"world_size": 2, "dataloader_num_workers": 0}
-    resumed = run_main(["train", "recipes/shapes/full.yaml", "--output_dir", output_dir, "--max_steps", "14", *QUICK,
-                        "--per_device_train_batch_size", "8", "--save_strategy", "steps", "--save_steps", "12",
-                        "--eval_on_start", "true", "--per_device_eval_batch_size", "7",
-                        "--resume_from_checkpoint", "true"], capfd, caplog)  # fmt: skip
-    assert resumed.returncode == 2, resumed.stderr[-3000:]
-    assert "checkpoint-12: written by 2 processes, and this run has 1: the global batch (per_device_train_batch_size" \
-           " x processes x gradient_accumulation_steps) would go from 16 to 8" in resumed.stderr  # fmt: skip
-    assert read_json(output_dir / "trainer_state.json")["global_step"] == 12
+    # One process continues it only with the same global batch: with 8 x 1 x 1 the Trainer would resume with half
+    # of it, saying nothing.
+    checkpoint = output_dir / "checkpoint-12"
+    assert read_json(checkpoint / "processes.json") == {
+        "world_size": 2, "dataloader_num_workers": 0, "per_device_train_batch_size": 8,
+        "gradient_accumulation_steps": 1, "engine": None,
+    }  # fmt: skip
+    shutil.copytree(checkpoint, tmp_path / "one" / "checkpoint-12")
+    resume = ["train", "recipes/shapes/full.yaml", "--output_dir", tmp_path / "one", "--max_steps", "14", *QUICK,
+              "--per_device_train_batch_size", "8", "--resume_from_checkpoint", "true"]  # fmt: skip
+    refused = run_main(resume, capfd, caplog)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert ("checkpoint-12: written with 8 per device x 2 processes x 1 accumulation step (a global batch of 16), "
+            "and this run has 8 per device x 1 process x 1 accumulation step: the global batch would go from 16 to "
+            "8, and with it the data order and the schedule. Resume with --gradient_accumulation_steps 2, or start "
+            "a new run") in refused.stderr  # fmt: skip
+    assert not (tmp_path / "one" / "trainer_state.json").exists()
+    # With 2 accumulation steps it trains steps 13 and 14 on the images the two processes did, with their losses.
+    resumed = run_main([*resume, "--gradient_accumulation_steps", "2"], capfd, caplog)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "with 8 per device x 1 process x 2 accumulation steps: the same global batch of 16" in resumed.stderr
+
+    def losses(folder):
+        return [entry["loss"] for entry in read_json(folder / "trainer_state.json")["log_history"]
+                if entry.get("step", 0) > 12 and "loss" in entry]  # fmt: skip
+
+    assert len(losses(output_dir)) == 2 and losses(tmp_path / "one") == pytest.approx(losses(output_dir), rel=1e-4)
+    weights, alone = load_file(output_dir / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    assert all(torch.allclose(weights[name], alone[name], atol=1e-6) for name in weights)
 
     # The same model scored by one process gives the same captions and the same metrics.
     single = run_main(["evaluate", "--model", output_dir, "--dataset", "builtin:shapes", "--split", "validation",

@@ -117,3 +117,58 @@ def test_processes_that_would_resume_from_different_checkpoints_are_stopped():
     problem = resume_disagreement([("run/checkpoint-4", "a"), ("run/checkpoint-2", "b"), ("run/checkpoint-4", "b")])
     assert "process 0 on a: run/checkpoint-4; process 1 on b: run/checkpoint-2; process 2 on b" in problem
     assert "Name one that every machine holds complete" in problem
+
+
+def test_a_resume_keeps_the_global_batch_and_what_holds_per_process_state(tmp_path, monkeypatch):
+    """Another geometry of the same global batch continues a DDP or one-process checkpoint (the same images per
+    step: tests/test_distributed.py trains it); what a checkpoint holds per process or per batch stays fixed."""
+    import json
+    from types import SimpleNamespace
+
+    from blip_recipes.checkpoints import resume_geometry_problem
+
+    for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+        monkeypatch.delenv(name, raising=False)
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+
+    def record(engine=None, workers=0, **batch):
+        geometry = {"world_size": 4, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, **batch}
+        (checkpoint / "processes.json").write_text(json.dumps({"dataloader_num_workers": workers, "engine": engine,
+                                                               **geometry}))  # fmt: skip
+
+    def resume(world_size, batch, steps, streaming=False, grouped=False, workers=0, deepspeed=None):
+        args = SimpleNamespace(world_size=world_size, per_device_train_batch_size=batch, deepspeed=deepspeed,
+                               gradient_accumulation_steps=steps, dataloader_num_workers=workers, fsdp="")  # fmt: skip
+        return resume_geometry_problem(str(checkpoint), args, streaming, grouped)
+
+    record()
+    assert resume(4, 8, 1) == (None, None)
+    problem, note = resume(2, 8, 2)  # re-queued on half the GPUs
+    assert (
+        problem is None
+        and "with 8 per device x 2 processes x 2 accumulation steps: the same global batch of 32" in note
+    )
+    assert resume(1, 16, 2)[0] is None and resume(4, 4, 2)[0] is None  # and a smaller per-device batch
+    problem, _ = resume(2, 8, 1)
+    assert (
+        "(a global batch of 32), and this run has 8 per device x 2 processes x 1 accumulation step: the global "
+        "batch would go from 32 to 16"
+        in problem
+        and "Resume with --gradient_accumulation_steps 2," in problem
+    )
+    assert "Resume with the recorded values" in resume(3, 8, 1)[0]  # no whole number of accumulation steps
+    # group_captions_by_image lays its epoch out in per-device batches: processes and accumulation may trade
+    assert resume(2, 8, 2, grouped=True)[0] is None
+    assert "group_captions_by_image lays each epoch out in per-device batches" in resume(4, 4, 2, grouped=True)[0]
+    # a stream's position is each reader's
+    assert "a streaming run's position is each reader's" in resume(2, 8, 2, streaming=True)[0]
+    record(workers=2)
+    assert "Resume with --dataloader_num_workers 2" in resume(4, 8, 1, streaming=True, workers=1)[0]
+    # DeepSpeed (and FSDP) shard the optimizer state by process, in their own layout
+    record(engine="DeepSpeed")
+    assert resume(4, 8, 1, deepspeed="ds.json") == (None, None)
+    assert "DeepSpeed checkpoints hold each process's shard" in resume(2, 8, 2, deepspeed="ds.json")[0]
+    assert "written under DeepSpeed, and this run uses DDP (or one process)" in resume(4, 8, 1)[0]
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # as accelerate launch --config_file deepspeed_*.yaml
+    assert resume(4, 8, 1) == (None, None)

@@ -250,7 +250,7 @@ def test_streaming_training_resumes_exactly_mid_stream(tmp_path, shapes_shards, 
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
 
     checkpoint = tmp_path / "straight" / "checkpoint-3"
-    assert read_json(checkpoint / "processes.json") == {"world_size": 1, "dataloader_num_workers": 2}
+    assert read_json(checkpoint / "processes.json")["dataloader_num_workers"] == 2
     refused = run_main(["train", *streaming_arguments(shapes_shards, tmp_path / "straight"), "--max_steps", "9",
                         "--resume_from_checkpoint", checkpoint, "--do_eval", "false"], capfd, caplog)  # fmt: skip
     assert refused.returncode == 2
