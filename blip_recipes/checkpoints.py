@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -197,6 +198,8 @@ class PreemptionCallback(TrainerCallback):
         self.stopped_at_step: int | None = None
         self.group = None
         self.training = False
+        self.save_started: float | None = None
+        self.warned_slow_save = False
         self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -214,7 +217,9 @@ class PreemptionCallback(TrainerCallback):
             self.stopped_before_training = True
             raise SystemExit(PREEMPTED_EXIT_CODE)
         if not self.received:
-            logger.warning("SIGTERM received: finishing this step, then saving a checkpoint and exiting")
+            grace = launcher_grace_seconds()
+            deadline = f" (the launcher kills this process {grace} s after the signal)" if grace is not None else ""
+            logger.warning("SIGTERM received: finishing this step, then saving a checkpoint and exiting%s", deadline)
         self.received = True
 
     def _any_rank_received(self, args) -> bool:
@@ -230,10 +235,50 @@ class PreemptionCallback(TrainerCallback):
             self.stopped_at_step = state.global_step
             control.should_save = True
             control.should_training_stop = True
+        # The Trainer logs, evaluates, then saves: a save's time runs from the step's end or the evaluation's.
+        self.save_started = time.monotonic() if control.should_save else None
         return control
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.save_started is not None:
+            self.save_started = time.monotonic()
+
+    def on_save(self, args, state, control, **kwargs):
+        """Under accelerate launch or torchrun, a SIGTERM reaches the processes through the launcher, which kills
+        them a grace period later: a checkpoint that takes most of it to write would be cut off (and skipped by the
+        resume), so say so at the first such save, while there is time to relaunch with more."""
+        started, self.save_started = self.save_started, None
+        grace = launcher_grace_seconds()
+        if started is None or grace is None or self.warned_slow_save or args.process_index != 0:
+            return
+        took = time.monotonic() - started
+        if took > grace / 2:  # the rest of the step in progress counts too
+            self.warned_slow_save = True
+            logger.warning(
+                "saving checkpoint-%d took %.0f s; accelerate launch and torchrun kill their processes %d s after "
+                "passing a SIGTERM on to them, and the rest of the step and this save must fit in it, so a pre-empted "
+                "run could be killed while saving (the resume then skips that checkpoint, and the steps since the one "
+                "before are lost). Give the launcher more time: TORCH_ELASTIC_SHUTDOWN_TIMEOUT=%d in its environment "
+                "(torchrun: --shutdown_timeout), and the scheduler as much (SLURM: KillWait, GraceTime)",
+                state.global_step, took, grace, max(60, 10 * math.ceil(took * 3 / 10)),
+            )  # fmt: skip
 
     def restore_signal_handler(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)
+
+
+def launcher_grace_seconds() -> int | None:
+    """Under torch's elastic launcher (accelerate launch with several processes or machines, torchrun): how long it
+    waits after passing a SIGTERM on to its processes before it kills them (torchrun's --shutdown_timeout, which it
+    reads from PET_SHUTDOWN_TIMEOUT, else TORCH_ELASTIC_SHUTDOWN_TIMEOUT, else 30 s; its processes inherit the
+    environment). None under no such launcher."""
+    if os.environ.get("TORCHELASTIC_RUN_ID") is None:
+        return None
+    for name in ("PET_SHUTDOWN_TIMEOUT", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
+        with contextlib.suppress(ValueError):
+            if name in os.environ:
+                return int(os.environ[name])
+    return 30
 
 
 def process_is_gone(host, pid) -> bool:

@@ -133,28 +133,57 @@ def finish_machines(*machines) -> list[str]:
                 machine.kill()
 
 
-def test_two_machines_started_in_the_unlucky_order(tmp_path):
+def test_two_machines_started_in_the_unlucky_order_preempted_and_continued_on_one(tmp_path, capfd, caplog):
     """Two "machines" on localhost, one process each, each with its own empty cache (separate file systems), machine
-    1 started first: each generates its builtin model and data itself and they train as one job of world size 2."""
+    1 started first: each generates its builtin model and data itself and they train as one job of world size 2.
+    Then the scheduler pre-empts the job: SIGTERM to each machine's launcher, which passes it on to its process;
+    both finish the same step and write one checkpoint, which the job re-queued on one machine continues."""
+    import signal
     import time
 
+    from blip_recipes.checkpoints import latest_complete_checkpoint
+
     def machine(rank):
-        arguments = ["--output_dir", str(tmp_path / "run"), "--max_steps", "3", *QUICK,
+        arguments = ["--output_dir", str(tmp_path / "run"), "--max_steps", "200", *QUICK,
                      "--per_device_train_batch_size", "8", "--log_level_replica", "info"]  # fmt: skip
         return start_machine(rank, 29623, arguments, env={"BLIP_RECIPES_CACHE": str(tmp_path / f"cache-{rank}")})
 
     second = machine(1)
     time.sleep(5)
     first = machine(0)
+    lines, losses, deadline = [], 0, time.monotonic() + 300
+    while losses < 3 and time.monotonic() < deadline:
+        line = first.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        losses += "'loss':" in line
+    for launcher in (first, second):
+        launcher.send_signal(signal.SIGTERM)
     logs = finish_machines(first, second)
-    assert first.returncode == 0 and second.returncode == 0, logs[0][-3000:] + logs[1][-3000:]
+    logs[0] = "".join(lines) + logs[0]
+    assert losses == 3, logs[0][-3000:] + logs[1][-3000:]
     for log in logs:
         assert "processes: world_size=2 (distributed" in log
         # The image check is shared: each process decodes half of the 480 training images.
         assert "checking 480 images of split 'train' (240 on this process)" in log
-    assert "weights identical on all 2 processes" in logs[0]
+        assert "SIGTERM received: finishing this step, then saving a checkpoint and exiting (the launcher kills " \
+               "this process 30 s after the signal)" in log  # fmt: skip
     assert all(os.path.isfile(tmp_path / f"cache-{rank}" / "tiny-blip-v1" / "model.safetensors") for rank in (0, 1))
-    assert read_json(tmp_path / "run" / "trainer_state.json")["global_step"] == 3
+    stopped = [re.findall(r"pre-empted: checkpoint saved at step (\d+)", log) for log in logs]
+    assert stopped[0] and stopped[0] == stopped[1], logs[0][-3000:] + logs[1][-3000:]  # both at the same step
+    assert "weights identical on all 2 processes" in logs[0]
+    step = int(stopped[0][0])
+    checkpoint = latest_complete_checkpoint(str(tmp_path / "run"))
+    assert checkpoint == str(tmp_path / "run" / f"checkpoint-{step}") and step >= 3
+    assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt"} <= set(os.listdir(checkpoint))
+
+    resumed = run_main(["train", "recipes/shapes/full.yaml", "--output_dir", tmp_path / "run", *QUICK,
+                        "--max_steps", str(step + 1), "--per_device_train_batch_size", "8",
+                        "--gradient_accumulation_steps", "2", "--resume_from_checkpoint", "true"],
+                       capfd, caplog)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert read_json(tmp_path / "run" / "trainer_state.json")["global_step"] == step + 1
 
 
 def test_machines_that_see_different_folders_all_stop_with_the_reason(tmp_path):

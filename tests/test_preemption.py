@@ -108,3 +108,25 @@ def test_resume_skips_a_checkpoint_killed_while_being_written(tmp_path, capfd, c
     assert "ignoring incomplete checkpoint" in log and "checkpoint-6" in log
     assert "Continuing training from checkpoint" in log or "checkpoint-4" in log
     assert read_json(output_dir / "trainer_state.json")["global_step"] == 6
+
+
+def test_a_save_longer_than_the_launchers_grace_period_is_said_at_once(tmp_path, capfd, caplog, monkeypatch):
+    """accelerate launch and torchrun pass a SIGTERM on to their processes and kill them a grace period later (30 s
+    unless TORCH_ELASTIC_SHUTDOWN_TIMEOUT says otherwise): a checkpoint that takes most of it to write would be cut
+    off when the run is pre-empted. Here the launcher's environment, with a grace period every save exceeds."""
+    from blip_recipes.checkpoints import launcher_grace_seconds
+
+    assert launcher_grace_seconds() is None  # not under the elastic launcher
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert launcher_grace_seconds() == 30
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "0")
+    result = run_main([*ARGS[:-4], "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1",
+                       "--output_dir", tmp_path / "run"], capfd, caplog)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    warnings = [line for line in result.stderr.splitlines() if "kill their processes 0 s after" in line]
+    assert len(warnings) == 1 and "saving checkpoint-1 took 0 s" in warnings[0], result.stderr[-3000:]
+    assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=60 in its environment" in warnings[0]
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
+    result = run_main([*ARGS[:-4], "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1",
+                       "--output_dir", tmp_path / "again"], capfd, caplog)  # fmt: skip
+    assert result.returncode == 0 and "kill their processes" not in result.stderr
