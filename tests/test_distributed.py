@@ -163,6 +163,8 @@ def test_two_machines_started_in_the_unlucky_order_preempted_and_continued_on_on
     logs = finish_machines(first, second)
     logs[0] = "".join(lines) + logs[0]
     assert losses == 3, logs[0][-3000:] + logs[1][-3000:]
+    # The launchers end as torch's elastic agent does on a signal: exit 1 and a SignalException traceback.
+    assert first.returncode == second.returncode == 1 and all("SignalException" in log for log in logs)
     for log in logs:
         assert "processes: world_size=2 (distributed" in log
         # The image check is shared: each process decodes half of the 480 training images.
