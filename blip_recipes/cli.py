@@ -472,14 +472,25 @@ def top_level_parser() -> argparse.ArgumentParser:
 def quiet_upstream_noise() -> None:
     """Warnings about library code calling library code, which nothing in a recipe or command line changes, and the
     traceback of a DataLoader worker's hang-up (below)."""
+    import logging
     import warnings
 
     warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator is found.*")
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata 0.11 calls torch.set_vital
     # peft 0.21 reads model.is_gradient_checkpointing, which transformers 5 deprecates, on every LoRA load
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # Installed, DeepSpeed is imported by accelerate and transformers in every run; on a machine without a GPU its
+    # accelerator probe then says "Setting accelerator to CPU. If you have GPU ... we were unable to detect it" in
+    # runs that do not use it (the run's own log names its device and engine).
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    if _without_cpu_probe not in deepspeed_logger.filters:
+        deepspeed_logger.addFilter(_without_cpu_probe)
     if not getattr(sys.excepthook, "quiet_worker_hangups", False):
         sys.excepthook = _without_worker_hangups(sys.excepthook)
+
+
+def _without_cpu_probe(record) -> bool:
+    return "Setting accelerator to CPU" not in record.getMessage()
 
 
 def _without_worker_hangups(excepthook):
