@@ -466,6 +466,15 @@ ABSENT_WHEN_UNSET = frozenset({"extra_train_datasets"})
 RECIPE_FILE = "recipe.yaml"
 
 
+def checkpoint_step(checkpoint: str) -> int | None:
+    """The optimizer step a checkpoint was saved at (its trainer_state.json), or None if it cannot be read."""
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as handle:
+            return int(json.load(handle)["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def recorded_recipe(checkpoint: str) -> tuple[str, dict] | None:
     """The resolved recipe of the run that wrote `checkpoint`: its own copy, else its run folder's."""
     import yaml

@@ -32,6 +32,7 @@ from .checkpoints import (
     RecipeSnapshotCallback,
     RunLockError,
     StreamPositionCallback,
+    checkpoint_step,
     is_write_failure,
     latest_complete_checkpoint,
     load_stream_position,
@@ -135,6 +136,15 @@ def check_before_loading(recipe) -> str | None:
                 f"checkpoint's optimizer, schedule, data and weights stay as recorded in {recorded}):\n"
                 + "\n".join(changed)
                 + "\nResume with the recorded values, or start a new run in another output_dir."
+            )
+    if resume is not None and training_args.max_steps > 0:
+        done = checkpoint_step(resume)
+        if done is not None and done > training_args.max_steps:
+            # The Trainer would train no step and save the checkpoint's weights again as the run's final model.
+            raise RecipeError(
+                f"resume_from_checkpoint {resume} is at step {done}, past max_steps {training_args.max_steps}: "
+                f"nothing is left to train. Raise max_steps, or score that checkpoint (blip-recipes evaluate --model "
+                f"{resume})"
             )
     if resume is not None:
         problem, note = resume_geometry_problem(resume, training_args, recipe.data.streaming,

@@ -97,6 +97,12 @@ def test_resume_skips_a_checkpoint_killed_while_being_written(tmp_path, capfd, c
     first = run_main([*ARGS[:-4], "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
                       "--save_total_limit", "5", "--output_dir", output_dir], capfd, caplog)  # fmt: skip
     assert first.returncode == 0, first.stderr[-2000:]
+    # A max_steps the checkpoint is past: the Trainer trained nothing and saved checkpoint-4 as the final model.
+    past = run_main([*ARGS[:-4], "--max_steps", "3", "--output_dir", output_dir, "--resume_from_checkpoint", "true"],
+                    capfd, caplog)  # fmt: skip
+    assert (
+        past.returncode == 2 and "checkpoint-4 is at step 4, past max_steps 3: nothing is left to train" in past.stderr
+    )
     # What SIGKILL during a save leaves behind: weights written, trainer_state.json not yet.
     partial = output_dir / "checkpoint-6"
     partial.mkdir()
