@@ -79,8 +79,9 @@ def load_data(recipe: Recipe, need_train: bool) -> CaptionData:
         scored_args = dataclasses.replace(data_args, dataset_name=data_args.eval_dataset_name)
         if data_args.eval_dataset_name != data_args.dataset_name:
             scored_args = dataclasses.replace(scored_args, dataset_config_name=None, dataset_revision=None)
-    # A training run also scores extra_eval_datasets at each evaluation (`evaluate` scores one dataset)
-    extra_scored = extra_evaluation_datasets(data_args) if need_train and wants_evaluation(training) else []
+    # extra_eval_datasets are scored beside the evaluation split: at each evaluation of a training run, and by
+    # `evaluate` given the run's recipe (which drops them when told another dataset to score)
+    extra_scored = extra_evaluation_datasets(data_args) if wants_evaluation(training) or not need_train else []
     if data_args.streaming:  # the training split streams (build_stream)
         if need_train and not scores_captions(recipe):
             return CaptionData(None, None, None)
@@ -383,15 +384,16 @@ def build_evaluator(
     recipe: Recipe, data: CaptionData | None = None, evaluation_layout: str = "flat"
 ) -> CaptionTrainer:
     """A trainer that only evaluates a finished model (full or LoRA adapter) on the recipe's eval split (and its
-    test split, if it names one), by default writing straight into output_dir. Decoding settings the recipe and
-    command line leave unset come from the model."""
+    test split, if it names one, and its extra_eval_datasets), by default writing straight into output_dir.
+    Decoding settings the recipe and command line leave unset come from the model."""
     model_args, data_args, training_args = recipe.model, recipe.data, recipe.training
     check_model_source(model_args.model_name_or_path, model_args.model_revision)
     with training_args.main_process_first(desc="loading the processor"):
         processor = load_processor(model_args.model_name_or_path, model_args.model_revision)
     data = data if data is not None else load_data(recipe, need_train=False)
+    scored = CaptionData(None, data.evaluation, data.test, extra_evaluation=data.extra_evaluation)
     datasets = build_datasets(
-        CaptionData(None, data.evaluation, data.test), processor.image_processor, image_cache=data_args.image_cache,
+        scored, processor.image_processor, image_cache=data_args.image_cache,
         workers=data_args.preprocessing_num_workers, main_process_first=training_args.main_process_first,
     )  # fmt: skip
     model = build_model(
@@ -419,7 +421,7 @@ def build_evaluator(
     )  # fmt: skip
     return CaptionTrainer(
         model=model, args=args, eval_dataset=datasets.evaluation, test_dataset=datasets.test,
-        processing_class=processor,
+        extra_eval_datasets=datasets.extra_evaluation, processing_class=processor,
         caption_collator=build_collator(processor, model, decoding["prompt"], data_args.max_caption_length,
                                         data_args.pad_to_multiple_of),
         evaluation_layout=evaluation_layout,

@@ -28,7 +28,8 @@ EVALUATE_ALIASES = {
 }
 EVALUATE_DESCRIPTION = """Caption a dataset split with a finished model (full or LoRA adapter) and score it, with the
 same generation, files and metrics as training runs. Decoding (beams, lengths, prompt) defaults to the settings
-saved with the model; data keys can come from a recipe. Results go to --output_dir (default evaluations/MODEL, never
+saved with the model; data keys can come from a recipe, whose extra_eval_datasets are scored too (each into
+OUTPUT_DIR/NAME/) unless --dataset names what to score. Results go to --output_dir (default evaluations/MODEL, never
 the recipe's output_dir, where its training run writes)."""
 
 
@@ -39,7 +40,8 @@ def train_command(argv: list[str]) -> int:
 
 
 def evaluate_command(argv: list[str]) -> int:
-    """Score a finished model on one split, with the same generation, files and metrics as training runs."""
+    """Score a finished model on one split (and a recipe's extra_eval_datasets), with the same generation, files and
+    metrics as training runs."""
     from .adapt import AdaptationError
     from .builders import build_evaluator
     from .config import RecipeError
@@ -69,8 +71,10 @@ def evaluate_command(argv: list[str]) -> int:
             raise RecipeError("this recipe streams its training data (streaming: true): name the dataset to score "
                               "with --eval_dataset_name NAME")  # fmt: skip
         if "dataset_name" in recipe.overrides and "eval_dataset_name" not in recipe.overrides:
-            # --dataset names what to score, over the recipe's eval_dataset_name
+            # --dataset names what to score, over the recipe's eval_dataset_name and extra_eval_datasets
             recipe.data = dataclasses.replace(recipe.data, eval_dataset_name=None)
+        if "dataset_name" in recipe.overrides and "extra_eval_datasets" not in recipe.overrides:
+            recipe.data = dataclasses.replace(recipe.data, extra_eval_datasets=None)
         output = recipe.training.output_dir
         held = model_files_in(output)
         if held:  # a run's folder: its eval_results.json and predictions (what its model card reports) would go
@@ -83,10 +87,16 @@ def evaluate_command(argv: list[str]) -> int:
         if recipe.training.process_index == 0:
             start_metrics(recipe.training.eval_metrics)
         trainer = build_evaluator(recipe)
+        split_name = trainer.eval_dataset.split.name
+        if split_name in trainer.extra_eval_datasets:  # both would write {split_name}_cider, ...
+            raise RecipeError(f"extra_eval_datasets: {split_name!r} is the name of the split evaluate scores; name "
+                              "that dataset otherwise ({dataset_name: ..., name: ...})")  # fmt: skip
     except (RecipeError, DataError, MetricsError, AdaptationError, ModelError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    metrics = trainer.evaluate(metric_key_prefix=trainer.eval_dataset.split.name)
+    metrics = trainer.evaluate(metric_key_prefix=split_name)
+    for name, dataset in trainer.extra_eval_datasets.items():  # each into OUTPUT_DIR/NAME/ (evaluation_dir)
+        metrics.update(trainer.evaluate(dataset, metric_key_prefix=name))
     if trainer.is_world_process_zero():
         with open(os.path.join(recipe.training.output_dir, "eval_results.json"), "w", encoding="utf-8") as handle:
             json.dump(metrics, handle, indent=2)

@@ -229,8 +229,9 @@ class CaptionTrainer(Seq2SeqTrainer):
         super()._issue_warnings_after_load(load_result._replace(missing_keys=untied))
 
     def evaluation_dir(self, metric_key_prefix: str) -> str:
-        if self.evaluation_layout == "flat":
-            return self.args.output_dir
+        if self.evaluation_layout == "flat":  # `evaluate`: an extra dataset's files in a folder of its name
+            extra = metric_key_prefix in self.extra_eval_datasets
+            return os.path.join(self.args.output_dir, metric_key_prefix) if extra else self.args.output_dir
         return os.path.join(self.args.output_dir, "evaluations", f"{metric_key_prefix}-step-{self.state.global_step}")
 
     @torch.no_grad()

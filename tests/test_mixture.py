@@ -247,11 +247,33 @@ def test_extra_evaluation_datasets_are_scored_at_every_evaluation_under_their_ow
     card = (tmp_path / "run" / "README.md").read_text()
     assert "name: own.jsonl" in card and "name: listing.csv" in card
     assert f"on `{os.path.basename(shapes_dir)}`, `own.jsonl`, `listing.csv`" in card
-    # `evaluate` with the run's recipe scores one dataset: the extra ones are not even read
+    # `evaluate` with the run's recipe scores them too, each into a folder of its name, with the run's numbers
+    evaluate = ["evaluate", tmp_path / "run" / "recipe.yaml", "--model", tmp_path / "run"]
+    again = run_main([*evaluate, "--output_dir", tmp_path / "scored"], capfd, caplog)
+    assert again.returncode == 0, again.stderr[-3000:]
+    results = read_json(tmp_path / "scored" / "eval_results.json")
+    for name in ("colors", "listing"):
+        final = read_json(tmp_path / "run" / f"eval_{name}_results.json")
+        assert results[f"{name}_cider"] == final[f"eval_{name}_cider"] and results[f"{name}_bleu_4"] == final[
+            f"eval_{name}_bleu_4"]  # fmt: skip
+        assert read_json(tmp_path / "scored" / name / "metrics.json")["cider"] == results[f"{name}_cider"]
+    assert read_jsonl(tmp_path / "scored" / "colors" / "predictions.jsonl") == read_jsonl(
+        tmp_path / "run" / "eval_colors_predictions.jsonl")  # fmt: skip
+    assert results["validation_cider"] == read_json(tmp_path / "run" / "eval_results.json")["eval_cider"]
+    assert len(read_jsonl(tmp_path / "scored" / "predictions.jsonl")) == 4  # the evaluation split's, as before
+    named_as_split = json.dumps([{"dataset_name": own, "name": "validation"}])
+    clash = run_main([*evaluate, "--extra_eval_datasets", named_as_split, "--metric_for_best_model", "cider",
+                      "--output_dir", tmp_path / "clash"], capfd, caplog)  # fmt: skip
+    assert clash.returncode == 2 and "'validation' is the name of the split evaluate scores" in clash.stderr
+    # ... unless --dataset names what to score: then they are not even read
     os.remove(tmp_path / "listing.csv")
-    recorded = parse_recipe([str(tmp_path / "run" / "recipe.yaml"), "--output_dir", str(tmp_path / "scored")])
-    scored_alone = load_data(recorded, need_train=False)
-    assert scored_alone.extra_evaluation == {} and scored_alone.evaluation.name == "validation"
+    alone = run_main([*evaluate, "--dataset", shapes_dir, "--output_dir", tmp_path / "alone"], capfd, caplog)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert not (tmp_path / "alone" / "colors").exists() and "validation_cider" in read_json(
+        tmp_path / "alone" / "eval_results.json")  # fmt: skip
+    assert not any(
+        key.startswith(("colors", "listing")) for key in read_json(tmp_path / "alone" / "eval_results.json")
+    )
 
     leaked = {"dataset_name": str(tmp_path / "leaked.jsonl"), "name": "colors"}
     train_image = read_jsonl(os.path.join(shapes_dir, "train", "metadata.jsonl"))[5]["file_name"]
