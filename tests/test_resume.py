@@ -172,3 +172,24 @@ def test_a_resume_keeps_the_global_batch_and_what_holds_per_process_state(tmp_pa
     assert "written under DeepSpeed, and this run uses DDP (or one process)" in resume(4, 8, 1)[0]
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # as accelerate launch --config_file deepspeed_*.yaml
     assert resume(4, 8, 1) == (None, None)
+
+
+def test_a_resume_with_another_per_device_batch_of_the_same_global_batch_trains_the_same_images(tmp_path, monkeypatch):
+    """8 per device x 2 accumulation steps, resumed at step 3 with 16 x 1 (a smaller GPU the other way round): the
+    same samples in the same order, the same losses and weights but for the order of float sums."""
+    seen_straight, seen_resumed = [], []
+    straight, straight_history = run("full", tmp_path / "straight", 5, extra=("--gradient_accumulation_steps", "2"),
+                                     seen=seen_straight, monkeypatch=monkeypatch)  # fmt: skip
+    shutil.copytree(tmp_path / "straight" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    resumed, resumed_history = run("full", tmp_path / "resumed", 5, resume=str(tmp_path / "resumed" / "checkpoint-3"),
+                                   extra=("--per_device_train_batch_size", "16"), seen=seen_resumed,
+                                   monkeypatch=monkeypatch)  # fmt: skip
+    # (each loader reads one batch ahead, of its own size, past the last step)
+    assert seen_resumed[: 2 * 16] == seen_straight[3 * 16 : 5 * 16] and len(seen_straight) == 5 * 16 + 8
+
+    def losses(history):
+        return [entry["loss"] for entry in history if entry.get("step", 0) > 3 and "loss" in entry]
+
+    assert len(losses(straight_history)) == 2 and losses(resumed_history) == pytest.approx(losses(straight_history),
+                                                                                            rel=1e-5)  # fmt: skip
+    assert all(torch.allclose(straight[name], resumed[name], atol=1e-6) for name in straight)
