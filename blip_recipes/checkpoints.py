@@ -222,16 +222,17 @@ class PreemptionCallback(TrainerCallback):
             logger.warning("SIGTERM received: finishing this step, then saving a checkpoint and exiting%s", deadline)
         self.received = True
 
-    def _any_rank_received(self, args) -> bool:
-        if args.world_size <= 1 or not torch.distributed.is_initialized():
-            return self.received
-        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)  # on the CPU, whatever args.device is
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
+    def any_rank_received(self, args) -> bool:
+        """Whether any process has received SIGTERM; a collective under several processes (every process calls it
+        at the same points: step ends, and an evaluation's caption batches in training)."""
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)  # on the CPU, whatever args.device
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
+            self.received = bool(flag.item())
+        return self.received
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._any_rank_received(args):
-            self.received = True
+        if self.any_rank_received(args):
             self.stopped_at_step = state.global_step
             control.should_save = True
             control.should_training_stop = True

@@ -64,7 +64,7 @@ from .model import (
     save_merged,
 )
 from .recipe_parser import parse_recipe, recipe_argument_parser
-from .trainer import EarlyStopping, EvaluationInterrupted
+from .trainer import EarlyStopping, EvaluationInterrupted, TrainingStoppedInEvaluation
 from .vision_features import VisionFeaturesError
 
 logger = logging.getLogger("blip_recipes")
@@ -356,14 +356,22 @@ def run(recipe) -> int:
         logger.error("%s", problem)
         return 2
     try:
+        # An evaluation in training stops on SIGTERM at its next caption batch, as the step end does (all processes)
+        trainer.stop_requested = lambda: preemption.any_rank_received(trainer.args)
         try:
             train_result = trainer.train(resume_from_checkpoint=resume)
+        except TrainingStoppedInEvaluation as stop:  # its step's checkpoint is saved, when it has one
+            preemption.stopped_at_step, train_result = stop.step, None
         except DataError as error:  # a stream past max_bad_samples_fraction (raised in a DataLoader worker)
             logger.error("%s", str(error).strip().splitlines()[-1].removeprefix("blip_recipes.data.sources."))
             return 2
         finally:
             preemption.restore_signal_handler()
+            trainer.stop_requested = lambda: False
         detach_vision_features(trainer.model)  # evaluation runs the encoder on pixels; free the store
+        if preemption.received and preemption.stopped_at_step == 0:  # in the evaluation before the first step
+            logger.warning("pre-empted before the first training step: nothing to save")
+            return PREEMPTED_EXIT_CODE
         if preemption.received:
             logger.warning("pre-empted: checkpoint saved at step %s in %s; %s", preemption.stopped_at_step,
                            training_args.output_dir, resume_hint(training_args))  # fmt: skip

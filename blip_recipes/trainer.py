@@ -50,6 +50,15 @@ class EvaluationInterrupted(Exception):
     """`stop_requested` said stop (SIGTERM) during an evaluation; nothing of it was written."""
 
 
+class TrainingStoppedInEvaluation(Exception):
+    """SIGTERM during an evaluation in training: the evaluation is left unfinished, the checkpoint of the step it
+    was scoring is saved (none at step 0), and training stops."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped during the evaluation at step {step}")
+        self.step = step
+
+
 class CaptionTrainer(Seq2SeqTrainer):
     """Evaluation generates one caption per image (sharded over processes), gathers them, scores them once on
     the main process against all references, writes predictions / per-image scores / caption grids, and gives
@@ -88,6 +97,7 @@ class CaptionTrainer(Seq2SeqTrainer):
             self.add_callback(self.ema)
         # Polled between caption batches and before scoring; True stops the evaluation (EvaluationInterrupted).
         self.stop_requested = lambda: False
+        self.training_now = False
         self.add_callback(ReplicaCheckCallback())
         logger.info(
             "processes: world_size=%d (%s, device %s, engine %s)",
@@ -109,7 +119,11 @@ class CaptionTrainer(Seq2SeqTrainer):
                 from .checkpoints import load_stream_position
 
                 self.stream_position = load_stream_position(resume_from_checkpoint, self.args.process_index)
-        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        self.training_now = True
+        try:
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            self.training_now = False
         captions, images = self.shared_images
         if images:
             logger.info("group_captions_by_image: %d caption rows trained on %d image encodings (%.2f per image) on "
@@ -277,13 +291,32 @@ class CaptionTrainer(Seq2SeqTrainer):
         """Score `eval_dataset` (default: the evaluation split). The Trainer's own evaluations (no dataset given)
         score each of extra_eval_datasets too, as eval_NAME_*; the callbacks (early stopping, the best checkpoint)
         then see every dataset's metrics at once."""
-        with self.ema_weights():
-            metrics = self._generate_and_score(eval_dataset, metric_key_prefix)
-            if eval_dataset is None and metric_key_prefix == "eval":
-                for name, dataset in self.extra_eval_datasets.items():
-                    metrics.update(self._generate_and_score(dataset, f"eval_{name}"))
+        try:
+            with self.ema_weights():
+                metrics = self._generate_and_score(eval_dataset, metric_key_prefix)
+                if eval_dataset is None and metric_key_prefix == "eval":
+                    for name, dataset in self.extra_eval_datasets.items():
+                        metrics.update(self._generate_and_score(dataset, f"eval_{name}"))
+        except EvaluationInterrupted:
+            if not self.training_now:
+                raise
+            self._stop_in_evaluation()
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def _stop_in_evaluation(self):
+        """SIGTERM during an evaluation in training: the step it scores is complete, so its checkpoint is saved now,
+        as the Trainer would save it after the evaluation, rather than after captioning and scoring every image,
+        which can outlast the grace period of the scheduler or launcher (the weight average is back in place: the
+        evaluation ran inside ema_weights)."""
+        step = self.state.global_step
+        if self.is_world_process_zero():
+            logger.warning("SIGTERM during the evaluation at step %d: it is left unfinished (no metrics for it)%s",
+                           step, "; saving that step's checkpoint now" if step else "")  # fmt: skip
+        if step:
+            self._save_checkpoint(self.model_wrapped, trial=None)
+            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+        raise TrainingStoppedInEvaluation(step)
 
     def _generate_and_score(self, eval_dataset, metric_key_prefix: str) -> dict[str, float]:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset

@@ -136,3 +136,26 @@ def test_a_save_longer_than_the_launchers_grace_period_is_said_at_once(tmp_path,
     result = run_main([*ARGS[:-4], "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1",
                        "--output_dir", tmp_path / "again"], capfd, caplog)  # fmt: skip
     assert result.returncode == 0 and "kill their processes" not in result.stderr
+
+
+def test_sigterm_during_an_evaluation_in_training_saves_the_evaluated_step_at_once(tmp_path, capfd, caplog):
+    """An evaluation in training (captioning and scoring: minutes on COCO, more with SPICE) went on to its end after
+    a SIGTERM, and the checkpoint came after the next step, past a launcher's or scheduler's grace period. It stops
+    at its next caption batch now, writes nothing, and the step it was scoring is saved."""
+    from blip_recipes.checkpoints import latest_complete_checkpoint
+
+    output_dir = tmp_path / "run"
+    evaluating = ["--eval_strategy", "steps", "--eval_steps", "2", "--generation_num_beams", "3",
+                  "--per_device_eval_batch_size", "4"]  # fmt: skip
+    # The step-2 loss is logged just before the step-2 evaluation begins.
+    code, log = signal_at([*ARGS, "--output_dir", str(output_dir), *evaluating], "'loss':", signal.SIGTERM, count=2)
+    assert code == 143, log[-3000:]
+    assert "SIGTERM during the evaluation at step 2: it is left unfinished (no metrics for it); saving that step's " \
+           "checkpoint now" in log  # fmt: skip
+    assert "pre-empted: checkpoint saved at step 2 in" in log and "scored 60 captions" not in log
+    assert latest_complete_checkpoint(str(output_dir)) == str(output_dir / "checkpoint-2")
+    assert not os.path.exists(output_dir / "evaluations") and "Traceback" not in log
+    resumed = run_main([*ARGS, "--max_steps", "3", "--output_dir", output_dir, "--resume_from_checkpoint", "true"],
+                       capfd, caplog)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert read_json(output_dir / "trainer_state.json")["global_step"] == 3
