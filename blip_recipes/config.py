@@ -965,6 +965,15 @@ def check_trainer_options(recipe: Recipe, check) -> None:
         not training.use_liger_kernel,
         "use_liger_kernel: Liger has no kernels for BLIP (the Trainer would train without them); leave it out",
     )
+    check(
+        not training.auto_find_batch_size,
+        "auto_find_batch_size: on an out-of-memory error the Trainer halves the per-device batch and starts training "
+        "over at step 0 (the schedule from its start, the weights and optimizer state as the failed attempt left "
+        "them) with half the global batch; under several processes only the process that ran out starts over and "
+        "the others wait until the timeout. Set "
+        "per_device_train_batch_size and gradient_accumulation_steps (a checkpoint resumes with another split of "
+        "the same global batch)",
+    )
     if training.include_num_input_tokens_seen not in ("no", False):
         check(
             training.training_objective == "cross_entropy",

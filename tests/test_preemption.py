@@ -146,7 +146,7 @@ def test_sigterm_during_an_evaluation_in_training_saves_the_evaluated_step_at_on
 
     output_dir = tmp_path / "run"
     evaluating = ["--eval_strategy", "steps", "--eval_steps", "2", "--generation_num_beams", "3",
-                  "--per_device_eval_batch_size", "4"]  # fmt: skip
+                  "--per_device_eval_batch_size", "4", "--eval_metrics", "bleu,cider"]  # fmt: skip
     # The step-2 loss is logged just before the step-2 evaluation begins.
     code, log = signal_at([*ARGS, "--output_dir", str(output_dir), *evaluating], "'loss':", signal.SIGTERM, count=2)
     assert code == 143, log[-3000:]

@@ -21,6 +21,7 @@ def test_hub_token_never_reaches_logs_or_files(tmp_path):
     result = run_cli(
         ["train", "recipes/shapes/full.yaml", "--output_dir", str(output_dir), "--max_steps", "3", *QUICK,
          "--save_strategy", "steps", "--save_steps", "2", "--do_eval", "true", "--max_eval_samples", "6",
+         "--eval_metrics", "bleu,cider",
          "--hub_token", SENTINEL_CLI, "--log_level", "debug"],
         env={"HF_TOKEN": SENTINEL_ENV},
     )  # fmt: skip

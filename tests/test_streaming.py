@@ -266,7 +266,7 @@ def test_two_processes_stream_disjoint_shards(tmp_path, shapes_shards, capfd, ca
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--main_process_port", "29671", "-m", "blip_recipes.cli"]  # fmt: skip
     result = run_cli(["train", *streaming_arguments(shapes_shards, output_dir), "--max_steps", "72",
-                      "--save_strategy", "steps", "--save_steps", "72", "--do_eval", "true",
+                      "--save_strategy", "steps", "--save_steps", "72", "--do_eval", "true", "--eval_metrics", "cider",
                       "--log_level_replica", "info"], launcher=launcher)  # fmt: skip
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
