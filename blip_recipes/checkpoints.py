@@ -553,9 +553,10 @@ def _recorded_geometry(checkpoint: str) -> dict | None:
         )  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    recipe = recorded_recipe(checkpoint)
-    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
-        if key not in recorded and recipe is not None and isinstance(recipe[1].get(key), int):
+    missing = [key for key in ("per_device_train_batch_size", "gradient_accumulation_steps") if key not in recorded]
+    recipe = recorded_recipe(checkpoint) if missing else None
+    for key in missing:
+        if recipe is not None and isinstance(recipe[1].get(key), int):
             recorded[key] = recipe[1][key]
     return recorded
 
@@ -580,7 +581,6 @@ def resume_geometry_problem(checkpoint: str, training_args, streaming: bool, gro
     shard of the optimizer state; a stream's position is each reader's (process x worker: torchdata fails on
     another worker count at the first step); group_captions_by_image lays its epoch out in per-device batches. A
     checkpoint written before this record existed is not checked."""
-
     recorded = _recorded_geometry(checkpoint)
     if recorded is None:
         return None, None

@@ -489,7 +489,7 @@ def quiet_upstream_noise() -> None:
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata 0.11 calls torch.set_vital
     # peft 0.21 reads model.is_gradient_checkpointing, which transformers 5 deprecates, on every LoRA load
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    # Installed, DeepSpeed is imported by accelerate and transformers in every run; on a machine without a GPU its
+    # Installed, DeepSpeed is imported in every run (accelerate's unwrap_model looks for its engine); without a GPU its
     # accelerator probe then says "Setting accelerator to CPU. If you have GPU ... we were unable to detect it" in
     # runs that do not use it (the run's own log names its device and engine).
     deepspeed_logger = logging.getLogger("DeepSpeed")

@@ -970,9 +970,8 @@ def check_trainer_options(recipe: Recipe, check) -> None:
         "auto_find_batch_size: on an out-of-memory error the Trainer halves the per-device batch and starts training "
         "over at step 0 (the schedule from its start, the weights and optimizer state as the failed attempt left "
         "them) with half the global batch; under several processes only the process that ran out starts over and "
-        "the others wait until the timeout. Set "
-        "per_device_train_batch_size and gradient_accumulation_steps (a checkpoint resumes with another split of "
-        "the same global batch)",
+        "the others wait until the timeout. Set per_device_train_batch_size and gradient_accumulation_steps (a "
+        "checkpoint resumes with another split of the same global batch)",
     )
     if training.include_num_input_tokens_seen not in ("no", False):
         check(
@@ -1126,8 +1125,8 @@ def check_launcher_compile(recipe: Recipe, check) -> None:
 
 
 def sharding_engine(training: CaptionTrainingArguments) -> str | None:
-    """ "DeepSpeed" or "FSDP" when the run shards (asked for in the recipe or by `accelerate launch`, in its
-    environment), else None (one process or DDP)."""
+    """The engine that shards the run, DeepSpeed or FSDP, asked for in the recipe or by `accelerate launch` (in its
+    environment); None for one process or DDP."""
     if training.deepspeed or _env_flag("ACCELERATE_USE_DEEPSPEED"):
         return "DeepSpeed"
     if training.fsdp or _env_flag("ACCELERATE_USE_FSDP"):

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import time
+import typing
 
 import torch
 import torch.nn.functional as F
@@ -304,7 +305,7 @@ class CaptionTrainer(Seq2SeqTrainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    def _stop_in_evaluation(self):
+    def _stop_in_evaluation(self) -> typing.NoReturn:
         """SIGTERM during an evaluation in training: the step it scores is complete, so its checkpoint is saved now,
         as the Trainer would save it after the evaluation, rather than after captioning and scoring every image,
         which can outlast the grace period of the scheduler or launcher (the weight average is back in place: the
