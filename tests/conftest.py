@@ -86,6 +86,21 @@ def run_main(arguments, capfd, caplog) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(arguments, code, out, err + caplog.text)
 
 
+def lines_until(process, marker: str, count: int, timeout: float = 300) -> tuple[list[str], int]:
+    """Read `process`'s output until `count` lines contain `marker` (or it ends, or `timeout` s pass): (the lines
+    read, how many of them contain it)."""
+    import time
+
+    lines, seen, deadline = [], 0, time.monotonic() + timeout
+    while seen < count and time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        seen += marker in line
+    return lines, seen
+
+
 def signal_at(args, marker, sig, count=1, env=None, process_group=False):
     """Run `python -m blip_recipes.cli ARGS`, send `sig` when the `count`-th line containing `marker` appears (to the
     whole process group with `process_group`, as a terminal sends Ctrl-C), and return (exit code, whole log).
@@ -98,13 +113,9 @@ def signal_at(args, marker, sig, count=1, env=None, process_group=False):
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL),
     )  # fmt: skip
-    lines, seen = [], 0
-    for line in process.stdout:
-        lines.append(line)
-        seen += marker in line
-        if seen == count:
-            os.killpg(process.pid, sig) if process_group else process.send_signal(sig)
-            break
+    lines, seen = lines_until(process, marker, count)
+    if seen == count:
+        os.killpg(process.pid, sig) if process_group else process.send_signal(sig)
     rest, _ = process.communicate(timeout=300)
     return process.returncode, "".join(lines) + rest
 

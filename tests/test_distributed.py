@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import QUICK, REPO, read_json, read_jsonl, run_cli, run_main
+from tests.conftest import QUICK, REPO, lines_until, read_json, read_jsonl, run_cli, run_main
 
 
 def two_process_launcher(port: int) -> list[str]:
@@ -151,13 +151,7 @@ def test_two_machines_started_in_the_unlucky_order_preempted_and_continued_on_on
     second = machine(1)
     time.sleep(5)
     first = machine(0)
-    lines, losses, deadline = [], 0, time.monotonic() + 300
-    while losses < 3 and time.monotonic() < deadline:
-        line = first.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        losses += "'loss':" in line
+    lines, losses = lines_until(first, "'loss':", 3)
     for launcher in (first, second):
         launcher.send_signal(signal.SIGTERM)
     logs = finish_machines(first, second)

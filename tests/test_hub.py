@@ -11,7 +11,7 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load
 
-from tests.conftest import QUICK, read_json, run_cli
+from tests.conftest import QUICK, read_json, run_cli, run_main
 from tests.fake_hub import FakeHub
 
 TOKEN = "hf_SENTINELpushTOKEN0123456789abcd"
@@ -165,11 +165,22 @@ UNREACHABLE = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
     ],
     ids=["offline", "no-token"],
 )
-def test_a_push_that_could_never_work_is_refused_before_training(tmp_path, env, token, reason):
-    env = {**env, "HF_TOKEN_PATH": str(tmp_path / "no-saved-login")}
+def test_a_push_that_could_never_work_is_refused_before_training(tmp_path, env, token, reason, capfd, caplog):
     output_dir = tmp_path / "run"
-    result = run_cli([*TRAIN, "--output_dir", str(output_dir), "--push_to_hub", "true", "--hub_model_id",
-                      "me/never", *token], env=env)  # fmt: skip
+    arguments = [
+        *TRAIN,
+        "--output_dir",
+        str(output_dir),
+        "--push_to_hub",
+        "true",
+        "--hub_model_id",
+        "me/never",
+        *token,
+    ]
+    if env == {"HF_HUB_OFFLINE": "1"}:  # as this test process runs (conftest): no interpreter of its own needed
+        result = run_main(arguments, capfd, caplog)
+    else:  # huggingface_hub reads the endpoint and the token file's path at import
+        result = run_cli(arguments, env={**env, "HF_TOKEN_PATH": str(tmp_path / "no-saved-login")})
     log = result.stdout + result.stderr
     assert result.returncode == 2 and "Traceback" not in log, log[-3000:]
     assert f"push_to_hub: true, but {reason}" in log and "push the finished run later (blip-recipes push" in log

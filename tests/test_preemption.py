@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import QUICK, REPO, read_json, run_main, signal_at
+from tests.conftest import QUICK, REPO, lines_until, read_json, run_main, signal_at
 
 ARGS = ["train", "recipes/shapes/full.yaml", *QUICK, "--max_steps", "40", "--per_device_train_batch_size", "32"]
 
@@ -23,14 +23,7 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, capfd, caplog):
         cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True,
     )  # fmt: skip
-    lines, losses = [], 0
-    deadline = time.monotonic() + 300
-    while losses < 3 and time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        losses += "'loss':" in line
+    lines, losses = lines_until(process, "'loss':", 3)
     assert losses >= 3, "".join(lines)[-3000:]
     process.send_signal(signal.SIGTERM)
     rest, _ = process.communicate(timeout=300)
