@@ -128,37 +128,7 @@ def check_before_loading(recipe) -> str | None:
         )
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     if resume is not None:
-        conflicts = resume_conflicts(recipe.resolved(), resume)
-        if conflicts:
-            recorded, changed = conflicts
-            raise RecipeError(
-                f"resume_from_checkpoint {resume}: this recipe changes keys a resumed run cannot honour (the "
-                f"checkpoint's optimizer, schedule, data and weights stay as recorded in {recorded}):\n"
-                + "\n".join(changed)
-                + "\nResume with the recorded values, or start a new run in another output_dir."
-            )
-    if resume is not None and training_args.max_steps > 0:
-        done = checkpoint_step(resume)
-        if done is not None and done > training_args.max_steps:
-            # The Trainer would train no step and save the checkpoint's weights again as the run's final model.
-            raise RecipeError(
-                f"resume_from_checkpoint {resume} is at step {done}, past max_steps {training_args.max_steps}: "
-                f"nothing is left to train. Raise max_steps, or score that checkpoint (blip-recipes evaluate --model "
-                f"{resume})"
-            )
-    if resume is not None:
-        problem, note = resume_geometry_problem(resume, training_args, recipe.data.streaming,
-                                                training_args.group_captions_by_image)  # fmt: skip
-        if problem:
-            raise RecipeError(problem)
-        if note and training_args.process_index == 0:
-            logger.warning(note)
-    if resume is not None:  # what CaptionTrainer.train restores beside the Trainer's own state
-        if recipe.data.streaming:
-            load_stream_position(resume, training_args.process_index)
-        if training_args.ema_decay is not None and not os.path.isfile(os.path.join(resume, EMA_FILE)):
-            raise RecipeError(f"resume_from_checkpoint {resume}: no {EMA_FILE}, but this recipe sets ema_decay (the "
-                              "checkpoint's run had none); resume without ema_decay or start a new run")  # fmt: skip
+        check_resume(recipe, resume)
     replaced = resume is None and training_args.overwrite_output_dir
     if replaced and overwrite_would_remove(training_args.output_dir, os.path.expanduser(name)):
         raise RecipeError(
@@ -172,6 +142,42 @@ def check_before_loading(recipe) -> str | None:
             "continue it with --resume_from_checkpoint true, or replace it with --overwrite_output_dir true"
         )
     return resume
+
+
+def check_resume(recipe, resume: str) -> None:
+    """What a run continuing the checkpoint `resume` cannot honour, refused before anything loads: changed recipe
+    keys, a checkpoint past max_steps, another batch geometry it cannot continue, a weight average it lacks; and the
+    stream position it continues from."""
+    training_args = recipe.training
+    conflicts = resume_conflicts(recipe.resolved(), resume)
+    if conflicts:
+        recorded, changed = conflicts
+        raise RecipeError(
+            f"resume_from_checkpoint {resume}: this recipe changes keys a resumed run cannot honour (the "
+            f"checkpoint's optimizer, schedule, data and weights stay as recorded in {recorded}):\n"
+            + "\n".join(changed)
+            + "\nResume with the recorded values, or start a new run in another output_dir."
+        )
+    done = checkpoint_step(resume)
+    if training_args.max_steps > 0 and done is not None and done > training_args.max_steps:
+        # The Trainer would train no step and save the checkpoint's weights again as the run's final model.
+        raise RecipeError(
+            f"resume_from_checkpoint {resume} is at step {done}, past max_steps {training_args.max_steps}: "
+            f"nothing is left to train. Raise max_steps, or score that checkpoint (blip-recipes evaluate --model "
+            f"{resume})"
+        )
+    problem, note = resume_geometry_problem(resume, training_args, recipe.data.streaming,
+                                            training_args.group_captions_by_image)  # fmt: skip
+    if problem:
+        raise RecipeError(problem)
+    if note and training_args.process_index == 0:
+        logger.warning(note)
+    # what CaptionTrainer.train restores beside the Trainer's own state
+    if recipe.data.streaming:
+        load_stream_position(resume, training_args.process_index)
+    if training_args.ema_decay is not None and not os.path.isfile(os.path.join(resume, EMA_FILE)):
+        raise RecipeError(f"resume_from_checkpoint {resume}: no {EMA_FILE}, but this recipe sets ema_decay (the "
+                          "checkpoint's run had none); resume without ema_decay or start a new run")  # fmt: skip
 
 
 class LastError(logging.Handler):
