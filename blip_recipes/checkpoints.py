@@ -81,10 +81,11 @@ def latest_complete_checkpoint(output_dir: str) -> str | None:
 
 
 def resolve_resume(value: str | None, output_dir: str) -> str | None:
-    """resume_from_checkpoint: a path, or true/latest for the newest complete checkpoint in output_dir."""
+    """resume_from_checkpoint: a path, or true/latest for the newest complete checkpoint in output_dir (hub: the
+    same, once the Hub's last-checkpoint/ is in output_dir: train.fetch_for_resume)."""
     if value is None or str(value).strip().lower() in ("", "false", "no", "none"):
         return None
-    if str(value).strip().lower() in ("true", "yes", "latest"):
+    if str(value).strip().lower() in ("true", "yes", "latest", "hub"):
         path = latest_complete_checkpoint(output_dir)
         if path is None:
             raise ValueError(f"resume_from_checkpoint: true, but {output_dir} has no complete checkpoint-N directory")

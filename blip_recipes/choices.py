@@ -13,7 +13,7 @@ AttnImplementation = typing.Literal["sdpa", "eager"]
 CaptionPreprocessing = typing.Literal["none", "blip"]
 ImageAugmentation = typing.Literal["none", "blip"]
 # The Trainer's other strategies (checkpoint, all_checkpoints) upload optimizer state; publishing is hub.py's job.
-HubStrategy = typing.Literal["end", "every_save"]
+HubStrategy = typing.Literal["end", "every_save", "checkpoint"]
 TrainingObjective = typing.Literal["cross_entropy", "scst"]
 ScstBaseline = typing.Literal["greedy", "mean"]
 ScstSampling = typing.Literal["multinomial", "beam"]

@@ -228,8 +228,9 @@ class CaptionTrainingArguments(Seq2SeqTrainingArguments):
     hub_strategy: HubStrategy = field(
         default="every_save",
         metadata={
-            "help": "With push_to_hub: push the model at the end (end) or after every save (every_save); checkpoints "
-            "with optimizer state are never uploaded."
+            "help": "With push_to_hub: push the model at the end (end) or after every save (every_save); checkpoint: "
+            "as every_save, and each checkpoint whole (optimizer state included) into the repo's last-checkpoint/, "
+            "from which --resume_from_checkpoint hub continues the run on a machine that lacks it."
         },
     )
     overwrite_output_dir: bool = field(
@@ -752,6 +753,18 @@ def check_combinations(recipe: Recipe) -> None:
 
         problem = revision_problem(training.hub_revision)
         check(problem is None, f"hub_revision {problem}")
+    if training.push_to_hub and training.hub_strategy == "checkpoint":
+        check(training.save_strategy != "no", "hub_strategy checkpoint pushes checkpoints; save_strategy is no")
+        check(
+            not training.save_only_model,
+            "hub_strategy checkpoint pushes checkpoints to resume from, which save_only_model: true saves without "
+            "optimizer state; use hub_strategy every_save to push their weights",
+        )
+    if str(training.resume_from_checkpoint).strip().lower() == "hub":
+        check(
+            bool(training.hub_model_id),
+            "resume_from_checkpoint: hub needs hub_model_id (the repo a run with hub_strategy: checkpoint pushed to)",
+        )
     check(
         training.generation_max_length is None or training.generation_max_length > training.generation_min_length,
         "generation_max_length must exceed generation_min_length",

@@ -2,6 +2,9 @@
 
 Only files a user of the model needs are uploaded (weights, configs, processor, card, results, recipe); checkpoint
 folders, tracker logs, evaluation dumps, caches and dotfiles such as .env never are, whatever else sits in the folder.
+The one exception is asked for by name: `hub_strategy: checkpoint` also uploads each checkpoint whole (optimizer state
+included) into the repo's last-checkpoint/, which `--resume_from_checkpoint hub` downloads to continue the run on a
+machine that lacks it.
 """
 
 import contextlib
@@ -11,15 +14,17 @@ import os
 import re
 import shutil
 import string
+import tempfile
 import threading
 from importlib import resources
 
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import filter_repo_objects
 from transformers import TrainerCallback
 
 from . import __version__
 from .builtin import is_builtin
+from .checkpoints import checkpoint_step, is_complete_checkpoint
 from .config import extra_evaluation_datasets, extra_training_datasets
 from .metrics import METRIC_DISPLAY_NAMES
 from .model import adapter_base, hub_offline
@@ -46,6 +51,8 @@ PUSHED_FILES = [
 CARD_INPUTS = "model_card.json"  # what README.md was made from (not pushed)
 # Anything in a subfolder (checkpoints, tracker runs, evaluations, merged/), dotfiles, pickles.
 NEVER_PUSHED = ["*/*", ".*", "*.pt", "*.pth", "*.bin", "*.pkl"]
+# hub_strategy: checkpoint -- the repo folder holding the newest pushed checkpoint whole, as the Trainer names it.
+LAST_CHECKPOINT = "last-checkpoint"
 
 
 class PushError(RuntimeError):
@@ -54,6 +61,10 @@ class PushError(RuntimeError):
     def __init__(self, message: str, reason: str = ""):
         super().__init__(message)
         self.reason = reason or message
+
+
+class HubCheckpointError(RuntimeError):
+    """resume_from_checkpoint: hub could not fetch the repo's last-checkpoint/ (said before anything loads)."""
 
 
 def metric_results(results: dict, prefix: str) -> dict:
@@ -228,9 +239,7 @@ def push_folder(
         raise PushError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set. The run is saved in {folder}.")
     api = HfApi(token=token)
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if on_branch(revision):  # the Hub uploads only to a branch that exists
-            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        _prepare_repo(api, repo_id, private, revision)
         commit = api.upload_folder(
             folder_path=folder,
             repo_id=repo_id,
@@ -247,6 +256,100 @@ def push_folder(
             reason,
         ) from None
     return getattr(commit, "commit_url", str(commit))
+
+
+def _prepare_repo(api: HfApi, repo_id: str, private: bool | None, revision: str | None) -> None:
+    """The repo, created if needed, and the branch `revision` (None: main), created if needed."""
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if on_branch(revision):  # the Hub uploads only to a branch that exists
+        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+
+
+def push_checkpoint(staged: str, repo_id: str, token: str | None, private: bool | None, revision: str | None,
+                    step: int) -> str:  # fmt: skip
+    """One commit of what stage_for_push staged: the model files at the top of the repo and, when staged, the whole
+    checkpoint as last-checkpoint/, whose files of an earlier checkpoint that this one lacks are deleted in the same
+    commit (upload_folder may split a large upload into several commits, and a run killed between them would leave
+    last-checkpoint/ part one step, part another). Returns the commit URL."""
+    if hub_offline():
+        raise PushError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set")
+    staged_files = sorted(
+        os.path.relpath(os.path.join(root, name), staged).replace(os.sep, "/")
+        for root, _dirs, names in os.walk(staged)
+        for name in names
+    )
+    operations = [CommitOperationAdd(path, os.path.join(staged, path)) for path in staged_files]
+    api = HfApi(token=token)
+    try:
+        _prepare_repo(api, repo_id, private, revision)
+        if os.path.isdir(os.path.join(staged, LAST_CHECKPOINT)):
+            stale = [path for path in api.list_repo_files(repo_id, revision=revision, repo_type="model")
+                     if path.startswith(LAST_CHECKPOINT + "/") and path not in staged_files]  # fmt: skip
+            operations += [CommitOperationDelete(path) for path in stale]
+        commit = api.create_commit(repo_id, operations, commit_message=f"Training in progress, step {step}",
+                                   revision=revision, repo_type="model")  # fmt: skip
+    except Exception as error:  # network, auth, server: training goes on, the checkpoint is on disk
+        reason = f"{type(error).__name__}: {_redact(str(error), token)}"
+        raise PushError(f"push to {repo_id} failed ({reason})", reason) from None
+    return getattr(commit, "commit_url", str(commit))
+
+
+def fetch_last_checkpoint(repo_id: str, revision: str | None, token: str | None, output_dir: str) -> str:
+    """resume_from_checkpoint: hub -- the repo's last-checkpoint/ (hub_strategy: checkpoint), downloaded into
+    output_dir/checkpoint-N (N its step, read from its trainer_state.json first) unless output_dir holds that
+    checkpoint complete already. Returns the local checkpoint. Downloaded beside it and renamed into place whole, so
+    a download cut off leaves nothing a resume could pick."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    where = f"{repo_id}" + (f" (revision {revision})" if revision else "")
+    if hub_offline():
+        raise HubCheckpointError(f"resume_from_checkpoint: hub, but HF_HUB_OFFLINE is set: {where} cannot be read")
+
+    def failed(what: str, error: Exception) -> HubCheckpointError:
+        reason = f"{type(error).__name__}: {_redact(str(error).splitlines()[0], token)}"
+        return HubCheckpointError(f"resume_from_checkpoint: hub, but {what} failed ({reason}); nothing in "
+                                  f"{output_dir} changed")  # fmt: skip
+
+    try:
+        listed = HfApi(token=token).list_repo_files(repo_id, revision=revision, repo_type="model")
+    except Exception as error:  # no such repo or branch, no access, no network
+        raise failed(f"listing {where}", error) from None
+    if f"{LAST_CHECKPOINT}/trainer_state.json" not in listed:
+        raise HubCheckpointError(
+            f"resume_from_checkpoint: hub, but {where} has no {LAST_CHECKPOINT}/ (a run with push_to_hub and "
+            f"hub_strategy: checkpoint uploads one at each save)"
+        )
+    os.makedirs(output_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".hub-fetch-", dir=output_dir)
+    download = dict(repo_id=repo_id, revision=revision, repo_type="model", token=token, local_dir=staging)
+    try:
+        try:
+            step = checkpoint_step(os.path.dirname(hf_hub_download(filename=f"{LAST_CHECKPOINT}/trainer_state.json",
+                                                                   **download)))  # fmt: skip
+        except Exception as error:
+            raise failed(f"downloading {where}'s {LAST_CHECKPOINT}/trainer_state.json", error) from None
+        if step is None:
+            raise HubCheckpointError(f"resume_from_checkpoint: hub, but {where}'s {LAST_CHECKPOINT}/"
+                                     "trainer_state.json names no global_step")  # fmt: skip
+        target = os.path.join(output_dir, f"checkpoint-{step}")
+        if is_complete_checkpoint(target):
+            logger.info("%s's %s/ is step %d, which %s holds already", where, LAST_CHECKPOINT, step, target)
+            return target
+        try:
+            snapshot_download(allow_patterns=[f"{LAST_CHECKPOINT}/*"], **download)
+        except Exception as error:
+            raise failed(f"downloading {where}'s {LAST_CHECKPOINT}/", error) from None
+        fetched = os.path.join(staging, LAST_CHECKPOINT)
+        if not is_complete_checkpoint(fetched):
+            raise HubCheckpointError(f"resume_from_checkpoint: hub, but {where}'s {LAST_CHECKPOINT}/ holds no "
+                                     "weights")  # fmt: skip
+        if os.path.exists(target):  # cut off while being written: never picked by a resume, replaced by the Hub's
+            shutil.rmtree(target)
+        os.rename(fetched, target)
+        logger.info("fetched %s's %s/ (step %d) into %s", where, LAST_CHECKPOINT, step, target)
+        return target
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def on_branch(revision: str | None) -> bool:
@@ -291,7 +394,8 @@ STAGING_DIR = ".hub-push"  # in output_dir: checkpoints' files on their way up (
 class HubPushCallback(TrainerCallback):
     """hub_strategy: every_save -- after each checkpoint, push its model files (never its optimizer state), in the
     background: training goes on while they upload (a synchronous push stopped training for the whole upload, minutes
-    for BLIP-large on a slow link).
+    for BLIP-large on a slow link). hub_strategy: checkpoint (`whole`) -- the same, and in the same commit the whole
+    checkpoint into last-checkpoint/, replacing the one before: what a resume needs on a machine whose disk is gone.
 
     The files are hard-linked (copied where a link cannot be made) into output_dir/.hub-push/checkpoint-N first, so a
     checkpoint that save_total_limit removes meanwhile is still pushed whole. A checkpoint saved while an earlier one
@@ -304,10 +408,11 @@ class HubPushCallback(TrainerCallback):
     """
 
     def __init__(self, repo_id: str, token: str | None, private: bool | None, revision: str | None = None,
-                 always_push: bool = False):  # fmt: skip
+                 always_push: bool = False, whole: bool = False):  # fmt: skip
         self.repo_id, self.token, self.private, self.revision = repo_id, token, private, revision
-        self.always_push = always_push
+        self.always_push, self.whole = always_push, whole
         self.uploads: list[tuple[int, threading.Thread]] = []
+        self.pushed_step: int | None = None  # the newest checkpoint whose push finished
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:  # left by a run that was killed while uploading
@@ -325,7 +430,8 @@ class HubPushCallback(TrainerCallback):
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{step}")
         if not os.path.isdir(checkpoint):
             return
-        staged = stage_for_push(checkpoint, os.path.join(args.output_dir, STAGING_DIR, f"checkpoint-{step}"))
+        staged = stage_for_push(checkpoint, os.path.join(args.output_dir, STAGING_DIR, f"checkpoint-{step}"),
+                                whole=self.whole)  # fmt: skip
         before = running[-1][1] if running else None
         upload = threading.Thread(target=self._push, args=(staged, step, before), name=f"hub-push-{step}",
                                   daemon=True)  # fmt: skip
@@ -336,9 +442,10 @@ class HubPushCallback(TrainerCallback):
         if before is not None:
             before.join()
         try:
-            push_folder(staged, self.repo_id, self.token, self.private, self.revision,
-                        commit_message=f"Training in progress, step {step}", with_card=False)  # fmt: skip
-            logger.info("pushed checkpoint-%d to %s", step, self.repo_id)
+            push_checkpoint(staged, self.repo_id, self.token, self.private, self.revision, step)
+            self.pushed_step = step
+            logger.info("pushed checkpoint-%d to %s%s", step, self.repo_id,
+                        f" (whole, as {LAST_CHECKPOINT}/)" if self.whole else "")  # fmt: skip
         except PushError as error:  # a checkpoint is no run to push by hand: the end pushes the final model
             logger.warning("push of checkpoint-%d to %s failed (%s); training goes on, and the model is pushed at "
                            "the end", step, self.repo_id, error.reason)  # fmt: skip
@@ -360,17 +467,27 @@ class HubPushCallback(TrainerCallback):
         return [step for step, _ in self._running()]
 
 
-def stage_for_push(checkpoint: str, staged: str) -> str:
-    """The files of `checkpoint` a push uploads (chosen by the filter upload_folder applies in push_folder),
-    hard-linked (else copied) into `staged`."""
+def stage_for_push(checkpoint: str, staged: str, whole: bool = False) -> str:
+    """The files of `checkpoint` a push uploads (chosen by the filter upload_folder applies in push_folder), and
+    with `whole` every file of it under last-checkpoint/ (but dotfiles and peft's README.md), hard-linked (else
+    copied) into `staged`."""
     os.makedirs(staged, exist_ok=True)
     files = [name for name in os.listdir(checkpoint) if os.path.isfile(os.path.join(checkpoint, name))]
-    for name in filter_repo_objects(files, allow_patterns=PUSHED_FILES, ignore_patterns=NEVER_PUSHED):
-        source = os.path.join(checkpoint, name)
+    chosen = [(name, name) for name in filter_repo_objects(files, allow_patterns=PUSHED_FILES,
+                                                           ignore_patterns=[*NEVER_PUSHED, "README.md"])]  # fmt: skip
+    if whole:
+        for root, folders, names in os.walk(checkpoint):
+            folders[:] = [folder for folder in folders if not folder.startswith(".")]
+            for name in names:
+                path = os.path.relpath(os.path.join(root, name), checkpoint)
+                if not name.startswith(".") and path != "README.md":
+                    chosen.append((path, os.path.join(LAST_CHECKPOINT, path)))
+    for source, target in chosen:
+        os.makedirs(os.path.dirname(os.path.join(staged, target)), exist_ok=True)
         try:
-            os.link(source, os.path.join(staged, name))
+            os.link(os.path.join(checkpoint, source), os.path.join(staged, target))
         except OSError:  # another file system, or one without hard links
-            shutil.copy2(source, os.path.join(staged, name))
+            shutil.copy2(os.path.join(checkpoint, source), os.path.join(staged, target))
     return staged
 
 

@@ -53,7 +53,7 @@ from .config import RecipeError, scores_captions
 from .data import DataError
 from .distributed import gather_from_all
 from .ema import EMA_FILE
-from .hub import HubPushCallback, metric_results, publish_run, push_blocker
+from .hub import HubCheckpointError, HubPushCallback, fetch_last_checkpoint, metric_results, publish_run, push_blocker
 from .metrics import METRIC_KEYS, MetricsError, check_metric_requirements, start_metrics
 from .model import (
     ModelError,
@@ -71,7 +71,16 @@ logger = logging.getLogger("blip_recipes")
 PUSH_FAILED_EXIT_CODE = 3  # trained and saved, but not published
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for Ctrl-C
 PROG = "blip-recipes train"
-LOAD_ERRORS = (RecipeError, DataError, MetricsError, VisionFeaturesError, AdaptationError, ModelError, ValueError)
+LOAD_ERRORS = (
+    RecipeError,
+    DataError,
+    MetricsError,
+    VisionFeaturesError,
+    AdaptationError,
+    ModelError,
+    ValueError,
+    HubCheckpointError,
+)
 DESCRIPTION = "Fine-tune BLIP for image captioning from a YAML recipe; every recipe key below can be overridden."
 
 
@@ -298,6 +307,7 @@ def check_on_every_process(recipe) -> str | None:
     its timeout). Processes see different folders when machines each keep their own output_dir, or a different Hub
     cache. Returns the checkpoint to resume from, the same on every process."""
     training_args = recipe.training
+    fetch_for_resume(training_args)
     error, resume = None, None
     try:
         resume = check_before_loading(recipe)
@@ -315,6 +325,24 @@ def check_on_every_process(recipe) -> str | None:
     return resume
 
 
+def fetch_for_resume(training_args) -> None:
+    """resume_from_checkpoint: hub -- the main process downloads the repo's last-checkpoint/ into output_dir (which
+    every process shares: train refuses machines that do not), and the others wait for it; `true` then picks the
+    newest complete checkpoint there, the Hub's or a newer one the disk kept."""
+    if str(training_args.resume_from_checkpoint).strip().lower() != "hub":
+        return
+    error = None
+    if training_args.process_index == 0:
+        try:
+            fetch_last_checkpoint(training_args.hub_model_id, training_args.hub_revision, training_args.hub_token,
+                                  training_args.output_dir)  # fmt: skip
+        except (HubCheckpointError, OSError) as caught:
+            error = str(caught)
+    error = gather_from_all(error, training_args.world_size)[0]
+    if error:
+        raise HubCheckpointError(error)
+
+
 def run(recipe) -> int:
     """Build, train, save, evaluate, publish; the exit code says how it ended."""
     model_args, training_args = recipe.model, recipe.training
@@ -325,10 +353,11 @@ def run(recipe) -> int:
     if training_args.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(training_args.early_stopping_patience, training_args.early_stopping_threshold))
     hub_pushes = None
-    if training_args.push_to_hub and training_args.hub_strategy == "every_save":
+    if training_args.push_to_hub and training_args.hub_strategy in ("every_save", "checkpoint"):
         hub_pushes = HubPushCallback(training_args.hub_model_id, training_args.hub_token,
                                      training_args.hub_private_repo, training_args.hub_revision,
-                                     always_push=training_args.hub_always_push)  # fmt: skip
+                                     always_push=training_args.hub_always_push,
+                                     whole=training_args.hub_strategy == "checkpoint")  # fmt: skip
         callbacks.append(hub_pushes)
     try:
         resume = check_on_every_process(recipe)
@@ -385,6 +414,12 @@ def run(recipe) -> int:
             if abandoned:  # no waiting past the scheduler's grace period
                 logger.warning("the push of checkpoint-%s to the Hub is abandoned (the checkpoint is saved)",
                                ", checkpoint-".join(map(str, abandoned)))  # fmt: skip
+            if hub_pushes is not None and hub_pushes.whole:  # what a machine without this disk resumes from
+                logger.warning(
+                    "%s's last-checkpoint/ holds %s (--resume_from_checkpoint hub continues from it elsewhere)",
+                    training_args.hub_model_id,
+                    f"step {hub_pushes.pushed_step}" if hub_pushes.pushed_step else "no checkpoint yet",
+                )
             return PREEMPTED_EXIT_CODE
         save_outputs(trainer, model_args.merge_lora, train_result.metrics)
     except (OSError, RuntimeError) as error:

@@ -1,11 +1,14 @@
 """A local stand-in for the Hub's HTTP API, recording what it receives: repo creation, preupload and commit for
-pushes, and read-only model and dataset repos served from local folders (info, tree, paths-info, file downloads
-with byte ranges) for what transformers, datasets and huggingface_hub read."""
+pushes, and model and dataset repos served from local folders (info, tree, paths-info, file downloads with byte
+ranges) for what transformers, datasets and huggingface_hub read. A pushed repo is served as its commits left it,
+per branch (files added and deleted), so what a run pushed can be downloaded again."""
 
 import base64
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -82,6 +85,8 @@ class FakeHub:
         self.commit_seconds = 0.0  # how long each commit takes (a slow upload)
         self.served = {kind: {repo: Repo(folder) for repo, folder in (given or {}).items()}
                        for kind, given in (("datasets", datasets), ("models", models))}  # fmt: skip
+        self.storage = tempfile.mkdtemp(prefix="fake-hub-")  # pushed model repos: STORAGE/ID/REVISION/files
+        self.pushed = {}  # (repo id, revision) -> Repo
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -118,7 +123,8 @@ class FakeHub:
                 /ID/resolve/... for models); False when the path names none."""
                 if parts[:1] == ["api"] and parts[1:2] in (["datasets"], ["models"]) and len(parts) >= 4:
                     repo_id, rest = "/".join(parts[2:4]), parts[4:]
-                    repo = hub.served[parts[1]].get(repo_id)
+                    revision = unquote(rest[1]) if rest[:1] in (["revision"], ["tree"]) and len(rest) > 1 else "main"
+                    repo = hub.repo(parts[1], repo_id, revision)
                     if repo is None:
                         return False
                     if rest[:1] == ["revision"] or not rest:  # info: the commit and its files
@@ -136,7 +142,7 @@ class FakeHub:
                     return True
                 kind, parts = ("datasets", parts[1:]) if parts[:1] == ["datasets"] else ("models", parts)
                 if len(parts) >= 5 and parts[2] == "resolve":
-                    repo = hub.served[kind].get("/".join(parts[:2]))
+                    repo = hub.repo(kind, "/".join(parts[:2]), unquote(parts[3]))
                     if repo is None:
                         return False
                     name = unquote("/".join(parts[4:]))
@@ -192,8 +198,9 @@ class FakeHub:
                 self._record()
                 body = self._body()
                 parts = self.path.split("?")[0].strip("/").split("/")
-                served = hub.served.get(parts[1]) if parts[:1] == ["api"] and len(parts) > 1 else None
-                repo = served.get("/".join(parts[2:4])) if served is not None else None
+                kind = parts[1] if parts[:1] == ["api"] and len(parts) > 1 else None
+                revision = unquote(parts[5]) if len(parts) > 5 else "main"
+                repo = hub.repo(kind, "/".join(parts[2:4]), revision) if kind in hub.served else None
                 if repo is not None and parts[4:5] == ["paths-info"]:
                     asked = json.loads(body) if body.startswith(b"{") else parse_qs(body.decode())
                     found = [repo.entry(path) for path in asked.get("paths", [])]
@@ -202,6 +209,8 @@ class FakeHub:
                     request = json.loads(body)
                     name = f"{request.get('organization') or 'user'}/{request['name']}"
                     hub.created.append({"repo": name, "private": request.get("private")})
+                    if (name, "main") not in hub.pushed:  # an empty repo, as the Hub creates it
+                        hub.pushed[(name, "main")] = hub._store(name, "main", {})
                     return self._reply({"url": f"http://{self.headers['Host']}/{name}", "name": name, "id": name})
                 if parts == ["api", "validate-yaml"]:
                     content = json.loads(body).get("content", "")
@@ -211,7 +220,12 @@ class FakeHub:
                         return self._reply({"error": problem}, status=400)
                     return self._reply({})
                 if len(parts) >= 6 and parts[0] == "api" and parts[4] == "branch":
-                    hub.branches.setdefault(f"{parts[2]}/{parts[3]}", set()).add(unquote(parts[5]))
+                    name, branch = f"{parts[2]}/{parts[3]}", unquote(parts[5])
+                    hub.branches.setdefault(name, set()).add(branch)
+                    if (name, branch) not in hub.pushed:  # a branch starts as main is
+                        main = hub.pushed.get((name, "main"))
+                        files = {path: main.read(path) for path in main.files} if main else {}
+                        hub.pushed[(name, branch)] = hub._store(name, branch, files)
                     return self._reply({})
                 if len(parts) >= 6 and parts[0] == "api" and parts[4] in ("preupload", "commit"):
                     revision = unquote(parts[5])
@@ -229,6 +243,7 @@ class FakeHub:
                         "repo": f"{parts[2]}/{parts[3]}",
                         "revision": unquote(parts[5]),
                         "files": {},
+                        "deleted": [],
                         "summary": None,
                     }
                     for line in body.decode().splitlines():
@@ -239,7 +254,10 @@ class FakeHub:
                             commit["summary"] = item["value"].get("summary")
                         elif item["key"] == "file":
                             commit["files"][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                        elif item["key"] in ("deletedFile", "deletedFolder"):
+                            commit["deleted"].append(item["value"]["path"])
                     hub.commits.append(commit)
+                    hub._apply(commit)
                     url = f"http://{self.headers['Host']}/{commit['repo']}/commit/{'a' * 40}"
                     return self._reply({"commitUrl": url, "commitOid": "a" * 40, "pullRequestUrl": None})
                 return self._reply({"error": f"unexpected {self.path}"}, status=404)
@@ -248,6 +266,38 @@ class FakeHub:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
+    def repo(self, kind, repo_id, revision="main"):
+        """The repo served as `repo_id` at `revision` (a branch, or the commit id a download names once it has
+        asked for the branch's): a pushed one as its commits left it, else a local folder's."""
+        if kind == "models":
+            for (name, branch), repo in self.pushed.items():
+                if name == repo_id and revision in (branch, repo.sha):
+                    return repo
+        return self.served.get(kind, {}).get(repo_id)
+
+    def files(self, repo_id, revision="main") -> dict:
+        """{path: bytes} of a pushed repo now."""
+        repo = self.pushed[(repo_id, revision)]
+        return {path: repo.read(path) for path in repo.files}
+
+    def _store(self, repo_id, revision, files: dict) -> Repo:
+        folder = os.path.join(self.storage, repo_id, revision)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+        for path, data in files.items():
+            os.makedirs(os.path.dirname(os.path.join(folder, path)), exist_ok=True)
+            with open(os.path.join(folder, path), "wb") as handle:
+                handle.write(data)
+        return Repo(folder)
+
+    def _apply(self, commit):
+        """The repo's files after `commit`: its deletions (a folder's path: what is under it), then its files."""
+        key = (commit["repo"], commit["revision"])
+        files = self.files(*key) if key in self.pushed else {}
+        for path in commit["deleted"]:
+            files = {name: data for name, data in files.items() if name != path and not name.startswith(path + "/")}
+        self.pushed[key] = self._store(*key, {**files, **commit["files"]})
+
     def __enter__(self):
         self.thread.start()
         return self
@@ -255,3 +305,4 @@ class FakeHub:
     def __exit__(self, *exc):
         self.server.shutdown()
         self.server.server_close()
+        shutil.rmtree(self.storage, ignore_errors=True)

@@ -124,6 +124,15 @@ def test_cli_overrides_yaml(tmp_path):
         ("training_mode: qlora\n", r"training_mode must be one of"),
         ("lora_r: 8\n", r"lora_r only apply to training_mode: lora \(training_mode is 'full'\)"),
         ("push_to_hub: true\n", r"push_to_hub: true needs hub_model_id"),
+        (
+            "push_to_hub: true\nhub_model_id: me/x\nhub_strategy: checkpoint\nsave_strategy: 'no'\n",
+            r"hub_strategy checkpoint pushes checkpoints; save_strategy is no",
+        ),
+        (
+            "push_to_hub: true\nhub_model_id: me/x\nhub_strategy: checkpoint\nsave_only_model: true\n",
+            r"save_only_model: true saves without optimizer state; use hub_strategy every_save",
+        ),
+        ("resume_from_checkpoint: hub\n", r"resume_from_checkpoint: hub needs hub_model_id"),
         ("eval_metrics: [bleu, cidr]\n", r"eval_metrics: unknown \['cidr'\]"),
         ("metric_for_best_model: spice\n", r"metric_for_best_model 'spice' is not computed"),
         ("- a\n- list\n", r"a recipe is a mapping"),

@@ -3,7 +3,9 @@
 import glob
 import json
 import os
+import re
 import shutil
+import sys
 import time
 
 import pytest
@@ -284,3 +286,139 @@ def test_a_hub_model_is_downloaded_trained_on_named_by_its_id_and_used_from_the_
     offline = run_cli(["caption", image, "--model", str(tmp_path / "run")], env={**UNREACHABLE, **cache})
     assert offline.returncode == 0, offline.stderr[-3000:]
     assert offline.stdout == captioned.stdout and captioned.stdout.startswith(image + "\t")
+
+
+def folder_files(folder) -> dict:
+    """{relative path: bytes} of every file under `folder`."""
+    found = {}
+    for root, _dirs, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as handle:
+                found[os.path.relpath(os.path.join(root, name), folder)] = handle.read()
+    return found
+
+
+def test_hub_strategy_checkpoint_keeps_the_newest_checkpoint_whole_and_a_resume_fetches_it(tmp_path, hub,
+                                                                                             monkeypatch):  # fmt: skip
+    """On the branch hub_revision names, each push replaces last-checkpoint/ in one commit (files the newer
+    checkpoint lacks deleted: a process count that shrank leaves no stale rng_state_1.pth), the top of the repo gets
+    the model files only; the fetch puts it into output_dir/checkpoint-N byte for byte, keeps a complete local copy
+    of that step, replaces one cut off while being written, and says why when there is nothing to fetch. The run
+    that pushes and resumes from it: test_a_run_whose_disk_is_gone_continues_from_the_hubs_last_checkpoint."""
+    from types import SimpleNamespace
+
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    from blip_recipes.hub import HubCheckpointError, HubPushCallback, fetch_last_checkpoint
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)  # HfApi reads it when made
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    run = tmp_path / "run"
+    pushes = HubPushCallback("me/spot", TOKEN, None, revision="exp-1", whole=True)
+    args, state = SimpleNamespace(output_dir=str(run)), SimpleNamespace(is_world_process_zero=True, global_step=0)
+    pushes.on_train_begin(args, state, None)
+    for step, processes in ((2, 2), (4, 1)):
+        checkpoint = run / f"checkpoint-{step}"
+        (checkpoint / "global_step").mkdir(parents=True)  # a subfolder, as DeepSpeed's and FSDP's checkpoints have
+        save_file({"weight": torch.full((2,), float(step))}, checkpoint / "model.safetensors")
+        (checkpoint / "optimizer.pt").write_bytes(b"moments %d" % step)
+        (checkpoint / "global_step" / "shard.pt").write_bytes(b"shard %d" % step)
+        for rank in range(processes):
+            (checkpoint / f"rng_state_{rank}.pth").write_bytes(b"rng %d" % rank)
+        (checkpoint / "README.md").write_text("---\nbase_model: /a/local/path\n---\n")  # peft's template
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        state.global_step = step
+        pushes.on_save(args, state, None)
+        pushes.wait()
+    assert [commit["summary"] for commit in hub.commits] == ["Training in progress, step 2", "Training in progress, "
+                                                             "step 4"]  # fmt: skip
+    assert hub.commits[1]["deleted"] == ["last-checkpoint/rng_state_1.pth"]
+    expected = {name: data for name, data in folder_files(run / "checkpoint-4").items() if name != "README.md"}
+    on_hub = hub.files("me/spot", "exp-1")
+    assert on_hub == {"model.safetensors": expected["model.safetensors"],
+                      **{f"last-checkpoint/{name}": data for name, data in expected.items()}}  # fmt: skip
+    assert pushes.pushed_step == 4
+
+    elsewhere = tmp_path / "elsewhere"  # another machine: the run's folder is gone
+    fetched = fetch_last_checkpoint("me/spot", "exp-1", TOKEN, str(elsewhere))
+    assert fetched == str(elsewhere / "checkpoint-4") and os.listdir(elsewhere) == ["checkpoint-4"]
+    assert folder_files(fetched) == expected
+    (elsewhere / "checkpoint-4" / "optimizer.pt").write_bytes(b"kept")  # complete here: not downloaded again
+    downloads = len([path for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path])
+    assert fetch_last_checkpoint("me/spot", "exp-1", TOKEN, str(elsewhere)) == fetched
+    assert (elsewhere / "checkpoint-4" / "optimizer.pt").read_bytes() == b"kept"
+    assert [path for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path][downloads:] == [
+        "/me/spot/resolve/exp-1/last-checkpoint/trainer_state.json"
+    ]
+    (elsewhere / "checkpoint-4" / "trainer_state.json").unlink()  # cut off while being written: replaced
+    assert folder_files(fetch_last_checkpoint("me/spot", "exp-1", TOKEN, str(elsewhere))) == expected
+    assert os.listdir(elsewhere) == ["checkpoint-4"]  # no download folder left behind
+
+    with pytest.raises(HubCheckpointError, match=r"listing me/none failed \(RepositoryNotFoundError"):
+        fetch_last_checkpoint("me/none", None, TOKEN, str(tmp_path / "none"))
+    with pytest.raises(HubCheckpointError, match="me/spot .revision main. has no last-checkpoint/"):
+        fetch_last_checkpoint("me/spot", "main", TOKEN, str(tmp_path / "main"))  # pushed to the branch only
+    everysave = HubPushCallback("me/every", TOKEN, None)
+    state.global_step = 4
+    everysave.on_save(args, state, None)
+    everysave.wait()
+    assert set(hub.files("me/every")) == {"model.safetensors"}
+    with pytest.raises(HubCheckpointError, match="me/every has no last-checkpoint/ .a run with push_to_hub and "
+                       "hub_strategy: checkpoint uploads one at each save"):  # fmt: skip
+        fetch_last_checkpoint("me/every", None, TOKEN, str(tmp_path / "every"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubCheckpointError, match="HF_HUB_OFFLINE is set"):
+        fetch_last_checkpoint("me/spot", "exp-1", TOKEN, str(tmp_path / "offline"))
+    assert all(auth == f"Bearer {TOKEN}" for _, path, auth in hub.requests if "/me/" in path)
+
+
+def test_a_run_whose_disk_is_gone_continues_from_the_hubs_last_checkpoint(tmp_path, hub, capfd, caplog):
+    """A spot instance: pre-empted with hub_strategy: checkpoint, its disk lost; the job re-queued elsewhere with
+    --resume_from_checkpoint hub downloads the repo's last-checkpoint/ and continues: the weights an uninterrupted
+    run reaches. Nothing pushed holds the token."""
+    import signal
+
+    from tests.conftest import signal_at
+
+    recipe = ["train", "recipes/shapes/full.yaml", *QUICK, "--save_strategy", "steps", "--save_steps", "2",
+              "--push_to_hub", "true", "--hub_model_id", "me/spot", "--hub_token", TOKEN, "--hub_strategy",
+              "checkpoint"]  # fmt: skip
+    first = tmp_path / "first"
+    code, log = signal_at([*recipe, "--output_dir", str(first), "--max_steps", "60"], "pushed checkpoint-2 to me/spot",
+                          signal.SIGTERM, env=online(hub))  # fmt: skip
+    assert code == 143, log[-3000:]
+    pushed = json.loads(hub.files("me/spot")["last-checkpoint/trainer_state.json"])["global_step"]
+    assert f"me/spot's last-checkpoint/ holds step {pushed} (--resume_from_checkpoint hub" in log
+    assert {f"last-checkpoint/{name}": data for name, data in folder_files(first / f"checkpoint-{pushed}").items()
+            if name != "README.md"}.items() <= hub.files("me/spot").items()  # fmt: skip
+    shutil.rmtree(first)
+
+    # Re-queued on a machine with two processes (8 images each: the same global batch); the main one fetches.
+    second = tmp_path / "second"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--main_process_port", "29533", "-m", "blip_recipes.cli"]  # fmt: skip
+    result = run_cli([*recipe, "--output_dir", str(second), "--max_steps", str(pushed + 2), "--resume_from_checkpoint",
+                      "hub", "--per_device_train_batch_size", "8", "--log_level_replica", "info"], env=online(hub),
+                     launcher=launcher)  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert len(re.findall(r"processes: world_size=2 \(distributed, device cpu:0, engine DDP\)", log)) == 2
+    assert log.count(f"fetched me/spot's last-checkpoint/ (step {pushed}) into {second}/checkpoint-{pushed}") == 1
+    steps = [entry["step"] for entry in read_json(second / "trainer_state.json")["log_history"] if "loss" in entry]
+    assert steps == list(range(1, pushed + 3))  # the fetched checkpoint's history, then the two steps trained here
+    straight = run_main(["train", "recipes/shapes/full.yaml", *QUICK, "--output_dir", tmp_path / "straight",
+                         "--max_steps", pushed + 2], capfd, caplog)  # fmt: skip
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    resumed, reference = (
+        load((folder / "model.safetensors").read_bytes()) for folder in (second, tmp_path / "straight")
+    )
+    for name, tensor in reference.items():  # two processes sum the batch's gradients in another order
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-5, msg=name)
+    # The finished run's final push; last-checkpoint/ stays, its newest save (as the Trainer leaves it).
+    assert json.loads(hub.files("me/spot")["last-checkpoint/trainer_state.json"])["global_step"] == pushed + 2
+    assert hub.commits[-1]["summary"] == "Upload fine-tuned BLIP (blip-recipes)"
+    for commit in hub.commits:
+        assert not any(TOKEN.encode() in content for content in commit["files"].values()), commit["summary"]
