@@ -205,6 +205,13 @@ class DataArguments:
 
 @dataclass
 class CaptionTrainingArguments(Seq2SeqTrainingArguments):
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "true (or latest): the newest complete checkpoint-N in output_dir; a checkpoint folder's path; "
+            "hub: first download hub_model_id's last-checkpoint/ (pushed by hub_strategy: checkpoint), then as true."
+        },
+    )
     generation_min_length: int = field(
         default=GENERATION_DEFAULTS.min_length, metadata={"help": "Min decoder length, [DEC] + prompt included."}
     )

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from tests.preload import PRELOADED
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Before anything imports huggingface_hub/datasets: the tests never touch the network.
@@ -48,10 +50,20 @@ def tiny_processor(tiny_model_dir):
     return load_processor(tiny_model_dir)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def preloaded_interpreter():
+    yield PRELOADED
+    PRELOADED.stop()
+
+
 def run_cli(args, cwd=REPO, timeout=600, env=None, launcher=None):
-    """Run `python -m blip_recipes.cli ...` (or an accelerate launch line) and return the CompletedProcess."""
-    command = launcher or [sys.executable, "-m", "blip_recipes.cli"]
+    """Run `python -m blip_recipes.cli ...` (or an accelerate launch line) and return the CompletedProcess. Without a
+    launcher, in a child of the preloaded interpreter (tests/preload.py) when the environment allows."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    preloaded = PRELOADED.run(args, cwd, full_env, timeout) if launcher is None else None
+    if preloaded is not None:
+        return preloaded
+    command = launcher or [sys.executable, "-m", "blip_recipes.cli"]
     return subprocess.run(
         [*command, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -102,17 +114,21 @@ def lines_until(process, marker: str, count: int, timeout: float = 300) -> tuple
 
 
 def signal_at(args, marker, sig, count=1, env=None, process_group=False):
-    """Run `python -m blip_recipes.cli ARGS`, send `sig` when the `count`-th line containing `marker` appears (to the
-    whole process group with `process_group`, as a terminal sends Ctrl-C), and return (exit code, whole log).
+    """Run `python -m blip_recipes.cli ARGS` (in a child of the preloaded interpreter when the environment allows),
+    send `sig` when the `count`-th line containing `marker` appears (to the whole process group with
+    `process_group`, as a terminal sends Ctrl-C), and return (exit code, whole log).
 
     The command gets `sig`'s default disposition, as a foreground command of a terminal has it: a suite started in
     the background of a shell without job control (`make test &`) runs with SIGINT ignored, which its children
     inherit, and Ctrl-C would then be ignored by design, not by the code under test."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "blip_recipes.cli", *args], cwd=REPO, text=True, start_new_session=process_group,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL),
-    )  # fmt: skip
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    process = PRELOADED.popen(args, REPO, full_env, session=process_group, default_signal=sig)
+    if process is None:  # an environment the preloaded interpreter cannot take: a new one
+        process = subprocess.Popen(
+            [sys.executable, "-m", "blip_recipes.cli", *args], cwd=REPO, text=True, start_new_session=process_group,
+            env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL),
+        )  # fmt: skip
     lines, seen = lines_until(process, marker, count)
     if seen == count:
         os.killpg(process.pid, sig) if process_group else process.send_signal(sig)

@@ -40,7 +40,8 @@ def test_train_help_lists_every_recipe_key_with_its_help(capsys):
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps help text
     for name in recipe_keys():
         assert f"--{name}" in text, name
-    for name in ("training_mode", "cache_vision_features", "image_augmentation", "generation_num_beams"):
+    for name in ("training_mode", "cache_vision_features", "image_augmentation", "generation_num_beams",
+                 "resume_from_checkpoint"):  # fmt: skip
         assert " ".join(recipe_keys()[name].help.split())[:40] in text, name
     assert "{full,frozen_vision,lora}" in text
 
@@ -114,3 +115,26 @@ def test_a_dataloader_workers_hang_up_prints_no_traceback():
         except Exception:
             hook(*sys.exc_info())
     assert seen == [ValueError, ConnectionResetError]  # the last one came from elsewhere
+
+
+def test_the_preloaded_interpreter_answers_as_a_new_one():
+    """run_cli's child of a preloaded interpreter (tests/preload.py) gives the output and exit code of `python -m
+    blip_recipes.cli` in a new one, and is used with the suite's environment. The environment a test passes is in
+    place before huggingface_hub is imported: every run_cli test against a local Hub (HF_ENDPOINT) depends on it, and
+    the signal_at tests (SIGTERM, Ctrl-C to a process group) on its process handling."""
+    import subprocess
+    import sys
+
+    from tests.conftest import PRELOADED, REPO
+
+    for args in (["caption", "--help"], ["caption"]):
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        new = subprocess.run([sys.executable, "-m", "blip_recipes.cli", *args], cwd=REPO, capture_output=True,
+                             text=True, check=False, env=environment)  # fmt: skip
+        preloaded = PRELOADED.run(args, REPO, environment, timeout=60)
+        assert preloaded is not None and (preloaded.returncode, preloaded.stdout, preloaded.stderr) == (
+            new.returncode,
+            new.stdout,
+            new.stderr,
+        ), args
+    assert PRELOADED.run(["caption"], REPO, {**environment, "PYTHONPATH": REPO}, timeout=60) is None
