@@ -414,12 +414,11 @@ def run(recipe) -> int:
             if abandoned:  # no waiting past the scheduler's grace period
                 logger.warning("the push of checkpoint-%s to the Hub is abandoned (the checkpoint is saved)",
                                ", checkpoint-".join(map(str, abandoned)))  # fmt: skip
-            if hub_pushes is not None and hub_pushes.whole:  # what a machine without this disk resumes from
-                logger.warning(
-                    "%s's last-checkpoint/ holds %s (--resume_from_checkpoint hub continues from it elsewhere)",
-                    training_args.hub_model_id,
-                    f"step {hub_pushes.pushed_step}" if hub_pushes.pushed_step else "no checkpoint yet",
-                )
+            if hub_pushes is not None and hub_pushes.whole and hub_pushes.pushed_step is not None:
+                logger.warning("%s's last-checkpoint/ holds step %d (--resume_from_checkpoint hub continues from it "
+                               "elsewhere)", training_args.hub_model_id, hub_pushes.pushed_step)  # fmt: skip
+            elif hub_pushes is not None and hub_pushes.whole:  # the Hub holds what an earlier attempt pushed, if any
+                logger.warning("no checkpoint of this run reached %s's last-checkpoint/", training_args.hub_model_id)
             return PREEMPTED_EXIT_CODE
         save_outputs(trainer, model_args.merge_lora, train_result.metrics)
     except (OSError, RuntimeError) as error:
