@@ -249,7 +249,7 @@ def push_folder(
             commit_message=commit_message,
         )
     except Exception as error:  # network, auth, server: all leave the local output as it is
-        reason = f"{type(error).__name__}: {_redact(str(error), token)}"
+        reason = _reason(error, token)
         raise PushError(
             f"push to {repo_id} failed ({reason}). The run is saved in {folder}; "
             f"retry with `blip-recipes push {folder} --hub_model_id {repo_id}`.",
@@ -289,7 +289,7 @@ def push_checkpoint(staged: str, repo_id: str, token: str | None, private: bool 
         commit = api.create_commit(repo_id, operations, commit_message=f"Training in progress, step {step}",
                                    revision=revision, repo_type="model")  # fmt: skip
     except Exception as error:  # network, auth, server: training goes on, the checkpoint is on disk
-        reason = f"{type(error).__name__}: {_redact(str(error), token)}"
+        reason = _reason(error, token)
         raise PushError(f"push to {repo_id} failed ({reason})", reason) from None
     return getattr(commit, "commit_url", str(commit))
 
@@ -306,7 +306,7 @@ def fetch_last_checkpoint(repo_id: str, revision: str | None, token: str | None,
         raise HubCheckpointError(f"resume_from_checkpoint: hub, but HF_HUB_OFFLINE is set: {where} cannot be read")
 
     def failed(what: str, error: Exception) -> HubCheckpointError:
-        reason = f"{type(error).__name__}: {_redact(str(error).splitlines()[0], token)}"
+        reason = _reason(error, token).splitlines()[0]  # huggingface_hub's errors go on with URLs and advice
         return HubCheckpointError(f"resume_from_checkpoint: hub, but {what} failed ({reason}); nothing in "
                                   f"{output_dir} changed")  # fmt: skip
 
@@ -493,6 +493,11 @@ def stage_for_push(checkpoint: str, staged: str, whole: bool = False) -> str:
 
 def _redact(text: str, token: str | None) -> str:
     return text.replace(token, "<token>") if token else text
+
+
+def _reason(error: Exception, token: str | None) -> str:
+    """Why a Hub call failed, as messages give it: the error's kind and text, the token blanked out."""
+    return f"{type(error).__name__}: {_redact(str(error), token)}"
 
 
 def write_model_card(folder: str, repo_id: str, **inputs) -> None:
